@@ -1,0 +1,29 @@
+// Reads a module's weights from disk into host tensors: preads spread over threads, straight into
+// the tensors' storage (or through a small buffer when the dtype changes).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "pipeline/weights/diffusers_layout.hpp"
+
+namespace refit::weights {
+
+struct host_load_options {
+  std::optional<dtype> float_dtype;  // convert floating tensors to this dtype
+  unsigned threads = 0;              // 0: hardware concurrency
+  uint64_t chunk_bytes = 16u << 20;  // unit of work per pread
+};
+
+// Tensors in ascending name order. Dtypes without a libtorch counterpart (F4, F6_*) are rejected.
+std::vector<std::pair<std::string, at::Tensor>> load_to_host(const module_weights& weights,
+                                                             const host_load_options& options = {});
+
+// libtorch's scalar type for a safetensors dtype; throws weight_error(unconvertible_dtype) when none.
+c10::ScalarType to_scalar_type(dtype t);
+
+}  // namespace refit::weights
