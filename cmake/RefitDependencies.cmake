@@ -99,6 +99,10 @@ endforeach()
 set(_tl "${REFIT_TORCH_DIR}/lib")
 add_library(refit_torch INTERFACE)
 target_include_directories(refit_torch SYSTEM INTERFACE "${_shim}" "${REFIT_TORCH_DIR}/include/torch/csrc/api/include")
+# libtorch.so exports copies of some libstdc++ functions (std::filesystem, <chrono> time zones) from
+# its own toolchain, and one of them (filesystem::remove_all) crashes when called from our code.
+# Listing libstdc++ ahead of libtorch makes the loader bind those names to the system library.
+target_link_libraries(refit_torch INTERFACE "-Wl,--push-state,--no-as-needed" stdc++ "-Wl,--pop-state")
 target_link_libraries(refit_torch INTERFACE "${_tl}/libtorch.so" "${_tl}/libtorch_cpu.so" "${_tl}/libc10.so" Threads::Threads)
 if(REFIT_CUDA_FOUND AND REFIT_TORCH_CUDA AND EXISTS "${_tl}/libtorch_cuda.so")
   # libtorch_cuda registers the CUDA backend from static initialisers: keep it even though no symbol is used.

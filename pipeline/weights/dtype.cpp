@@ -1,5 +1,7 @@
 #include "pipeline/weights/dtype.hpp"
 
+#include <ostream>
+
 namespace refit::weights {
 
 namespace {
@@ -50,5 +52,7 @@ std::optional<dtype> parse_target_dtype(std::string_view s) {
   if (s == "fp32" || s == "f32" || s == "float32" || s == "F32") return dtype::F32;
   return std::nullopt;
 }
+
+std::ostream& operator<<(std::ostream& os, dtype t) { return os << dtype_name(t); }
 
 }  // namespace refit::weights

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <iosfwd>
 #include <optional>
 #include <string_view>
 
@@ -34,5 +35,7 @@ bool is_convertible_float(dtype t);
 
 // Parses the user-facing spellings of a target dtype: bf16/bfloat16, fp16/f16/float16, fp32/f32/float32.
 std::optional<dtype> parse_target_dtype(std::string_view spelling);
+
+std::ostream& operator<<(std::ostream& os, dtype t);
 
 }  // namespace refit::weights

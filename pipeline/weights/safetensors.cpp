@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <ostream>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -51,6 +52,8 @@ std::string_view to_string(weight_errc code) {
   }
   return "unknown";
 }
+
+std::ostream& operator<<(std::ostream& os, weight_errc code) { return os << to_string(code); }
 
 uint64_t tensor_entry::numel() const {
   uint64_t n = 1;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <iosfwd>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -43,6 +44,7 @@ enum class weight_errc : uint8_t {
 };
 
 std::string_view to_string(weight_errc code);
+std::ostream& operator<<(std::ostream& os, weight_errc code);
 
 class weight_error : public std::runtime_error {
  public:
