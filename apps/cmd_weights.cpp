@@ -163,7 +163,7 @@ void add_weight_commands(CLI::App& app, command_registry& commands) {
       "SHA-256 module checksums of a checkpoint on disk, as the server reports them after loading it "
       "(definition: DESIGN.md section 4)");
   checksum->add_option("MODEL_DIR", ca->dir, "Diffusers pipeline folder or one component folder")->required();
-  checksum->add_option("--module", ca->modules, "Module to hash (repeatable; default: every module with weights)")->expected(1);
+  checksum->add_option("--module", ca->modules, "Module to hash (repeatable; default: every module with weights)")->allow_extra_args(false);
   checksum->add_option("--dtype", ca->dtype, "Hash floating tensors as converted to bf16, fp16 or fp32 (the dtype the server holds)");
   checksum->add_flag("--json", ca->json, "Print one JSON object {\"<module>\": \"<hex>\", ...}");
   checksum->add_option("--threads", ca->threads, "Hashing threads (default: all cores)");
