@@ -3,7 +3,7 @@
 #   refit::torch              libtorch from the PyPI torch wheel (CUDA libraries when the wheel has them)
 #   refit::cuda               CUDA runtime + NCCL, when the toolkit is found (REFIT_WITH_CUDA)
 #   spdlog::spdlog nlohmann_json::nlohmann_json PkgConfig::HTTPLIB OpenSSL::Crypto CLI11::CLI11
-#   Boost::unit_test_framework
+#   Boost::unit_test_framework PkgConfig::PCRE2 ICU::uc
 
 find_package(Threads REQUIRED)
 find_package(PkgConfig REQUIRED)
@@ -14,6 +14,8 @@ find_package(nlohmann_json 3.11 REQUIRED)
 find_package(OpenSSL 3 REQUIRED)
 find_package(Boost 1.74 REQUIRED COMPONENTS unit_test_framework)
 pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib>=0.11)
+pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)   # PkgConfig::PCRE2 (tokenizer pre-split rules)
+find_package(ICU REQUIRED COMPONENTS uc)                      # ICU::uc (NFC normalisation)
 find_package(CLI11 QUIET CONFIG)
 if(NOT TARGET CLI11::CLI11)
   find_path(CLI11_INCLUDE_DIR CLI/CLI.hpp REQUIRED)

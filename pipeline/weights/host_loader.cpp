@@ -38,6 +38,17 @@ c10::ScalarType to_scalar_type(dtype t) {
   }
 }
 
+dtype from_scalar_type(c10::ScalarType t) {
+  for (dtype d : all_dtypes) {
+    if (dtype_bits(d) < 8) continue;
+    try {
+      if (to_scalar_type(d) == t) return d;
+    } catch (const weight_error&) {
+    }
+  }
+  throw weight_error(weight_errc::unconvertible_dtype, "libtorch type " + std::string(c10::toString(t)) + " has no safetensors dtype");
+}
+
 namespace {
 
 void pread_fully(const safetensors_file& f, std::byte* dst, uint64_t len, uint64_t at, const std::string& tensor) {

@@ -25,5 +25,7 @@ std::vector<std::pair<std::string, at::Tensor>> load_to_host(const module_weight
 
 // libtorch's scalar type for a safetensors dtype; throws weight_error(unconvertible_dtype) when none.
 c10::ScalarType to_scalar_type(dtype t);
+// The safetensors dtype of a libtorch scalar type; throws weight_error(unconvertible_dtype) when none.
+dtype from_scalar_type(c10::ScalarType t);
 
 }  // namespace refit::weights

@@ -1,0 +1,86 @@
+#include "pipeline/models/model_loader.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <set>
+
+#include "pipeline/weights/host_loader.hpp"
+
+namespace refit::models {
+
+using weights::weight_errc;
+using weights::weight_error;
+
+namespace {
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+bool is_float_type(c10::ScalarType t) { return at::isFloatingType(t); }
+}  // namespace
+
+void validate_against(const tensor_registry& registry, const weights::module_weights& w) {
+  const std::string where = "module '" + w.module + "' (" + w.dir.string() + ")";
+  for (const auto& slot : registry.slots()) {
+    auto it = w.tensors.find(slot.name);
+    if (it == w.tensors.end())
+      throw weight_error(weight_errc::shard_mismatch, where + ": checkpoint lacks tensor '" + slot.name + "' (expected shape " + shape_str(slot.shape) + ")");
+    const auto& entry = *it->second.entry;
+    if (entry.shape != slot.shape)
+      throw weight_error(weight_errc::bad_shape, where + ": tensor '" + slot.name + "' has shape " + shape_str(entry.shape) +
+                                                     ", the model expects " + shape_str(slot.shape));
+    const bool stored_float = weights::is_convertible_float(entry.type);
+    if (slot.fixed_dtype) {
+      if (weights::to_scalar_type(entry.type) != *slot.fixed_dtype)
+        throw weight_error(weight_errc::unconvertible_dtype, where + ": tensor '" + slot.name + "' is " +
+                                                                 std::string(weights::dtype_name(entry.type)) + ", the model holds it as " +
+                                                                 c10::toString(*slot.fixed_dtype));
+    } else if (!stored_float) {
+      throw weight_error(weight_errc::unconvertible_dtype, where + ": tensor '" + slot.name + "' is " +
+                                                               std::string(weights::dtype_name(entry.type)) +
+                                                               ", which cannot be converted to a floating parameter");
+    }
+  }
+  for (const auto& [name, loc] : w.tensors)
+    if (!registry.find(name))
+      throw weight_error(weight_errc::shard_mismatch, where + ": checkpoint tensor '" + name + "' (in " +
+                                                          w.shards[loc.shard].path().filename().string() + ") is not part of the model");
+}
+
+void load_into(tensor_registry& registry, const weights::module_weights& w, const placement& where) {
+  validate_against(registry, w);
+  weights::host_load_options opts;
+  // The loader converts convertible floats; fixed-dtype slots are integer or bool and keep theirs.
+  switch (where.float_dtype) {
+    case at::kFloat: opts.float_dtype = weights::dtype::F32; break;
+    case at::kBFloat16: opts.float_dtype = weights::dtype::BF16; break;
+    case at::kHalf: opts.float_dtype = weights::dtype::F16; break;
+    default: throw std::invalid_argument("unsupported model dtype " + std::string(c10::toString(where.float_dtype)));
+  }
+  for (auto& [name, host] : weights::load_to_host(w, opts)) {
+    const tensor_slot* slot = registry.find(name);
+    *slot->tensor = where.device.is_cpu() ? host : host.to(where.device);
+  }
+}
+
+void init_random(tensor_registry& registry, uint64_t seed, const placement& where, double std) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  for (const auto& slot : registry.slots()) {
+    at::Tensor t;
+    if (slot.fixed_dtype && !is_float_type(*slot.fixed_dtype)) {
+      t = at::zeros(slot.shape, at::TensorOptions().dtype(*slot.fixed_dtype));
+    } else {
+      t = at::randn(slot.shape, gen, at::TensorOptions().dtype(at::kFloat)) * std;
+      const std::string& n = slot.name;
+      if (n.size() >= 11 && n.compare(n.size() - 11, 11, "running_var") == 0) t = t.abs() + 1.0;
+      else if (n.size() >= 7 && n.compare(n.size() - 7, 7, ".weight") == 0 && slot.shape.size() == 1) t = t + 1.0;  // norm scales near 1
+      t = t.to(slot.fixed_dtype.value_or(where.float_dtype));
+    }
+    *slot.tensor = where.device.is_cpu() ? t : t.to(where.device);
+  }
+}
+
+}  // namespace refit::models

@@ -1,0 +1,30 @@
+// Strict loading of a checkpoint component into a model's registry, and random initialisation for
+// `refit make-model`.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "pipeline/models/tensor_registry.hpp"
+#include "pipeline/weights/diffusers_layout.hpp"
+
+namespace refit::models {
+
+struct placement {
+  c10::ScalarType float_dtype = at::kFloat;  // floating parameters and buffers are held in this dtype
+  at::Device device = at::kCPU;
+};
+
+// Checks, from headers alone, that `weights` provides exactly the registry's tensors with the
+// expected shapes and convertible dtypes. Throws weight_error naming the module and tensor.
+void validate_against(const tensor_registry& registry, const weights::module_weights& weights);
+
+// Validates, reads and places every tensor: after it returns, every slot holds its checkpoint tensor.
+void load_into(tensor_registry& registry, const weights::module_weights& weights, const placement& where);
+
+// Fills every slot with deterministic random values (normal * std for floats; buffers named
+// running_var get positive values, integer buffers zero), for make-model and tests.
+void init_random(tensor_registry& registry, uint64_t seed, const placement& where, double std = 0.02);
+
+}  // namespace refit::models
