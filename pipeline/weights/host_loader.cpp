@@ -1,7 +1,11 @@
 #include "pipeline/weights/host_loader.hpp"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#include <memory>
 
 #include <cerrno>
 #include <cstring>
@@ -68,42 +72,87 @@ struct chunk {
   uint64_t first_elem, elems;
 };
 
+// A whole shard mapped privately; tensors made over it keep it alive through their deleters.
+struct private_mapping {
+  void* base = nullptr;
+  size_t size = 0;
+  ~private_mapping() {
+    if (base) ::munmap(base, size);
+  }
+};
+
+std::shared_ptr<private_mapping> map_private(const safetensors_file& f) {
+  auto m = std::make_shared<private_mapping>();
+  m->size = f.file_size();
+  void* p = ::mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, f.fd(), 0);
+  if (p == MAP_FAILED)
+    throw weight_error(weight_errc::io_error, f.path().string() + ": cannot map: " + std::strerror(errno));
+  m->base = p;
+  return m;
+}
+
 }  // namespace
 
-std::vector<std::pair<std::string, at::Tensor>> load_to_host(const module_weights& weights,
-                                                             const host_load_options& options) {
-  std::vector<std::pair<std::string, at::Tensor>> out;
+void read_into(const module_weights& weights, const named_tensors& out, const host_load_options& options) {
   std::vector<const tensor_location*> locs;
   std::vector<chunk> chunks;
-  for (const auto& [name, loc] : weights.tensors) {
-    const tensor_entry& t = *loc.entry;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const auto& [name, dst] = out[i];
+    auto it = weights.tensors.find(name);
+    if (it == weights.tensors.end())
+      throw weight_error(weight_errc::shard_mismatch, weights.dir.string() + ": no tensor '" + name + "' to read");
+    const tensor_entry& t = *it->second.entry;
     const dtype held = held_dtype(t.type, options.float_dtype);
-    at::Tensor dst = at::empty(t.shape, at::TensorOptions().dtype(to_scalar_type(held)));
+    if (!dst.is_contiguous() || !dst.device().is_cpu() || dst.sizes().vec() != t.shape || dst.scalar_type() != to_scalar_type(held))
+      throw weight_error(weight_errc::bad_shape, weights.dir.string() + ": tensor '" + name +
+                                                     "': destination is not a contiguous CPU tensor of its shape and dtype");
     const uint64_t elem = dtype_bits(t.type) / 8;
     const uint64_t per_chunk = std::max<uint64_t>(1, options.chunk_bytes / elem);
     const uint64_t n = t.numel();
-    for (uint64_t e = 0; e < n; e += per_chunk) chunks.push_back({out.size(), e, std::min(per_chunk, n - e)});
-    out.emplace_back(name, std::move(dst));
-    locs.push_back(&loc);
+    for (uint64_t e = 0; e < n; e += per_chunk) chunks.push_back({i, e, std::min(per_chunk, n - e)});
+    locs.push_back(&it->second);
   }
   parallel_for_each(chunks.size(), options.threads, [&](size_t i) {
     const chunk& c = chunks[i];
     const tensor_location& loc = *locs[c.tensor];
     const tensor_entry& t = *loc.entry;
     const safetensors_file& f = weights.shards[loc.shard];
-    at::Tensor& dst = out[c.tensor].second;
+    const at::Tensor& dst = out[c.tensor].second;
+    const dtype held = held_dtype(t.type, options.float_dtype);
     const uint64_t in_elem = dtype_bits(t.type) / 8, out_elem = dst.element_size();
     auto* dst_bytes = static_cast<std::byte*>(dst.data_ptr()) + c.first_elem * out_elem;
     const uint64_t at = f.file_offset(t) + c.first_elem * in_elem;
-    if (in_elem == out_elem && held_dtype(t.type, options.float_dtype) == t.type) {
+    if (held == t.type) {
       pread_fully(f, dst_bytes, c.elems * in_elem, at, t.name);
     } else {
       thread_local std::vector<std::byte> buf;
       buf.resize(c.elems * in_elem);
       pread_fully(f, buf.data(), buf.size(), at, t.name);
-      convert_elements(t.type, buf.data(), held_dtype(t.type, options.float_dtype), dst_bytes, c.elems);
+      convert_elements(t.type, buf.data(), held, dst_bytes, c.elems);
     }
   });
+}
+
+named_tensors load_to_host(const module_weights& weights, const host_load_options& options) {
+  named_tensors out, to_copy;
+  std::vector<std::shared_ptr<private_mapping>> maps(weights.shards.size());
+  for (const auto& [name, loc] : weights.tensors) {
+    const tensor_entry& t = *loc.entry;
+    const dtype held = held_dtype(t.type, options.float_dtype);
+    const auto options_for = at::TensorOptions().dtype(to_scalar_type(held));
+    const uint64_t align = std::max<uint64_t>(1, dtype_bits(held) / 8);
+    const safetensors_file& f = weights.shards[loc.shard];
+    if (options.storage == host_load_options::backing::mapped && held == t.type && f.file_offset(t) % align == 0 && t.nbytes() > 0) {
+      auto& m = maps[loc.shard];
+      if (!m) m = map_private(f);
+      void* data = static_cast<std::byte*>(m->base) + f.file_offset(t);
+      out.emplace_back(name, at::from_blob(data, t.shape, [keep = m](void*) {}, options_for));
+    } else {
+      out.emplace_back(name, at::empty(t.shape, options_for));
+      to_copy.push_back(out.back());
+    }
+  }
+  read_into(weights, to_copy, options);
   return out;
 }
 

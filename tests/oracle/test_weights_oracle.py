@@ -263,10 +263,11 @@ def test_inspect_reports_what_python_sees(pipeline):
     assert len(comps["transformer"]["files"]) == 3
 
 
+@pytest.mark.parametrize("mode", ["copy", "mapped", "reuse"])
 @pytest.mark.parametrize("flag", [None, "bf16", "fp16", "fp32"])
-def test_host_loader_matches_torch_conversion(pipeline, flag):
+def test_host_loader_matches_torch_conversion(pipeline, flag, mode):
     root, _ = pipeline
-    got = probe("host", root / "transformer", *([flag] if flag else []))
+    got = probe("host", root / "transformer", flag or "none", mode)
     for name, t in python_loaded(root, "transformer").items():
         if flag and DTYPE_CODE[t.dtype] in CONVERTIBLE:
             t = t.to(TARGETS[flag])
