@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", [] { return refit::apps::build_info(); });
   refit::apps::command_registry commands;
   refit::apps::add_weight_commands(app, commands);
+  refit::apps::add_pipeline_commands(app, commands);
 
   try {
     app.parse(argc, argv);

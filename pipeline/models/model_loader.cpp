@@ -66,19 +66,22 @@ void load_into(tensor_registry& registry, const weights::module_weights& w, cons
   }
 }
 
+at::Tensor random_value(const tensor_slot& slot, uint64_t seed, c10::ScalarType float_dtype, double std) {
+  if (slot.fixed_dtype && !is_float_type(*slot.fixed_dtype)) return at::zeros(slot.shape, at::TensorOptions().dtype(*slot.fixed_dtype));
+  uint64_t h = 1469598103934665603ull ^ seed;  // FNV-1a over the name, keyed by the seed
+  for (unsigned char ch : slot.name) h = (h ^ ch) * 1099511628211ull;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(h);
+  at::Tensor t = at::randn(slot.shape, gen, at::TensorOptions().dtype(at::kFloat)) * std;
+  const std::string& n = slot.name;
+  auto ends_with = [&n](std::string_view s) { return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0; };
+  if (ends_with("running_var")) t = t.abs() + 1.0;
+  else if (ends_with(".weight") && slot.shape.size() == 1) t = t + 1.0;
+  return t.to(slot.fixed_dtype.value_or(float_dtype));
+}
+
 void init_random(tensor_registry& registry, uint64_t seed, const placement& where, double std) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   for (const auto& slot : registry.slots()) {
-    at::Tensor t;
-    if (slot.fixed_dtype && !is_float_type(*slot.fixed_dtype)) {
-      t = at::zeros(slot.shape, at::TensorOptions().dtype(*slot.fixed_dtype));
-    } else {
-      t = at::randn(slot.shape, gen, at::TensorOptions().dtype(at::kFloat)) * std;
-      const std::string& n = slot.name;
-      if (n.size() >= 11 && n.compare(n.size() - 11, 11, "running_var") == 0) t = t.abs() + 1.0;
-      else if (n.size() >= 7 && n.compare(n.size() - 7, 7, ".weight") == 0 && slot.shape.size() == 1) t = t + 1.0;  // norm scales near 1
-      t = t.to(slot.fixed_dtype.value_or(where.float_dtype));
-    }
+    at::Tensor t = random_value(slot, seed, where.float_dtype, std);
     *slot.tensor = where.device.is_cpu() ? t : t.to(where.device);
   }
 }

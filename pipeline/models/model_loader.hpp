@@ -23,8 +23,12 @@ void validate_against(const tensor_registry& registry, const weights::module_wei
 // Validates, reads and places every tensor: after it returns, every slot holds its checkpoint tensor.
 void load_into(tensor_registry& registry, const weights::module_weights& weights, const placement& where);
 
-// Fills every slot with deterministic random values (normal * std for floats; buffers named
-// running_var get positive values, integer buffers zero), for make-model and tests.
+// A deterministic random value for one slot, depending only on the seed and the slot's name (so a
+// checkpoint is the same whatever order or thread makes it): normal * std for weights, 1 + that for
+// norm scales (1-D ".weight"), |normal| + 1 for running_var, zeros for integer buffers.
+at::Tensor random_value(const tensor_slot& slot, uint64_t seed, c10::ScalarType float_dtype, double std = 0.02);
+
+// Fills every slot with random_value, for tests.
 void init_random(tensor_registry& registry, uint64_t seed, const placement& where, double std = 0.02);
 
 }  // namespace refit::models

@@ -1,0 +1,119 @@
+// `refit make-model` and `refit generate`: checkpoints with random weights, and one-shot images.
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "apps/commands.hpp"
+#include "pipeline/flux2_klein.hpp"
+#include "pipeline/image/png.hpp"
+#include "pipeline/make_model.hpp"
+
+namespace refit::apps {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::pair<int64_t, int64_t> parse_size(const std::string& s) {
+  const auto x = s.find('x');
+  try {
+    if (x != std::string::npos) {
+      size_t used_w = 0, used_h = 0;
+      const int64_t w = std::stoll(s.substr(0, x), &used_w), h = std::stoll(s.substr(x + 1), &used_h);
+      if (used_w == x && used_h == s.size() - x - 1 && w > 0 && h > 0) return {w, h};
+    }
+  } catch (const std::exception&) {
+  }
+  throw std::invalid_argument("--size must be WIDTHxHEIGHT with positive integers, got '" + s + "'");
+}
+
+models::placement parse_placement(const std::string& device, const std::string& dtype) {
+  models::placement where;
+  where.device = at::Device(device);  // throws a clear c10 error on nonsense
+  if (where.device.is_cuda() && !at::hasCUDA()) throw std::invalid_argument("--device " + device + ": this build or machine has no CUDA");
+  if (dtype.empty()) where.float_dtype = where.device.is_cuda() ? at::kBFloat16 : at::kFloat;
+  else if (dtype == "bf16") where.float_dtype = at::kBFloat16;
+  else if (dtype == "fp16") where.float_dtype = at::kHalf;
+  else if (dtype == "fp32") where.float_dtype = at::kFloat;
+  else throw std::invalid_argument("--dtype must be bf16, fp16 or fp32, got '" + dtype + "'");
+  return where;
+}
+
+}  // namespace
+
+void add_pipeline_commands(CLI::App& app, command_registry& commands) {
+  struct make_args {
+    std::string preset, out;
+    uint64_t seed = 0;
+    unsigned threads = 0;
+    bool base = false;
+  };
+  auto ma = std::make_shared<make_args>();
+  auto* make = app.add_subcommand("make-model", "Write a FLUX.2-klein checkpoint with random weights in the real Diffusers layout");
+  make->add_option("--preset", ma->preset, "flux2-klein-tiny (seconds on CPU, for tests) or flux2-klein-4b (the real shapes, about 16 GB)")->required();
+  make->add_option("--seed", ma->seed, "Seed of the random weights (same seed, same bytes)")->capture_default_str();
+  make->add_option("--out", ma->out, "Output directory; must not exist or be empty")->required();
+  make->add_option("--threads", ma->threads, "Generator threads (default: all cores)");
+  make->add_flag("--base", ma->base, "Write an undistilled (base) checkpoint, sampled with classifier-free guidance");
+  commands.emplace_back(make, [ma] {
+    pipeline::make_model_options o{ma->preset, ma->seed, ma->out, ma->threads, !ma->base, {}};
+    auto last = std::chrono::steady_clock::now();
+    o.progress = [&last](const std::string& module, const std::string&, uint64_t done, uint64_t total) {
+      auto now = std::chrono::steady_clock::now();
+      if (now - last > std::chrono::seconds(2) || done == total) {
+        spdlog::info("make-model: {} ... {:.2f} / {:.2f} GB", module, done / 1e9, total / 1e9);
+        last = now;
+      }
+    };
+    auto r = pipeline::make_model(o);
+    spdlog::info("make-model: wrote {} ({} tensors, {:.3f} GB) in {:.1f} s ({:.2f} GB/s)", ma->out, r.tensors, r.bytes / 1e9,
+                 r.seconds, r.bytes / 1e9 / r.seconds);
+    return 0;
+  });
+
+  struct gen_args {
+    std::string model, prompt, negative, size, device = "cpu", dtype, out;
+    uint64_t seed = 0;
+    int64_t steps = 0;
+    double guidance = 4.0;
+  };
+  auto ga = std::make_shared<gen_args>();
+  auto* gen = app.add_subcommand("generate", "Generate one image with a FLUX.2-klein checkpoint and write it as PNG");
+  gen->add_option("--model-path", ga->model, "Diffusers-layout FLUX.2-klein checkpoint")->required();
+  gen->add_option("--prompt", ga->prompt, "Text prompt")->required();
+  gen->add_option("--negative-prompt", ga->negative, "Negative prompt (undistilled checkpoints, with guidance)");
+  gen->add_option("--seed", ga->seed, "Seed of the initial noise (same seed and weights: identical PNG bytes)")->capture_default_str();
+  gen->add_option("--steps", ga->steps, "Sampling steps (default: 4 distilled, 50 base)");
+  gen->add_option("--guidance-scale", ga->guidance, "Classifier-free guidance scale (base checkpoints only)")->capture_default_str();
+  gen->add_option("--size", ga->size, "WIDTHxHEIGHT (default: the model's, 1024x1024 for Klein)");
+  gen->add_option("--device", ga->device, "cpu, cuda or cuda:N")->capture_default_str();
+  gen->add_option("--dtype", ga->dtype, "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)");
+  gen->add_option("-o,--output", ga->out, "PNG file to write")->required();
+  commands.emplace_back(gen, [ga] {
+    const auto where = parse_placement(ga->device, ga->dtype);
+    auto t0 = std::chrono::steady_clock::now();
+    pipeline::flux2_klein_pipeline pipe(ga->model, where);
+    pipe.load_weights();
+    auto t1 = std::chrono::steady_clock::now();
+    pipeline::generation_params p;
+    p.prompts = {ga->prompt};
+    p.negative_prompt = ga->negative;
+    p.seed = ga->seed;
+    p.steps = ga->steps;
+    p.guidance_scale = ga->guidance;
+    if (!ga->size.empty()) std::tie(p.width, p.height) = parse_size(ga->size);
+    auto images = pipe.generate(p);
+    auto t2 = std::chrono::steady_clock::now();
+    const auto& img = images.front();
+    image::write_file(ga->out, image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height)));
+    spdlog::info("generate: {}x{} image, {} steps, seed {} -> {} (load {:.2f} s, generate {:.2f} s)", img.width, img.height,
+                 p.steps ? p.steps : pipe.default_steps(), p.seed, ga->out,
+                 std::chrono::duration<double>(t1 - t0).count(), std::chrono::duration<double>(t2 - t1).count());
+    return 0;
+  });
+}
+
+}  // namespace refit::apps

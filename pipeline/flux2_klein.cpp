@@ -1,0 +1,177 @@
+#include "pipeline/flux2_klein.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/InferenceMode.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <stdexcept>
+
+#include "pipeline/models/flux2_transformer.hpp"
+#include "pipeline/models/qwen3.hpp"
+#include "pipeline/models/tokenizer.hpp"
+#include "pipeline/models/vae_flux2.hpp"
+#include "pipeline/weights/diffusers_layout.hpp"
+
+namespace refit::pipeline {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+json read_json(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error(path.string() + ": cannot be read");
+  json j = json::parse(in, nullptr, false);
+  if (!j.is_object()) throw std::runtime_error(path.string() + ": not a JSON object");
+  return j;
+}
+
+// Position ids (T, H, W, L): image tokens (0, h, w, 0) row-major, text tokens (0, 0, 0, l).
+at::Tensor latent_ids(int64_t h, int64_t w) {
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  return at::cartesian_prod({at::zeros({1}, i64), at::arange(h, i64), at::arange(w, i64), at::zeros({1}, i64)});
+}
+
+at::Tensor text_ids(int64_t length) {
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  return at::cartesian_prod({at::zeros({1}, i64), at::zeros({1}, i64), at::zeros({1}, i64), at::arange(length, i64)});
+}
+
+}  // namespace
+
+flux2_klein_pipeline::flux2_klein_pipeline(const fs::path& model_dir, const models::placement& where)
+    : model_dir_(model_dir), where_(where) {
+  const weights::model_layout layout = weights::read_model_layout(model_dir);
+  model_dir_ = layout.root;
+  for (const char* needed : {"scheduler", "text_encoder", "tokenizer", "transformer", "vae"})
+    if (!layout.find(needed))
+      throw std::runtime_error(model_dir_.string() + ": model_index.json has no '" + needed + "' component (a FLUX.2-klein pipeline needs it)");
+  const json index = read_json(model_dir_ / "model_index.json");
+  is_distilled_ = index.value("is_distilled", false);
+
+  scheduler_ = sampling::flow_match_config::from_file(model_dir_ / "scheduler" / "scheduler_config.json");
+  tokenizer_ = std::make_unique<models::bpe_tokenizer>(models::bpe_tokenizer::from_file(model_dir_ / "tokenizer" / "tokenizer.json"));
+  const auto te_config = models::qwen3_config::from_file(model_dir_ / "text_encoder" / "config.json");
+  text_encoder_ = std::make_unique<models::qwen3_text_encoder>(te_config);
+  const auto dit_config = models::flux2_config::from_file(model_dir_ / "transformer" / "config.json");
+  transformer_ = std::make_unique<models::flux2_transformer>(dit_config);
+  vae_ = std::make_unique<models::vae_flux2>(models::vae_flux2_config::from_file(model_dir_ / "vae" / "config.json"));
+
+  // The DiT consumes n hidden-state taps of the text encoder concatenated per token; Klein takes them
+  // evenly spaced (layers 9, 18, 27 of Qwen3-4B's 36), so n and the spacing follow from the configs.
+  const int64_t hidden = te_config.hidden_size;
+  if (dit_config.joint_attention_dim % hidden != 0)
+    throw std::runtime_error(model_dir_.string() + ": transformer joint_attention_dim " + std::to_string(dit_config.joint_attention_dim) +
+                             " is not a multiple of the text encoder's hidden_size " + std::to_string(hidden));
+  const int64_t n = dit_config.joint_attention_dim / hidden, layers = te_config.num_hidden_layers;
+  if (layers % (n + 1) != 0)
+    throw std::runtime_error(model_dir_.string() + ": cannot place " + std::to_string(n) + " evenly spaced text-encoder taps in " +
+                             std::to_string(layers) + " layers");
+  for (int64_t k = 1; k <= n; ++k) taps_.push_back(static_cast<int>(k * layers / (n + 1)));
+  if (dit_config.in_channels != 4 * vae_->config().latent_channels)
+    throw std::runtime_error(model_dir_.string() + ": transformer in_channels must be 4 x the VAE's latent_channels");
+}
+
+flux2_klein_pipeline::~flux2_klein_pipeline() = default;
+
+std::vector<std::string> flux2_klein_pipeline::module_names() const { return {"text_encoder", "transformer", "vae"}; }
+
+models::tensor_registry& flux2_klein_pipeline::registry(const std::string& module) {
+  if (module == "text_encoder") return text_encoder_->registry();
+  if (module == "transformer") return transformer_->registry();
+  if (module == "vae") return vae_->registry();
+  throw std::invalid_argument("module '" + module + "' not found in pipeline");
+}
+
+void flux2_klein_pipeline::load_weights(const std::optional<fs::path>& from) {
+  const weights::model_layout layout = weights::read_model_layout(from.value_or(model_dir_));
+  for (const auto& name : module_names()) {
+    const weights::component_info* c = layout.find(name);
+    if (!c || !c->weight_bearing) throw std::runtime_error(layout.root.string() + ": no weights for module '" + name + "'");
+    models::load_into(registry(name), weights::open_module_weights(*c), where_);
+  }
+}
+
+int64_t flux2_klein_pipeline::vae_scale_factor() const {
+  return int64_t{1} << (vae_->config().block_out_channels.size() - 1);
+}
+
+int64_t flux2_klein_pipeline::default_size() const { return 128 * vae_scale_factor(); }
+
+at::Tensor flux2_klein_pipeline::encode_prompts(const std::vector<std::string>& prompts) const {
+  const auto batch = tokenizer_->encode_klein_prompts(prompts, 512);
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor ids = at::tensor(batch.input_ids, i64).reshape({batch.batch, batch.length}).to(where_.device);
+  at::Tensor mask = at::tensor(batch.attention_mask, i64).reshape({batch.batch, batch.length}).to(where_.device);
+  return text_encoder_->hidden_state_taps(ids, mask, taps_);
+}
+
+at::Tensor flux2_klein_pipeline::initial_noise(int64_t batch, int64_t height, int64_t width, uint64_t seed) const {
+  const int64_t step = vae_scale_factor() * 2;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const int64_t channels = transformer_->config().in_channels;
+  return at::randn({batch, channels, height / step, width / step}, gen, at::TensorOptions().dtype(where_.float_dtype));
+}
+
+at::Tensor flux2_klein_pipeline::sample(const at::Tensor& noise, const at::Tensor& embeds, const std::optional<at::Tensor>& negative,
+                                        int64_t steps, double guidance_scale) const {
+  const int64_t batch = noise.size(0), channels = noise.size(1), h = noise.size(2), w = noise.size(3);
+  at::Tensor latents = noise.to(where_.device).reshape({batch, channels, h * w}).permute({0, 2, 1});  // pack
+  const at::Tensor img_ids = latent_ids(h, w).to(where_.device);
+  const at::Tensor txt_ids = text_ids(embeds.size(1)).to(where_.device);
+  const auto schedule = sampling::klein_schedule(scheduler_, steps, h * w);
+  const bool guided = negative.has_value() && guidance_scale > 1.0 && !is_distilled_;
+  for (int64_t i = 0; i < steps; ++i) {
+    // diffusers passes t / 1000 with t = sigma * 1000 in float32, cast to the latents' dtype first.
+    at::Tensor t = at::full({batch}, schedule.timesteps[i], at::TensorOptions().dtype(at::kFloat).device(where_.device));
+    at::Tensor timestep = t.to(latents.scalar_type()) / 1000;
+    at::Tensor velocity = transformer_->forward(latents.to(where_.float_dtype), embeds, timestep, img_ids, txt_ids);
+    if (guided) {
+      at::Tensor uncond = transformer_->forward(latents.to(where_.float_dtype), *negative, timestep, img_ids, txt_ids);
+      velocity = uncond + guidance_scale * (velocity - uncond);
+    }
+    latents = sampling::euler_step(velocity, latents, schedule.sigmas[i], schedule.sigmas[i + 1]);
+  }
+  at::Tensor grid = latents.permute({0, 2, 1}).reshape({batch, channels, h, w});  // unpack (ids are row-major)
+  at::Tensor image = vae_->decode_packed(grid);
+  return (image / 2 + 0.5).clamp(0, 1);
+}
+
+std::vector<rgb_image> flux2_klein_pipeline::generate(const generation_params& p) const {
+  if (p.prompts.empty()) throw std::invalid_argument("at least one prompt is required");
+  if (p.images_per_prompt < 1) throw std::invalid_argument("images_per_prompt must be at least 1");
+  const int64_t width = p.width ? p.width : default_size(), height = p.height ? p.height : default_size();
+  const int64_t multiple = vae_scale_factor() * 2;
+  if (width <= 0 || height <= 0 || width % multiple || height % multiple)
+    throw std::invalid_argument("image size " + std::to_string(width) + "x" + std::to_string(height) +
+                                " must be positive multiples of " + std::to_string(multiple));
+  const int64_t steps = p.steps ? p.steps : default_steps();
+  if (steps < 1 || steps > 1000) throw std::invalid_argument("steps must be between 1 and 1000");
+  c10::InferenceMode inference;
+
+  at::Tensor embeds = encode_prompts(p.prompts);
+  if (p.images_per_prompt > 1) embeds = embeds.repeat_interleave(p.images_per_prompt, 0);
+  std::optional<at::Tensor> negative;
+  if (!is_distilled_ && p.guidance_scale > 1.0)
+    negative = encode_prompts(std::vector<std::string>(p.prompts.size(), p.negative_prompt)).repeat_interleave(p.images_per_prompt, 0);
+  const int64_t batch = embeds.size(0);
+  at::Tensor noise = initial_noise(batch, height, width, p.seed);
+  return to_rgb_images(sample(noise, embeds, negative, steps, p.guidance_scale));
+}
+
+std::vector<rgb_image> to_rgb_images(const at::Tensor& images) {
+  at::Tensor bytes = images.to(at::kCPU).to(at::kFloat).permute({0, 2, 3, 1}).mul(255).round().to(at::kByte).contiguous();
+  std::vector<rgb_image> out;
+  for (int64_t b = 0; b < bytes.size(0); ++b) {
+    rgb_image img{bytes.size(2), bytes.size(1), {}};
+    const auto* p = bytes[b].data_ptr<uint8_t>();
+    img.pixels.assign(p, p + bytes[b].numel());
+    out.push_back(std::move(img));
+  }
+  return out;
+}
+
+}  // namespace refit::pipeline
