@@ -117,7 +117,7 @@ at::Tensor flux2_klein_pipeline::initial_noise(int64_t batch, int64_t height, in
 }
 
 at::Tensor flux2_klein_pipeline::sample(const at::Tensor& noise, const at::Tensor& embeds, const std::optional<at::Tensor>& negative,
-                                        int64_t steps, double guidance_scale) const {
+                                        int64_t steps, double guidance_scale, const std::atomic<bool>* cancel) const {
   const int64_t batch = noise.size(0), channels = noise.size(1), h = noise.size(2), w = noise.size(3);
   at::Tensor latents = noise.to(where_.device).reshape({batch, channels, h * w}).permute({0, 2, 1});  // pack
   const at::Tensor img_ids = latent_ids(h, w).to(where_.device);
@@ -125,6 +125,7 @@ at::Tensor flux2_klein_pipeline::sample(const at::Tensor& noise, const at::Tenso
   const auto schedule = sampling::klein_schedule(scheduler_, steps, h * w);
   const bool guided = negative.has_value() && guidance_scale > 1.0 && !is_distilled_;
   for (int64_t i = 0; i < steps; ++i) {
+    if (cancel && cancel->load()) throw generation_cancelled("generation cancelled at step " + std::to_string(i) + " of " + std::to_string(steps));
     // diffusers passes t / 1000 with t = sigma * 1000 in float32, cast to the latents' dtype first.
     at::Tensor t = at::full({batch}, schedule.timesteps[i], at::TensorOptions().dtype(at::kFloat).device(where_.device));
     at::Tensor timestep = t.to(latents.scalar_type()) / 1000;
@@ -159,7 +160,7 @@ std::vector<rgb_image> flux2_klein_pipeline::generate(const generation_params& p
     negative = encode_prompts(std::vector<std::string>(p.prompts.size(), p.negative_prompt)).repeat_interleave(p.images_per_prompt, 0);
   const int64_t batch = embeds.size(0);
   at::Tensor noise = initial_noise(batch, height, width, p.seed);
-  return to_rgb_images(sample(noise, embeds, negative, steps, p.guidance_scale));
+  return to_rgb_images(sample(noise, embeds, negative, steps, p.guidance_scale, p.cancel));
 }
 
 std::vector<rgb_image> to_rgb_images(const at::Tensor& images) {

@@ -5,7 +5,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
+#include <stdexcept>
 #include <filesystem>
 #include <memory>
 #include <optional>
@@ -32,6 +34,12 @@ struct generation_params {
   double guidance_scale = 4.0;
   uint64_t seed = 0;
   int64_t images_per_prompt = 1;
+  // Checked between sampling steps: when it reads true, generation stops with generation_cancelled.
+  const std::atomic<bool>* cancel = nullptr;
+};
+
+struct generation_cancelled : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 struct rgb_image {
@@ -66,7 +74,7 @@ class flux2_klein_pipeline {
   at::Tensor initial_noise(int64_t batch, int64_t height, int64_t width, uint64_t seed) const;
   // Runs the sampler from `noise` and returns the decoded images in [0, 1], [B, 3, H, W].
   at::Tensor sample(const at::Tensor& noise, const at::Tensor& prompt_embeds, const std::optional<at::Tensor>& negative_embeds,
-                    int64_t steps, double guidance_scale) const;
+                    int64_t steps, double guidance_scale, const std::atomic<bool>* cancel = nullptr) const;
   std::vector<rgb_image> generate(const generation_params& params) const;
 
   models::flux2_transformer& transformer() { return *transformer_; }

@@ -1,0 +1,366 @@
+#include "actors/module_actor.hpp"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#ifdef REFIT_TORCH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+#endif
+
+#include <chrono>
+#include <fstream>
+
+#include "pipeline/flux2_klein.hpp"
+#include "pipeline/models/model_loader.hpp"
+#include "pipeline/weights/checksum.hpp"
+#include "pipeline/weights/host_loader.hpp"
+#include "pipeline/weights/parallel.hpp"
+
+namespace refit::actors {
+
+using msg::refit_errc;
+
+struct module_state {
+  std::shared_ptr<pipeline::flux2_klein_pipeline> pipe;  // live weights live in its modules
+  std::string module;
+  int32_t worker = 0;
+  std::string class_name;
+  std::string source_dir;
+
+  // One update in progress.
+  std::string pending_dir;
+  std::string path;                  // staged or in_place
+  std::vector<at::Tensor> shadows;   // staged: the new weights, one per registry slot
+  std::vector<at::Tensor> undo;      // after commit: what was live before
+  bool committed = false;
+  bool undo_by_reread = false;       // in place without a snapshot: roll back by re-reading source_dir
+  uint64_t update_bytes = 0;
+
+  msg::fault_spec fault;             // test builds: fires once in its phase
+
+  models::tensor_registry& registry() { return pipe->registry(module); }
+};
+
+std::shared_ptr<module_state> make_module_state(std::shared_ptr<pipeline::flux2_klein_pipeline> pipe, std::string module,
+                                                int32_t worker, std::string class_name, std::string source_dir) {
+  auto s = std::make_shared<module_state>();
+  s->pipe = std::move(pipe);
+  s->module = std::move(module);
+  s->worker = worker;
+  s->class_name = std::move(class_name);
+  s->source_dir = std::move(source_dir);
+  return s;
+}
+
+bool fault_injection_compiled() {
+#ifdef REFIT_FAULT_INJECTION
+  return true;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+double since(clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); }
+
+uint64_t registry_bytes(const models::tensor_registry& r) {
+  uint64_t b = 0;
+  for (const auto& s : r.slots())
+    if (s.tensor->defined()) b += s.tensor->nbytes();
+  return b;
+}
+
+uint64_t tensors_bytes(const std::vector<at::Tensor>& ts) {
+  uint64_t b = 0;
+  for (const auto& t : ts)
+    if (t.defined()) b += t.nbytes();
+  return b;
+}
+
+// Host memory that can still be allocated without swapping.
+uint64_t available_host_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  uint64_t kb = 0;
+  std::string unit;
+  while (in >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return 0;
+}
+
+// Whether shadow copies of `bytes` fit next to the live weights on the module's device, with a margin.
+bool shadows_fit(const module_state& st, uint64_t bytes) {
+  const at::Device device = st.pipe->placement().device;
+  const uint64_t margin = 1ull << 30;
+#ifdef REFIT_TORCH_CUDA
+  if (device.is_cuda()) {
+    c10::cuda::CUDAGuard guard(device);
+    size_t free_bytes = 0, total = 0;
+    if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return false;
+    return bytes + margin <= free_bytes;
+  }
+#endif
+  return device.is_cpu() && bytes + margin <= available_host_bytes();
+}
+
+weights::host_load_options load_options(const models::placement& where) {
+  weights::host_load_options o;
+  switch (where.float_dtype) {
+    case at::kBFloat16: o.float_dtype = weights::dtype::BF16; break;
+    case at::kHalf: o.float_dtype = weights::dtype::F16; break;
+    default: o.float_dtype = weights::dtype::F32; break;
+  }
+  return o;
+}
+
+// Reads the module's checkpoint into `dst` (one tensor per registry slot, same shapes and dtypes).
+void read_weights(module_state& st, const std::string& dir, const std::vector<at::Tensor>& dst) {
+  auto w = weights::open_module_dir(st.module, dir);
+  models::validate_against(st.registry(), w);
+  const auto& where = st.pipe->placement();
+  const auto& slots = st.registry().slots();
+  if (where.device.is_cpu()) {
+    weights::named_tensors named;
+    for (size_t i = 0; i < slots.size(); ++i) named.emplace_back(slots[i].name, dst[i]);
+    weights::read_into(w, named, load_options(where));
+    return;
+  }
+  auto host = weights::load_to_host(w, load_options(where));
+  std::map<std::string, at::Tensor> by_name(host.begin(), host.end());
+  for (size_t i = 0; i < slots.size(); ++i) dst[i].copy_(by_name.at(slots[i].name), /*non_blocking=*/false);
+}
+
+msg::module_report report(const module_state& st, const char* path, uint64_t bytes, double seconds, const std::string& dir) {
+  msg::module_report r;
+  r.module = st.module;
+  r.worker = st.worker;
+  r.tensors = st.pipe ? const_cast<module_state&>(st).registry().slots().size() : 0;
+  r.bytes = bytes;
+  r.seconds = seconds;
+  r.path = path;
+  r.source_dir = dir;
+  return r;
+}
+
+// Puts back what was live before commit. Returns how it was done.
+const char* restore(module_state& st) {
+  auto& slots = st.registry().slots();
+  const char* how = st.path == "staged" ? "staged" : "in_place";
+  if (st.committed) {
+    if (st.path == "staged") {
+      for (size_t i = 0; i < slots.size(); ++i) *slots[i].tensor = st.undo[i];
+    } else if (st.undo_by_reread) {
+      std::vector<at::Tensor> live;
+      for (const auto& s : slots) live.push_back(*s.tensor);
+      read_weights(st, st.source_dir, live);
+      how = "reread";
+    } else {
+      for (size_t i = 0; i < slots.size(); ++i) slots[i].tensor->copy_(st.undo[i]);
+    }
+  }
+  st.undo.clear();
+  st.shadows.clear();
+  st.committed = false;
+  st.undo_by_reread = false;
+  st.pending_dir.clear();
+  return how;
+}
+
+// Test builds: fail the phase as the fault says (once).
+caf::error maybe_fault(module_state& st, const char* phase, caf::scheduled_actor* self) {
+#ifdef REFIT_FAULT_INJECTION
+  if (st.fault.phase != phase) return {};
+  const std::string kind = st.fault.kind;
+  st.fault = {};
+  const std::string what = "injected fault (" + kind + ") in module '" + st.module + "' phase '" + phase + "'";
+  if (kind == "throw") throw std::runtime_error(what);
+  if (kind == "die") {
+    self->quit(msg::make_error(refit_errc::phase_failed, what));
+    return msg::make_error(refit_errc::phase_failed, what);
+  }
+  return msg::make_error(refit_errc::phase_failed, what);
+#else
+  (void)st, (void)phase, (void)self;
+  return {};
+#endif
+}
+
+// Runs a phase's body, turning exceptions into error replies that name module and phase.
+template <class F>
+caf::result<msg::module_report> guarded(module_state& st, const char* phase, F&& body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    return msg::make_error(refit_errc::phase_failed,
+                           "module '" + st.module + "' (worker " + std::to_string(st.worker) + ") phase '" + phase + "': " + e.what());
+  }
+}
+
+}  // namespace
+
+msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<module_state> state) {
+  return sys.spawn<caf::detached>([state](msg::module_actor::pointer self) -> msg::module_actor::behavior_type {
+    module_state& st = *state;
+    if (st.committed || !st.shadows.empty()) {
+      c10::InferenceMode inference;
+      try {
+        const char* how = restore(st);
+        spdlog::warn("module {} (worker {}): respawned actor undid an unfinished update ({})", st.module, st.worker, how);
+      } catch (const std::exception& e) {
+        spdlog::error("module {} (worker {}): respawned actor could not undo an unfinished update: {}", st.module, st.worker, e.what());
+      }
+    }
+    return {
+        [self, state](msg::validate_atom, const std::string& dir) -> caf::result<msg::module_report> {
+          module_state& st = *state;
+          return guarded(st, "validate", [&]() -> caf::result<msg::module_report> {
+            if (auto err = maybe_fault(st, "validate", self)) return err;
+            auto t0 = clock::now();
+            auto w = weights::open_module_dir(st.module, dir);
+            models::validate_against(st.registry(), w);
+            return report(st, "validate", w.total_bytes, since(t0), dir);
+          });
+        },
+        [self, state](msg::stage_atom, const std::string& dir, const std::string& path) -> caf::result<msg::module_report> {
+          module_state& st = *state;
+          return guarded(st, "stage", [&]() -> caf::result<msg::module_report> {
+            if (auto err = maybe_fault(st, "stage", self)) return err;
+            c10::InferenceMode inference;
+            auto t0 = clock::now();
+            st.shadows.clear();
+            st.pending_dir = dir;
+            uint64_t bytes = registry_bytes(st.registry());
+            st.path = path == "auto" ? (shadows_fit(st, bytes) ? "staged" : "in_place") : path;
+            if (st.path == "staged") {
+              for (const auto& s : st.registry().slots()) st.shadows.push_back(at::empty_like(*s.tensor));
+              try {
+                read_weights(st, dir, st.shadows);
+              } catch (...) {
+                st.shadows.clear();
+                throw;
+              }
+            }
+            st.update_bytes = bytes;
+            return report(st, st.path.c_str(), st.path == "staged" ? bytes : 0, since(t0), dir);
+          });
+        },
+        [self, state](msg::commit_atom) -> caf::result<msg::module_report> {
+          module_state& st = *state;
+          return guarded(st, "commit", [&]() -> caf::result<msg::module_report> {
+            if (auto err = maybe_fault(st, "commit", self)) return err;
+            c10::InferenceMode inference;
+            auto t0 = clock::now();
+            auto& slots = st.registry().slots();
+            if (st.path == "staged") {
+              if (st.shadows.size() != slots.size()) throw std::logic_error("commit without staged weights");
+              st.undo.clear();
+              for (size_t i = 0; i < slots.size(); ++i) {
+                st.undo.push_back(*slots[i].tensor);
+                *slots[i].tensor = st.shadows[i];  // a swap of storage, not a copy
+              }
+              st.shadows.clear();
+              st.committed = true;
+              return report(st, "staged", st.update_bytes, since(t0), st.pending_dir);
+            }
+            // In place: keep what is live in host memory first (or, when that does not fit, plan to
+            // re-read the previous checkpoint), then read the new weights over the live tensors.
+            const uint64_t bytes = registry_bytes(st.registry());
+            st.undo.clear();
+            st.undo_by_reread = bytes + (1ull << 30) > available_host_bytes();
+            if (!st.undo_by_reread) {
+              const bool pin = !st.pipe->placement().device.is_cpu();
+              for (const auto& s : slots) {
+                at::Tensor host = at::empty(s.tensor->sizes(), s.tensor->options().device(at::kCPU).pinned_memory(pin));
+                host.copy_(*s.tensor);
+                st.undo.push_back(host);
+              }
+            }
+            st.committed = true;
+            std::vector<at::Tensor> live;
+            for (const auto& s : slots) live.push_back(*s.tensor);
+            try {
+              read_weights(st, st.pending_dir, live);
+            } catch (...) {
+              restore(st);  // a half-written module must not stay live
+              throw;
+            }
+            return report(st, st.undo_by_reread ? "in_place(reread-undo)" : "in_place", bytes, since(t0), st.pending_dir);
+          });
+        },
+        [self, state](msg::rollback_atom) -> caf::result<msg::module_report> {
+          module_state& st = *state;
+          return guarded(st, "rollback", [&]() -> caf::result<msg::module_report> {
+            if (auto err = maybe_fault(st, "rollback", self)) return err;
+            c10::InferenceMode inference;
+            auto t0 = clock::now();
+            const uint64_t bytes = st.update_bytes;
+            const char* how = restore(st);
+            return report(st, how, bytes, since(t0), st.source_dir);
+          });
+        },
+        [state](msg::finalize_atom) -> caf::result<msg::module_report> {
+          module_state& st = *state;
+          auto t0 = clock::now();
+          const std::string path = st.path;
+          st.source_dir = st.pending_dir.empty() ? st.source_dir : st.pending_dir;
+          st.undo.clear();
+          st.shadows.clear();
+          st.committed = false;
+          st.undo_by_reread = false;
+          st.pending_dir.clear();
+          return report(st, path.c_str(), st.update_bytes, since(t0), st.source_dir);
+        },
+        [state](msg::discard_atom) -> caf::result<msg::module_report> {
+          module_state& st = *state;
+          auto t0 = clock::now();
+          const char* how = restore(st);
+          return report(st, how, 0, since(t0), st.source_dir);
+        },
+        [state](msg::checksum_atom) -> caf::result<std::string> {
+          module_state& st = *state;
+          try {
+            c10::InferenceMode inference;
+            auto& slots = st.registry().slots();
+            std::vector<weights::tensor_digest_record> records(slots.size());
+            weights::parallel_for_each(slots.size(), 0, [&](size_t i) {
+              at::Tensor t = slots[i].tensor->to(at::kCPU).contiguous();
+              weights::sha256 h;
+              h.update({static_cast<const std::byte*>(t.data_ptr()), t.nbytes()});
+              records[i] = {slots[i].name, weights::from_scalar_type(t.scalar_type()), t.sizes().vec(), h.finish()};
+            });
+            return weights::combine_module_checksum(std::move(records));
+          } catch (const std::exception& e) {
+            return msg::make_error(refit_errc::phase_failed, "module '" + st.module + "' checksum: " + e.what());
+          }
+        },
+        [state](msg::info_atom) -> msg::module_info {
+          module_state& st = *state;
+          msg::module_info i;
+          i.name = st.module;
+          i.class_name = st.class_name;
+          i.dtype = c10::toString(st.pipe->placement().float_dtype);
+          i.device = st.pipe->placement().device.str();
+          i.worker = st.worker;
+          i.tensors = st.registry().slots().size();
+          i.bytes = registry_bytes(st.registry());
+          i.source_dir = st.source_dir;
+          i.undo_bytes = tensors_bytes(st.undo);
+          i.shadow_bytes = tensors_bytes(st.shadows);
+          return i;
+        },
+        [state](msg::fault_atom, const msg::fault_spec& f) -> caf::result<bool> {
+          if (!fault_injection_compiled())
+            return msg::make_error(refit_errc::fault_injection_unavailable, "this build does not inject faults");
+          state->fault = f;
+          return true;
+        },
+    };
+  });
+}
+
+}  // namespace refit::actors

@@ -1,0 +1,406 @@
+#include "actors/update_transaction.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <filesystem>
+#include <set>
+
+#include "pipeline/weights/diffusers_layout.hpp"
+
+namespace refit::actors {
+
+using msg::refit_errc;
+using clock = std::chrono::steady_clock;
+
+namespace {
+
+// Reading a large cold checkpoint can take minutes; this only guards against a participant that
+// neither answers nor dies.
+constexpr auto phase_timeout = std::chrono::seconds(1800);
+
+double since(clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); }
+
+struct participant {
+  int32_t worker = 0;
+  std::string module;
+  std::string dir;
+  msg::module_actor handle;
+  bool staged = false;
+  bool committed = false;
+  std::string path;
+};
+
+// Collects one reply (or error) per participant of a phase, then runs `done` once.
+struct gather {
+  size_t pending = 0;
+  std::vector<bool> ok;
+  std::vector<std::string> errors;
+  std::vector<msg::module_report> reports;
+  std::function<void()> done;
+  void one() {
+    if (--pending == 0) done();
+  }
+};
+
+struct txn_state {
+  transaction_context ctx;
+  msg::update_request req;
+  caf::typed_response_promise<msg::update_result> promise;
+  std::vector<participant> parts;
+  msg::update_result result;
+  clock::time_point start, phase_start, pause_start;
+  bool paused = false;
+  std::string failure;  // the first participant failure, worded for the user
+  static inline const char* name = "refit.update_transaction";
+};
+
+using self_ptr = transaction_actor::stateful_pointer<txn_state>;
+
+std::string who(const participant& p) { return "module '" + p.module + "' (worker " + std::to_string(p.worker) + ")"; }
+
+// Sends one request per selected participant; `make` issues it and returns the pending request.
+template <class Make>
+void fan_out(self_ptr self, const std::vector<size_t>& which, Make make, std::function<void(std::shared_ptr<gather>)> done) {
+  auto g = std::make_shared<gather>();
+  const size_t n = self->state.parts.size();
+  g->ok.assign(n, false);
+  g->errors.assign(n, "");
+  g->reports.assign(n, {});
+  g->pending = which.size();
+  g->done = [g, done] { done(g); };
+  if (which.empty()) {
+    done(g);
+    return;
+  }
+  for (size_t i : which)
+    make(self->state.parts[i]).then(
+        [g, i](msg::module_report& r) {
+          g->ok[i] = true;
+          g->reports[i] = std::move(r);
+          g->one();
+        },
+        [g, i](caf::error& e) {
+          g->errors[i] = msg::describe(e);
+          g->one();
+        });
+}
+
+std::vector<size_t> all(self_ptr self) {
+  std::vector<size_t> v(self->state.parts.size());
+  for (size_t i = 0; i < v.size(); ++i) v[i] = i;
+  return v;
+}
+
+void record_phase(self_ptr self, const char* phase) {
+  self->state.result.timings[phase] = since(self->state.phase_start);
+  self->state.phase_start = clock::now();
+}
+
+void reply(self_ptr self) {
+  auto& st = self->state;
+  st.result.timings["total"] = since(st.start);
+  if (st.result.success)
+    spdlog::info("update {}: committed {} module(s) in {:.3f} s (pause {:.3f} s)", st.req.model_path, st.parts.size(),
+                 st.result.timings["total"], st.result.timings.count("pause") ? st.result.timings["pause"] : 0.0);
+  else
+    spdlog::warn("update {}: failed: {}", st.req.model_path, st.result.message);
+  st.promise.deliver(st.result);
+  self->quit();
+}
+
+// Ends the update before anything was committed: frees shadows, leaves every live weight as it was.
+void fail_before_commit(self_ptr self, const std::string& why) {
+  auto& st = self->state;
+  st.result.success = false;
+  st.result.message = why + ". No weights were changed (the update stopped before commit).";
+  std::vector<size_t> staged;
+  for (size_t i = 0; i < st.parts.size(); ++i)
+    if (st.parts[i].staged) staged.push_back(i);
+  fan_out(self, staged, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::discard_atom::value); },
+          [self](std::shared_ptr<gather>) { reply(self); });
+}
+
+std::string first_failure(self_ptr self, const gather& g, const char* phase) {
+  for (size_t i = 0; i < self->state.parts.size(); ++i)
+    if (!g.ok[i]) return "Failed to update " + who(self->state.parts[i]) + " in phase '" + phase + "': " + g.errors[i];
+  return {};
+}
+
+void resume_and_reply(self_ptr self) {
+  auto& st = self->state;
+  if (!st.paused) {
+    reply(self);
+    return;
+  }
+  self->request(st.ctx.scheduler, phase_timeout, msg::resume_atom::value).then(
+      [self](bool) {
+        self->state.paused = false;
+        self->state.result.timings["pause"] = since(self->state.pause_start);
+        reply(self);
+      },
+      [self](caf::error& e) {
+        self->state.result.message += " (resuming generation failed: " + msg::describe(e) + ")";
+        reply(self);
+      });
+}
+
+// A participant failed during commit: undo every sibling that committed, let the worker replace any
+// module actor that died (the replacement undoes its own unfinished commit), then resume and reply.
+void compensate(self_ptr self, std::shared_ptr<gather> commit) {
+  auto& st = self->state;
+  st.result.success = false;
+  std::vector<size_t> undo, dead;
+  for (size_t i = 0; i < st.parts.size(); ++i) {
+    auto& p = st.parts[i];
+    if (commit->ok[i]) p.committed = true;
+    if (!commit->ok[i] && commit->errors[i].find("request_receiver_down") != std::string::npos) dead.push_back(i);
+    else undo.push_back(i);  // committed ones roll back; failed ones that live restore whatever they half did
+  }
+  auto recovered = std::make_shared<size_t>(dead.size());
+  auto after_recovery = [self, undo] {
+    fan_out(self, undo, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::rollback_atom::value); },
+            [self, undo](std::shared_ptr<gather> g) {
+              auto& st = self->state;
+              std::string rolled, failed;
+              for (size_t i : undo) {
+                auto& p = st.parts[i];
+                if (!p.committed) continue;
+                if (g->ok[i]) rolled += (rolled.empty() ? "" : ", ") + p.module + " (worker " + std::to_string(p.worker) + ")";
+                else failed += (failed.empty() ? "" : "; ") + who(p) + ": " + g->errors[i];
+              }
+              st.result.message = st.failure + ". ";
+              if (!rolled.empty()) st.result.message += "Rolled back " + rolled + ". ";
+              if (failed.empty())
+                st.result.message += "No weights were changed: every module holds the weights it had before the update.";
+              else
+                st.result.message += "ROLLBACK FAILED for " + failed + ".";
+              for (size_t i : undo)
+                if (st.parts[i].committed && g->ok[i]) st.result.modules.push_back(g->reports[i]);
+              record_phase(self, "rollback");
+              resume_and_reply(self);
+            });
+  };
+  if (dead.empty()) {
+    after_recovery();
+    return;
+  }
+  for (size_t i : dead) {
+    auto& p = st.parts[i];
+    self->request(st.ctx.workers[p.worker], phase_timeout, msg::recover_atom::value, p.module)
+        .then([self, i, recovered, after_recovery](msg::module_actor& fresh) {
+                self->state.parts[i].handle = fresh;
+                self->state.parts[i].committed = false;  // the fresh actor restored its module on start
+                if (--*recovered == 0) after_recovery();
+              },
+              [recovered, after_recovery](caf::error&) {
+                if (--*recovered == 0) after_recovery();
+              });
+  }
+}
+
+void finish(self_ptr self) {
+  auto& st = self->state;
+  record_phase(self, "commit");
+  auto after_cache = [self] {
+    fan_out(self, all(self), [self](participant& p) { return self->request(p.handle, phase_timeout, msg::finalize_atom::value); },
+            [self](std::shared_ptr<gather>) {
+              auto& st = self->state;
+              st.result.success = true;
+              std::set<std::string> modules;
+              for (auto& p : st.parts) modules.insert(p.module);
+              std::string names;
+              for (auto& m : modules) names += (names.empty() ? "" : ", ") + m;
+              st.result.message = "Updated " + names + " from " + st.req.model_path + " on " + std::to_string(st.ctx.workers.size()) +
+                                  " worker(s) (" + st.result.mode + ")";
+              record_phase(self, "finish");
+              resume_and_reply(self);
+            });
+  };
+  if (!st.req.flush_cache || st.ctx.caches.empty()) {
+    st.result.cache_flushed = false;
+    after_cache();
+    return;
+  }
+  auto pending = std::make_shared<size_t>(st.ctx.caches.size());
+  for (auto& c : st.ctx.caches)
+    self->request(c, phase_timeout, msg::reset_atom::value).then(
+        [self, pending, after_cache](uint64_t) {
+          self->state.result.cache_flushed = true;
+          if (--*pending == 0) after_cache();
+        },
+        [pending, after_cache](caf::error&) {
+          if (--*pending == 0) after_cache();
+        });
+}
+
+void commit(self_ptr self) {
+  fan_out(self, all(self), [self](participant& p) { return self->request(p.handle, phase_timeout, msg::commit_atom::value); },
+          [self](std::shared_ptr<gather> g) {
+            auto& st = self->state;
+            for (size_t i = 0; i < st.parts.size(); ++i) {
+              if (!g->ok[i]) continue;
+              st.parts[i].committed = true;
+              st.result.modules.push_back(g->reports[i]);
+              spdlog::info("update: {} committed ({}, {} tensors, {:.1f} MB, {:.3f} s) from {}", who(st.parts[i]), g->reports[i].path,
+                           g->reports[i].tensors, g->reports[i].bytes / 1e6, g->reports[i].seconds, g->reports[i].source_dir);
+            }
+            std::string failure = first_failure(self, *g, "commit");
+            if (failure.empty()) {
+              finish(self);
+              return;
+            }
+            st.failure = failure;
+            st.result.modules.clear();
+            compensate(self, g);
+          });
+}
+
+void pause_and_commit(self_ptr self) {
+  auto& st = self->state;
+  st.pause_start = clock::now();
+  self->request(st.ctx.scheduler, phase_timeout, msg::pause_atom::value, st.req.abort_all_requests)
+      .then(
+          [self](uint64_t cancelled) {
+            auto& st = self->state;
+            st.paused = true;
+            st.result.aborted_requests = cancelled;
+            st.result.timings["drain"] = since(st.pause_start);
+            st.phase_start = clock::now();
+            commit(self);
+          },
+          [self](caf::error& e) { fail_before_commit(self, "Could not pause generation: " + msg::describe(e)); });
+}
+
+void stage(self_ptr self) {
+  auto& st = self->state;
+  const std::string path = st.req.mode == "in_place" ? "in_place" : st.req.mode == "staged" ? "staged" : "auto";
+  fan_out(self, all(self),
+          [self, path](participant& p) { return self->request(p.handle, phase_timeout, msg::stage_atom::value, p.dir, path); },
+          [self](std::shared_ptr<gather> g) {
+            auto& st = self->state;
+            std::set<std::string> paths;
+            for (size_t i = 0; i < st.parts.size(); ++i)
+              if (g->ok[i]) {
+                st.parts[i].staged = true;
+                st.parts[i].path = g->reports[i].path;
+                paths.insert(g->reports[i].path);
+              }
+            std::string failure = first_failure(self, *g, "stage");
+            if (!failure.empty()) {
+              fail_before_commit(self, failure);
+              return;
+            }
+            st.result.mode = paths.size() == 1 ? *paths.begin() : "mixed";
+            if (st.req.mode != "auto") st.result.mode_reason = "mode '" + st.req.mode + "' was requested";
+            else if (st.result.mode == "staged") st.result.mode_reason = "shadow buffers for the new weights fit in free memory";
+            else st.result.mode_reason = "shadow buffers did not fit in free memory: copied in place after an undo snapshot";
+            record_phase(self, "stage");
+            pause_and_commit(self);
+          });
+}
+
+void validate(self_ptr self) {
+  fan_out(self, all(self), [self](participant& p) { return self->request(p.handle, phase_timeout, msg::validate_atom::value, p.dir); },
+          [self](std::shared_ptr<gather> g) {
+            std::string failure = first_failure(self, *g, "validate");
+            if (!failure.empty()) {
+              fail_before_commit(self, failure);
+              return;
+            }
+            uint64_t bytes = 0;
+            for (size_t i = 0; i < self->state.parts.size(); ++i) bytes += g->reports[i].bytes;
+            spdlog::info("update {}: validated {} module(s), {:.1f} MB, from headers", self->state.req.model_path,
+                         self->state.parts.size(), bytes / 1e6);
+            record_phase(self, "validate");
+            stage(self);
+          });
+}
+
+// Plan: resolve the checkpoint and the target modules. Nothing is touched if this fails.
+std::string plan(self_ptr self, std::map<std::string, std::string>& dirs) {
+  auto& st = self->state;
+  const auto& req = st.req;
+  if (req.model_path.empty()) return "model_path is required";
+  std::vector<std::string> targets = req.target_modules.empty() ? st.ctx.pipeline_modules : req.target_modules;
+  for (const auto& t : targets)
+    if (std::find(st.ctx.pipeline_modules.begin(), st.ctx.pipeline_modules.end(), t) == st.ctx.pipeline_modules.end())
+      return "Module '" + t + "' not found in pipeline (modules: text_encoder, transformer, vae)";
+  std::set<std::string> unique(targets.begin(), targets.end());
+  try {
+    const auto layout = weights::read_model_layout(req.model_path);
+    for (const auto& t : unique) {
+      const auto* c = layout.find(t);
+      if (!c || !c->weight_bearing) return "Checkpoint " + layout.root.string() + " has no weights for module '" + t + "'";
+      dirs[t] = c->dir.string();
+    }
+  } catch (const std::exception& e) {
+    return std::string("Cannot use model_path: ") + e.what();
+  }
+  return {};
+}
+
+}  // namespace
+
+transaction_actor spawn_update_transaction(caf::actor_system& sys, transaction_context context) {
+  return sys.spawn([context](self_ptr self) -> transaction_actor::behavior_type {
+    self->state.ctx = context;
+    self->set_down_handler([self](caf::down_msg& dm) {
+      for (auto& p : self->state.parts)
+        if (p.handle.address() == dm.source)
+          spdlog::warn("update: {} went down during the update ({})", who(p), caf::to_string(dm.reason));
+    });
+    return {
+        [self](msg::update_atom, const msg::update_request& req) -> caf::result<msg::update_result> {
+          auto& st = self->state;
+          st.req = req;
+          st.promise = self->make_response_promise<msg::update_result>();
+          st.start = st.phase_start = clock::now();
+          st.result.weight_version = req.weight_version;
+          if (req.mode != "auto" && req.mode != "staged" && req.mode != "in_place") {
+            st.result.message = "mode must be auto, staged or in_place, got '" + req.mode + "'";
+            st.promise.deliver(st.result);
+            self->quit();
+            return st.promise;
+          }
+          std::map<std::string, std::string> dirs;
+          if (auto why = plan(self, dirs); !why.empty()) {
+            st.result.message = why + ". No weights were changed.";
+            st.promise.deliver(st.result);
+            self->quit();
+            return st.promise;
+          }
+          record_phase(self, "plan");
+          // Collect the module actors of every worker for the targets.
+          auto pending = std::make_shared<size_t>(st.ctx.workers.size());
+          auto errors = std::make_shared<std::string>();
+          for (size_t w = 0; w < st.ctx.workers.size(); ++w) {
+            self->request(st.ctx.workers[w], phase_timeout, msg::modules_atom::value)
+                .then(
+                    [self, w, dirs, pending, errors](std::map<std::string, msg::module_actor>& handles) {
+                      for (const auto& [module, dir] : dirs) {
+                        participant p;
+                        p.worker = static_cast<int32_t>(w);
+                        p.module = module;
+                        p.dir = dir;
+                        p.handle = handles.at(module);
+                        self->monitor(p.handle);
+                        self->state.parts.push_back(p);
+                      }
+                      if (--*pending == 0) {
+                        if (errors->empty()) validate(self);
+                        else fail_before_commit(self, *errors);
+                      }
+                    },
+                    [self, w, pending, errors](caf::error& e) {
+                      *errors = "Worker " + std::to_string(w) + " did not answer: " + msg::describe(e);
+                      if (--*pending == 0) fail_before_commit(self, *errors);
+                    });
+          }
+          return st.promise;
+        },
+    };
+  });
+}
+
+}  // namespace refit::actors

@@ -1,0 +1,121 @@
+#include "actors/worker_actor.hpp"
+
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+
+#include "actors/module_actor.hpp"
+#include "pipeline/flux2_klein.hpp"
+#include "pipeline/image/png.hpp"
+#include "pipeline/weights/diffusers_layout.hpp"
+
+namespace refit::actors {
+
+using msg::refit_errc;
+
+namespace {
+
+models::placement placement_for(const worker_config& c) {
+  models::placement where;
+  where.device = at::Device(c.device);
+  if (c.dtype.empty()) where.float_dtype = where.device.is_cuda() ? at::kBFloat16 : at::kFloat;
+  else if (c.dtype == "bf16") where.float_dtype = at::kBFloat16;
+  else if (c.dtype == "fp16") where.float_dtype = at::kHalf;
+  else if (c.dtype == "fp32") where.float_dtype = at::kFloat;
+  else throw std::invalid_argument("dtype must be bf16, fp16 or fp32, got '" + c.dtype + "'");
+  return where;
+}
+
+struct worker_state {
+  std::shared_ptr<pipeline::flux2_klein_pipeline> pipe;
+  std::shared_ptr<std::atomic<bool>> cancel;
+  int32_t index = 0;
+  std::map<std::string, std::shared_ptr<module_state>> states;
+  std::map<std::string, msg::module_actor> modules;
+};
+
+}  // namespace
+
+worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config, std::shared_ptr<std::atomic<bool>> cancel) {
+  auto st = std::make_shared<worker_state>();
+  st->index = config.index;
+  st->cancel = std::move(cancel);
+  {
+    c10::InferenceMode inference;
+    auto t0 = std::chrono::steady_clock::now();
+    st->pipe = std::make_shared<pipeline::flux2_klein_pipeline>(config.model_path, placement_for(config));
+    st->pipe->load_weights();
+    const auto layout = weights::read_model_layout(st->pipe->model_dir());
+    for (const auto& m : st->pipe->module_names()) {
+      const auto* c = layout.find(m);
+      st->states[m] = make_module_state(st->pipe, m, config.index, c->class_name, c->dir.string());
+      spdlog::info("worker {}: loaded module {} ({}) from {}", config.index, m, c->class_name, c->dir.string());
+    }
+    spdlog::info("worker {}: pipeline on {} ready in {:.2f} s", config.index, config.device,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  worker_handles handles;
+  handles.modules = sys.spawn([st](msg::module_supervisor_actor::pointer self) -> msg::module_supervisor_actor::behavior_type {
+    for (auto& [name, state] : st->states) {
+      st->modules[name] = spawn_module_actor(self->system(), state);
+      self->monitor(st->modules[name]);
+    }
+    self->set_down_handler([self, st](caf::down_msg& dm) {
+      for (auto& [name, handle] : st->modules) {
+        if (handle.address() != dm.source) continue;
+        spdlog::warn("worker {}: module actor {} died ({}); respawning it", st->index, name, caf::to_string(dm.reason));
+        handle = spawn_module_actor(self->system(), st->states[name]);
+        self->monitor(handle);
+      }
+    });
+    self->attach_functor([st](const caf::error&) {
+      for (auto& [name, handle] : st->modules) caf::anon_send_exit(handle, caf::exit_reason::user_shutdown);
+    });
+    return {
+        [st](msg::modules_atom) -> std::map<std::string, msg::module_actor> { return st->modules; },
+        [st](msg::recover_atom, const std::string& module) -> caf::result<msg::module_actor> {
+          auto it = st->modules.find(module);
+          if (it == st->modules.end()) return msg::make_error(refit_errc::module_not_found, "no module '" + module + "'");
+          return it->second;
+        },
+    };
+  });
+  handles.worker = sys.spawn<caf::detached>([st](msg::worker_actor::pointer) -> msg::worker_actor::behavior_type {
+    return {
+        [st](msg::generate_atom, const msg::generation_request& r) -> caf::result<msg::generation_result> {
+          c10::InferenceMode inference;
+          auto t0 = std::chrono::steady_clock::now();
+          pipeline::generation_params p;
+          p.prompts = r.prompts;
+          p.negative_prompt = r.negative_prompt;
+          p.width = r.width;
+          p.height = r.height;
+          p.steps = r.steps;
+          p.guidance_scale = r.guidance_scale;
+          p.seed = r.seed;
+          p.images_per_prompt = r.images_per_prompt;
+          p.cancel = st->cancel.get();
+          try {
+            auto images = st->pipe->generate(p);
+            msg::generation_result out;
+            for (const auto& img : images)
+              out.png_images.push_back(image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height)));
+            out.worker = st->index;
+            out.inference_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            return out;
+          } catch (const pipeline::generation_cancelled& e) {
+            return msg::make_error(refit_errc::cancelled, std::string("request aborted by a weight update (abort_all_requests): ") + e.what());
+          } catch (const std::invalid_argument& e) {
+            return msg::make_error(refit_errc::invalid_request, e.what());
+          } catch (const std::exception& e) {
+            return msg::make_error(refit_errc::generation_failed, std::string("generation failed: ") + e.what());
+          }
+        },
+    };
+  });
+  return handles;
+}
+
+}  // namespace refit::actors

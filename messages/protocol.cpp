@@ -1,0 +1,58 @@
+#include "messages/protocol.hpp"
+
+namespace refit::msg {
+
+namespace {
+const caf::atom_value category = caf::atom("refit");
+}
+
+std::string to_string(refit_errc code) {
+  switch (code) {
+    case refit_errc::invalid_request: return "invalid_request";
+    case refit_errc::module_not_found: return "module_not_found";
+    case refit_errc::checkpoint_invalid: return "checkpoint_invalid";
+    case refit_errc::phase_failed: return "phase_failed";
+    case refit_errc::cancelled: return "cancelled";
+    case refit_errc::generation_failed: return "generation_failed";
+    case refit_errc::fault_injection_unavailable: return "fault_injection_unavailable";
+  }
+  return "unknown";
+}
+
+caf::error make_error(refit_errc code, std::string message) {
+  return caf::error(static_cast<uint8_t>(code), category, caf::make_message(std::move(message)));
+}
+
+std::string describe(const caf::error& err) {
+  if (err.category() == category && err.context().match_elements<std::string>()) return err.context().get_as<std::string>(0);
+  if (err.category() == category) return to_string(static_cast<refit_errc>(err.code()));
+  return caf::to_string(err);
+}
+
+void add_types(caf::actor_system_config& cfg) {
+  cfg.add_message_type<update_request>("refit.update_request");
+  cfg.add_message_type<module_report>("refit.module_report");
+  cfg.add_message_type<std::vector<module_report>>("refit.module_reports");
+  cfg.add_message_type<update_result>("refit.update_result");
+  cfg.add_message_type<generation_request>("refit.generation_request");
+  cfg.add_message_type<generation_result>("refit.generation_result");
+  cfg.add_message_type<module_info>("refit.module_info");
+  cfg.add_message_type<std::vector<module_info>>("refit.module_infos");
+  cfg.add_message_type<model_info>("refit.model_info");
+  cfg.add_message_type<scheduler_stats>("refit.scheduler_stats");
+  cfg.add_message_type<fault_spec>("refit.fault_spec");
+  cfg.add_message_type<std::vector<std::string>>("refit.strings");
+  cfg.add_message_type<std::map<std::string, std::string>>("refit.string_map");
+  cfg.add_message_type<std::map<std::string, double>>("refit.timings");
+  cfg.add_message_type<std::vector<std::vector<uint8_t>>>("refit.images");
+  cfg.add_message_type<std::vector<double>>("refit.doubles");
+  cfg.add_message_type<module_actor>("refit.module_actor");
+  cfg.add_message_type<std::map<std::string, module_actor>>("refit.module_actors");
+  cfg.add_error_category(category, [](uint8_t code, caf::atom_value, const caf::message& ctx) {
+    std::string s = "refit_error(" + to_string(static_cast<refit_errc>(code)) + ")";
+    if (ctx.match_elements<std::string>()) s += ": " + ctx.get_as<std::string>(0);
+    return s;
+  });
+}
+
+}  // namespace refit::msg

@@ -1,0 +1,100 @@
+// Shared by the engine tests: tiny checkpoints made with make-model, an actor system, and blocking
+// helpers around the scheduler's typed interface.
+#pragma once
+
+#include <caf/all.hpp>
+
+#include <filesystem>
+#include <map>
+#include <string>
+
+#include "actors/scheduler.hpp"
+#include "messages/protocol.hpp"
+#include "pipeline/make_model.hpp"
+#include "pipeline/weights/checksum.hpp"
+#include "pipeline/weights/diffusers_layout.hpp"
+#include "tests/unit/temp_dir.hpp"
+
+namespace refit::test {
+
+struct engine_system_config : caf::actor_system_config {
+  engine_system_config() {
+    msg::add_types(*this);
+    set("scheduler.max-threads", 4);
+  }
+};
+
+inline std::filesystem::path make_tiny(const std::filesystem::path& dir, uint64_t seed) {
+  pipeline::make_model({"flux2-klein-tiny", seed, dir, 2, true, {}});
+  return dir;
+}
+
+// The checksum `refit checksum --dtype fp32` reports for each module of a checkpoint.
+inline std::map<std::string, std::string> disk_checksums(const std::filesystem::path& model) {
+  std::map<std::string, std::string> out;
+  auto layout = weights::read_model_layout(model);
+  for (const auto& name : layout.weight_bearing_names())
+    out[name] = weights::module_checksum(weights::open_module_weights(*layout.find(name)), {weights::dtype::F32, 2});
+  return out;
+}
+
+// Copies a checkpoint, then replaces one module folder with another checkpoint's.
+inline std::filesystem::path mix(const std::filesystem::path& base, const std::filesystem::path& other, const std::string& module,
+                                 const std::filesystem::path& out) {
+  std::filesystem::copy(base, out, std::filesystem::copy_options::recursive);
+  std::filesystem::remove_all(out / module);
+  std::filesystem::copy(other / module, out / module, std::filesystem::copy_options::recursive);
+  return out;
+}
+
+class engine_client {
+ public:
+  engine_client(caf::actor_system& sys, msg::scheduler_actor scheduler) : self_(sys), scheduler_(std::move(scheduler)) {}
+
+  msg::update_result update(msg::update_request req) {
+    msg::update_result out;
+    self_->request(scheduler_, caf::infinite, msg::update_atom::value, std::move(req))
+        .receive([&](msg::update_result& r) { out = std::move(r); },
+                 [&](caf::error& e) { out.message = "transport error: " + msg::describe(e); });
+    return out;
+  }
+  std::map<std::string, std::string> checksums(int32_t worker = 0) {
+    std::map<std::string, std::string> out;
+    self_->request(scheduler_, caf::infinite, msg::checksum_atom::value, std::vector<std::string>{}, worker)
+        .receive([&](std::map<std::string, std::string>& m) { out = std::move(m); },
+                 [&](caf::error& e) { out["error"] = msg::describe(e); });
+    return out;
+  }
+  // The first image's PNG bytes, or the error text prefixed with "error: ".
+  std::pair<std::string, std::vector<uint8_t>> generate(uint64_t seed, int64_t steps = 2, int64_t size = 32) {
+    msg::generation_request r;
+    r.prompts = {"a red fox"};
+    r.seed = seed;
+    r.steps = steps;
+    r.width = r.height = size;
+    std::pair<std::string, std::vector<uint8_t>> out;
+    self_->request(scheduler_, caf::infinite, msg::generate_atom::value, r)
+        .receive([&](msg::generation_result& g) { out = {g.weight_version, g.png_images.at(0)}; },
+                 [&](caf::error& e) { out = {"error: " + msg::describe(e), {}}; });
+    return out;
+  }
+  msg::model_info info() {
+    msg::model_info out;
+    self_->request(scheduler_, caf::infinite, msg::info_atom::value).receive([&](msg::model_info& i) { out = std::move(i); },
+                                                                            [&](caf::error&) {});
+    return out;
+  }
+  bool fault(const std::string& module, int32_t worker, msg::fault_spec f) {
+    bool ok = false;
+    self_->request(scheduler_, caf::infinite, msg::fault_atom::value, module, worker, f)
+        .receive([&](bool b) { ok = b; }, [&](caf::error&) { ok = false; });
+    return ok;
+  }
+  const msg::scheduler_actor& scheduler() const { return scheduler_; }
+
+ private:
+  caf::scoped_actor self_;
+  msg::scheduler_actor scheduler_;
+};
+
+}  // namespace refit::test

@@ -1,0 +1,173 @@
+// The actor engine and the transactional weight update, on tiny checkpoints (CPU, fp32).
+#define BOOST_TEST_MODULE engine
+#include <boost/test/unit_test.hpp>
+
+#include <fstream>
+
+#include "tests/unit/engine_fixture.hpp"
+
+using namespace refit;
+using namespace refit::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Two checkpoints made once for the whole module.
+struct checkpoints {
+  temp_dir dir;
+  fs::path a, b, b_transformer_only, corrupt;
+  checkpoints() {
+    a = make_tiny(dir.path() / "a", 1);
+    b = make_tiny(dir.path() / "b", 2);
+    b_transformer_only = mix(a, b, "transformer", dir.path() / "a_with_b_transformer");
+    // b's transformer, and a vae shard truncated by 2 bytes
+    corrupt = mix(a, b, "transformer", dir.path() / "corrupt");
+    fs::path vae = corrupt / "vae" / "diffusion_pytorch_model.safetensors";
+    fs::resize_file(vae, fs::file_size(vae) - 2);
+  }
+};
+
+checkpoints& ckpts() {
+  static checkpoints c;
+  return c;
+}
+
+struct engine {
+  engine_system_config cfg;
+  caf::actor_system sys{cfg};
+  engine_client client;
+  explicit engine(const fs::path& model, size_t workers = 1)
+      : client(sys, actors::spawn_engine(sys, {model, std::vector<std::string>(workers, "cpu"), "fp32"})) {}
+  ~engine() { caf::anon_send_exit(client.scheduler(), caf::exit_reason::user_shutdown); }
+};
+
+msg::update_request to(const fs::path& p, std::vector<std::string> targets = {}) {
+  msg::update_request r;
+  r.model_path = p.string();
+  r.target_modules = std::move(targets);
+  return r;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(server_checksums_equal_disk_checksums_of_the_loaded_checkpoint) {
+  engine e(ckpts().a);
+  BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().a));
+  auto info = e.client.info();
+  BOOST_TEST(info.weight_version == "0");
+  BOOST_TEST(info.modules.size() == 3u);
+}
+
+BOOST_AUTO_TEST_CASE(same_model_reload_leaves_checksums_and_images_identical) {
+  engine e(ckpts().a);
+  const auto before = e.client.checksums();
+  const auto image = e.client.generate(5);
+  auto r = e.client.update(to(ckpts().a));
+  BOOST_TEST(r.success, r.message);
+  BOOST_TEST(r.weight_version == "1");
+  BOOST_TEST(r.modules.size() == 3u);
+  BOOST_TEST(e.client.checksums() == before);
+  auto again = e.client.generate(5);
+  BOOST_TEST(again.first == "1");
+  BOOST_TEST(again.second == image.second);
+}
+
+BOOST_AUTO_TEST_CASE(update_to_a_second_checkpoint_matches_its_disk_checksum_and_a_fresh_server) {
+  engine e(ckpts().a);
+  msg::update_request req = to(ckpts().b);
+  req.weight_version = "step-100";
+  auto r = e.client.update(req);
+  BOOST_TEST(r.success, r.message);
+  BOOST_TEST(r.weight_version == "step-100");
+  BOOST_TEST(r.mode == "staged");
+  BOOST_TEST(r.cache_flushed);
+  for (const char* phase : {"plan", "validate", "stage", "pause", "commit", "finish", "total"}) BOOST_TEST(r.timings.count(phase) == 1u, phase);
+  BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().b));
+  auto updated = e.client.generate(9);
+  BOOST_TEST(updated.first == "step-100");
+  engine fresh(ckpts().b);
+  BOOST_TEST(fresh.client.generate(9).second == updated.second);
+  auto info = e.client.info();
+  BOOST_TEST(info.model_path == ckpts().b.string());
+  for (const auto& m : info.modules) {
+    BOOST_TEST(m.source_dir == (ckpts().b / m.name).string());
+    BOOST_TEST(m.undo_bytes == 0u);
+    BOOST_TEST(m.shadow_bytes == 0u);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(target_modules_subset_changes_only_those_modules) {
+  engine e(ckpts().a);
+  const auto before = e.client.checksums();
+  auto r = e.client.update(to(ckpts().b, {"transformer"}));
+  BOOST_TEST(r.success, r.message);
+  auto after = e.client.checksums();
+  BOOST_TEST(after["transformer"] == disk_checksums(ckpts().b)["transformer"]);
+  BOOST_TEST(after["vae"] == before.at("vae"));
+  BOOST_TEST(after["text_encoder"] == before.at("text_encoder"));
+}
+
+BOOST_AUTO_TEST_CASE(in_place_mode_gives_the_same_weights_and_says_so) {
+  engine e(ckpts().a);
+  msg::update_request req = to(ckpts().b);
+  req.mode = "in_place";
+  auto r = e.client.update(req);
+  BOOST_TEST(r.success, r.message);
+  BOOST_TEST(r.mode == "in_place");
+  BOOST_TEST(r.mode_reason.find("requested") != std::string::npos);
+  BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().b));
+}
+
+BOOST_AUTO_TEST_CASE(bad_requests_fail_and_change_nothing) {
+  engine e(ckpts().a);
+  const auto before = e.client.checksums();
+  auto r = e.client.update(to("/nonexistent/path/to/model"));
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("/nonexistent/path/to/model") != std::string::npos, r.message);
+  r = e.client.update(to(""));
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("model_path is required") != std::string::npos, r.message);
+  r = e.client.update(to(ckpts().b, {"nonexistent_module"}));
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("not found in pipeline") != std::string::npos, r.message);
+  msg::update_request bad_mode = to(ckpts().b);
+  bad_mode.mode = "sideways";
+  r = e.client.update(bad_mode);
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("mode must be auto, staged or in_place") != std::string::npos, r.message);
+  BOOST_TEST(e.client.checksums() == before);
+  BOOST_TEST(e.client.info().weight_version == "0");
+}
+
+BOOST_AUTO_TEST_CASE(corrupted_checkpoint_fails_naming_module_and_file_and_changes_nothing) {
+  engine e(ckpts().a);
+  const auto before = e.client.checksums();
+  auto r = e.client.update(to(ckpts().corrupt, {"transformer", "vae"}));
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("module 'vae'") != std::string::npos, r.message);
+  BOOST_TEST(r.message.find("diffusion_pytorch_model.safetensors") != std::string::npos, r.message);
+  BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
+  BOOST_TEST(e.client.checksums() == before);
+  BOOST_TEST(e.client.generate(3).first == "0");
+}
+
+BOOST_AUTO_TEST_CASE(abort_all_requests_cancels_in_flight_generation_with_a_clear_error) {
+  engine e(ckpts().a);
+  caf::scoped_actor self{e.sys};
+  msg::generation_request long_job;
+  long_job.prompts = {"slow"};
+  long_job.steps = 400;
+  long_job.width = long_job.height = 64;
+  auto pending = self->request(e.client.scheduler(), caf::infinite, msg::generate_atom::value, long_job);
+  // Let the job start before the update asks to abort it.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  msg::update_request req = to(ckpts().b);
+  req.abort_all_requests = true;
+  auto r = e.client.update(req);
+  BOOST_TEST(r.success, r.message);
+  BOOST_TEST(r.aborted_requests == 1u);
+  std::string outcome;
+  pending.receive([&](msg::generation_result&) { outcome = "finished"; }, [&](caf::error& err) { outcome = msg::describe(err); });
+  BOOST_TEST(outcome.find("aborted by a weight update") != std::string::npos, outcome);
+  BOOST_TEST(e.client.generate(1).first == "1");
+}
