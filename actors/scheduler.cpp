@@ -45,6 +45,7 @@ struct sched_state {
   uint64_t cancelling = 0;
   std::deque<pending_update> updates;
   bool updating = false;
+  msg::update_request current_update;
   std::string model_path;
   std::string weight_version = "0";
   uint64_t update_count = 0;
@@ -124,18 +125,13 @@ void start_next_update(self_ptr self) {
   auto txn = spawn_update_transaction(self->system(), ctx);
   auto promise = job.promise;
   auto req = job.req;
+  st.current_update = req;
   self->request(txn, caf::infinite, msg::update_atom::value, req)
       .then(
-          [self, promise, req](msg::update_result& r) mutable {
+          [self, promise](msg::update_result& r) mutable {
             auto& st = self->state;
-            if (r.success) {
-              ++st.update_count;
-              st.weight_version = req.weight_version.empty() ? std::to_string(st.update_count) : req.weight_version;
-              st.model_path = req.model_path;
-              ++st.stats.updates_ok;
-            } else {
-              ++st.stats.updates_failed;
-            }
+            if (r.success) ++st.stats.updates_ok;
+            else ++st.stats.updates_failed;
             r.weight_version = st.weight_version;
             st.stats.last_timings = r.timings;
             st.stats.last_pause_s = r.timings.count("pause") ? r.timings["pause"] : 0.0;
@@ -302,10 +298,16 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
           maybe_finish_pause(self);
           return promise;
         },
-        [self](msg::resume_atom) -> bool {
-          self->state.paused = false;
+        [self](msg::resume_atom, bool committed) -> std::string {
+          auto& st = self->state;
+          if (committed) {
+            ++st.update_count;
+            st.weight_version = st.current_update.weight_version.empty() ? std::to_string(st.update_count) : st.current_update.weight_version;
+            st.model_path = st.current_update.model_path;
+          }
+          st.paused = false;
           dispatch(self);
-          return true;
+          return st.weight_version;
         },
         [self](msg::fault_atom, const std::string& module, int32_t worker, msg::fault_spec& f) -> caf::result<bool> {
           auto& st = self->state;

@@ -133,9 +133,10 @@ void resume_and_reply(self_ptr self) {
     reply(self);
     return;
   }
-  self->request(st.ctx.scheduler, phase_timeout, msg::resume_atom::value).then(
-      [self](bool) {
+  self->request(st.ctx.scheduler, phase_timeout, msg::resume_atom::value, st.result.success).then(
+      [self](std::string& version) {
         self->state.paused = false;
+        self->state.result.weight_version = version;
         self->state.result.timings["pause"] = since(self->state.pause_start);
         reply(self);
       },
@@ -266,7 +267,8 @@ void pause_and_commit(self_ptr self) {
             st.paused = true;
             st.result.aborted_requests = cancelled;
             st.result.timings["drain"] = since(st.pause_start);
-            st.phase_start = clock::now();
+            // From here on nothing generates: the pause that clients see lasts until resume.
+            st.pause_start = st.phase_start = clock::now();
             commit(self);
           },
           [self](caf::error& e) { fail_before_commit(self, "Could not pause generation: " + msg::describe(e)); });

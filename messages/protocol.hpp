@@ -244,7 +244,8 @@ using scheduler_actor = caf::typed_actor<
     caf::replies_to<stats_atom>::with<scheduler_stats>,
     // Used by update transactions: stop dispatching and drain (or cancel) in-flight work; then resume.
     caf::replies_to<pause_atom, bool /*abort in flight*/>::with<uint64_t /*cancelled*/>,
-    caf::replies_to<resume_atom>::with<bool>,
+    // committed: the update's weights are live, so the served identity changes before anything generates.
+    caf::replies_to<resume_atom, bool /*committed*/>::with<std::string /*weight_version now served*/>,
     // Test builds: a fault for module M of worker W.
     caf::replies_to<fault_atom, std::string /*module*/, int32_t /*worker*/, fault_spec>::with<bool>>;
 

@@ -1,0 +1,100 @@
+// Fault injection into the update transaction: every phase x failure kind x module, with 1 and 2
+// workers. A failed update must name module and phase, leave every checksum on every worker as it
+// was, keep the server serving, and leave no undo or shadow buffers behind.
+#define BOOST_TEST_MODULE faults
+#include <boost/test/unit_test.hpp>
+#include <boost/test/data/test_case.hpp>
+
+#include <thread>
+
+#include "actors/module_actor.hpp"
+#include "tests/unit/engine_fixture.hpp"
+
+using namespace refit;
+using namespace refit::test;
+namespace fs = std::filesystem;
+namespace bdata = boost::unit_test::data;
+
+namespace {
+
+struct world {
+  temp_dir dir;
+  fs::path a, b;
+  engine_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  std::map<size_t, std::unique_ptr<engine_client>> engines;  // by worker count
+  world() {
+    a = make_tiny(dir.path() / "a", 1);
+    b = make_tiny(dir.path() / "b", 2);
+    sys = std::make_unique<caf::actor_system>(cfg);
+  }
+  engine_client& engine(size_t workers) {
+    auto& e = engines[workers];
+    if (!e) e = std::make_unique<engine_client>(*sys, actors::spawn_engine(*sys, {a, std::vector<std::string>(workers, "cpu"), "fp32"}));
+    return *e;
+  }
+  ~world() {
+    for (auto& [n, e] : engines) caf::anon_send_exit(e->scheduler(), caf::exit_reason::user_shutdown);
+  }
+};
+
+// Lives for the whole test module and is torn down before main returns (not at static destruction,
+// when the libraries it uses may already be gone).
+world* current = nullptr;
+struct world_fixture {
+  world instance;
+  world_fixture() { current = &instance; }
+  ~world_fixture() { current = nullptr; }
+};
+world& w() { return *current; }
+
+const char* phases[] = {"validate", "stage", "commit"};
+const char* kinds[] = {"error", "throw", "die"};
+const char* modules[] = {"text_encoder", "transformer", "vae"};
+
+}  // namespace
+
+BOOST_TEST_GLOBAL_FIXTURE(world_fixture);
+
+BOOST_AUTO_TEST_CASE(fault_injection_is_compiled_into_this_test_build) { BOOST_TEST(actors::fault_injection_compiled()); }
+
+BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_keeps_serving,
+                     bdata::make({1, 2}) * bdata::make(phases) * bdata::make(kinds) * bdata::make(modules), workers, phase,
+                     kind, module) {
+  engine_client& e = w().engine(static_cast<size_t>(workers));
+  const int32_t victim = workers - 1;
+  std::vector<std::map<std::string, std::string>> before;
+  for (int32_t k = 0; k < workers; ++k) before.push_back(e.checksums(k));
+  BOOST_REQUIRE(e.fault(module, victim, {phase, kind}));
+
+  msg::update_request req;
+  req.model_path = w().b.string();
+  req.mode = "staged";
+  auto r = e.update(req);
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("module '" + std::string(module) + "' (worker " + std::to_string(victim) + ")") != std::string::npos, r.message);
+  BOOST_TEST(r.message.find("in phase '" + std::string(phase) + "'") != std::string::npos, r.message);
+  BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
+  for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == before[k], "worker " << k);
+
+  auto info = e.info();
+  BOOST_TEST(info.modules.size() == 3u * workers);
+  for (const auto& m : info.modules) {
+    BOOST_TEST(m.undo_bytes == 0u, m.name << " worker " << m.worker);
+    BOOST_TEST(m.shadow_bytes == 0u, m.name << " worker " << m.worker);
+  }
+  auto g = e.generate(4);
+  BOOST_TEST(g.first.rfind("error", 0) != 0u, g.first);
+}
+
+BOOST_DATA_TEST_CASE(after_every_failure_a_clean_update_still_succeeds_on_every_worker, bdata::make({1, 2}), workers) {
+  engine_client& e = w().engine(static_cast<size_t>(workers));
+  msg::update_request req;
+  req.model_path = w().b.string();
+  auto r = e.update(req);
+  BOOST_TEST(r.success, r.message);
+  const auto disk = disk_checksums(w().b);
+  for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk, "worker " << k);
+  req.model_path = w().a.string();  // back, for any later case
+  BOOST_TEST(e.update(req).success);
+}
