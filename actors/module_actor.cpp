@@ -40,6 +40,7 @@ struct module_state {
   uint64_t update_bytes = 0;
 
   msg::fault_spec fault;             // test builds: fires once in its phase
+  bool force_reread_undo = false;    // test builds: act as if no undo snapshot fits in host memory
 
   models::tensor_registry& registry() { return pipe->registry(module); }
 };
@@ -271,7 +272,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             // re-read the previous checkpoint), then read the new weights over the live tensors.
             const uint64_t bytes = registry_bytes(st.registry());
             st.undo.clear();
-            st.undo_by_reread = bytes + (1ull << 30) > available_host_bytes();
+            st.undo_by_reread = st.force_reread_undo || bytes + (1ull << 30) > available_host_bytes();
             if (!st.undo_by_reread) {
               const bool pin = !st.pipe->placement().device.is_cpu();
               for (const auto& s : slots) {
@@ -356,7 +357,9 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
         [state](msg::fault_atom, const msg::fault_spec& f) -> caf::result<bool> {
           if (!fault_injection_compiled())
             return msg::make_error(refit_errc::fault_injection_unavailable, "this build does not inject faults");
-          state->fault = f;
+          // phase "snapshot", kind "nomem": the next in-place commit finds no room for its undo snapshot.
+          if (f.phase == "snapshot") state->force_reread_undo = f.kind == "nomem";
+          else state->fault = f;
           return true;
         },
     };

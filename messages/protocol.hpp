@@ -189,6 +189,7 @@ typename Inspector::result_type inspect(Inspector& f, scheduler_stats& x) {
 
 // Fault injection (honoured only by test builds): make a module fail in a phase.
 // phase: validate, stage, commit, rollback; kind: error (error reply), throw (exception), die (actor exits).
+// phase "snapshot" with kind "nomem" makes in-place commits skip the undo snapshot (rollback re-reads).
 struct fault_spec {
   std::string phase;
   std::string kind;

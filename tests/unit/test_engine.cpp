@@ -3,6 +3,7 @@
 #include <boost/test/unit_test.hpp>
 
 #include <fstream>
+#include <condition_variable>
 #include <mutex>
 #include <thread>
 
@@ -161,8 +162,13 @@ BOOST_AUTO_TEST_CASE(abort_all_requests_cancels_in_flight_generation_with_a_clea
   long_job.steps = 400;
   long_job.width = long_job.height = 64;
   auto pending = self->request(e.client.scheduler(), caf::infinite, msg::generate_atom::value, long_job);
-  // Let the job start before the update asks to abort it.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // The update must find the job running: wait until the scheduler reports it in flight.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  uint64_t in_flight = 0;
+  while (in_flight == 0 && std::chrono::steady_clock::now() < deadline)
+    self->request(e.client.scheduler(), caf::infinite, msg::stats_atom::value)
+        .receive([&](msg::scheduler_stats& s) { in_flight = s.in_flight; }, [&](caf::error&) {});
+  BOOST_REQUIRE(in_flight == 1u);
   msg::update_request req = to(ckpts().b);
   req.abort_all_requests = true;
   auto r = e.client.update(req);
@@ -187,6 +193,7 @@ BOOST_AUTO_TEST_CASE(generation_continues_while_20_updates_alternate_and_every_i
   BOOST_TEST((e.client.generate(11).second == reference["A"][11]));
   std::atomic<bool> stop{false};
   std::mutex results_mutex;
+  std::condition_variable progressed;
   std::vector<std::tuple<uint64_t, std::string, std::vector<uint8_t>>> results;
   std::vector<std::thread> clients;
   for (uint64_t seed : seeds)
@@ -196,6 +203,7 @@ BOOST_AUTO_TEST_CASE(generation_continues_while_20_updates_alternate_and_every_i
         auto [version, png] = c.generate(seed);
         std::lock_guard lock(results_mutex);
         results.emplace_back(seed, version, std::move(png));
+        progressed.notify_all();
       }
     });
   std::vector<double> pauses;
@@ -207,7 +215,10 @@ BOOST_AUTO_TEST_CASE(generation_continues_while_20_updates_alternate_and_every_i
     auto r = e.client.update(req);
     BOOST_TEST(r.success, r.message);
     pauses.push_back(r.timings["pause"]);
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let a few generations run on this version
+    // Let at least one more image finish on these weights before the next update.
+    std::unique_lock lock(results_mutex);
+    const size_t seen = results.size();
+    progressed.wait(lock, [&] { return results.size() > seen; });
   }
   stop = true;
   for (auto& t : clients) t.join();
@@ -225,4 +236,34 @@ BOOST_AUTO_TEST_CASE(generation_continues_while_20_updates_alternate_and_every_i
   BOOST_TEST_MESSAGE("20 staged updates during generation: " << results.size() << " images; generation pause per update median "
                                                              << pauses[pauses.size() / 2] * 1e3 << " ms, max " << pauses.back() * 1e3 << " ms");
   BOOST_TEST(pauses.back() < 0.5);  // a swap of storage, not a load
+}
+
+BOOST_AUTO_TEST_CASE(flush_cache_false_keeps_the_cache_and_says_so) {
+  engine e(ckpts().a);
+  msg::update_request req = to(ckpts().b);
+  req.flush_cache = false;
+  auto r = e.client.update(req);
+  BOOST_TEST(r.success, r.message);
+  BOOST_TEST(!r.cache_flushed);
+  req.flush_cache = true;
+  req.model_path = ckpts().a.string();
+  r = e.client.update(req);
+  BOOST_TEST(r.cache_flushed);
+}
+
+BOOST_AUTO_TEST_CASE(in_place_commit_without_room_for_a_snapshot_rolls_back_by_rereading_the_old_checkpoint) {
+  engine e(ckpts().a);
+  const auto before = e.client.checksums();
+  BOOST_REQUIRE(e.client.fault("transformer", 0, {"snapshot", "nomem"}));
+  BOOST_REQUIRE(e.client.fault("vae", 0, {"commit", "error"}));
+  msg::update_request req = to(ckpts().b, {"transformer", "vae"});
+  req.mode = "in_place";
+  auto r = e.client.update(req);
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("module 'vae' (worker 0) in phase 'commit'") != std::string::npos, r.message);
+  BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
+  bool reread = false;
+  for (const auto& m : r.modules) reread |= m.module == "transformer" && m.path == "reread";
+  BOOST_TEST(reread, "the transformer's rollback re-read its previous checkpoint");
+  BOOST_TEST(e.client.checksums() == before);
 }

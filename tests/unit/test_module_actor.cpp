@@ -1,0 +1,135 @@
+// The module and cache actors on their own, driven with typed messages from a scoped actor.
+#define BOOST_TEST_MODULE module_actor
+#include <boost/test/unit_test.hpp>
+
+#include <ATen/ATen.h>
+
+#include "actors/cache_actor.hpp"
+#include "actors/module_actor.hpp"
+#include "pipeline/flux2_klein.hpp"
+#include "tests/unit/engine_fixture.hpp"
+
+using namespace refit;
+using namespace refit::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct fixture {
+  temp_dir dir;
+  fs::path a = make_tiny(dir.path() / "a", 1), b = make_tiny(dir.path() / "b", 2);
+  std::map<std::string, std::string> disk_a = disk_checksums(a), disk_b = disk_checksums(b);
+  engine_system_config cfg;
+  caf::actor_system sys{cfg};
+  caf::scoped_actor self{sys};
+  std::shared_ptr<pipeline::flux2_klein_pipeline> pipe;
+  std::shared_ptr<actors::module_state> state;
+  msg::module_actor module;
+
+  fixture() {
+    pipe = std::make_shared<pipeline::flux2_klein_pipeline>(a, models::placement{});
+    pipe->load_weights();
+    state = actors::make_module_state(pipe, "transformer", 0, "Flux2Transformer2DModel", (a / "transformer").string());
+    module = actors::spawn_module_actor(sys, state);
+  }
+  ~fixture() { caf::anon_send_exit(module, caf::exit_reason::user_shutdown); }
+
+  template <class... Ts>
+  std::pair<msg::module_report, std::string> ask(Ts... xs) {
+    std::pair<msg::module_report, std::string> out;
+    self->request(module, caf::infinite, xs...).receive([&](msg::module_report& r) { out.first = r; },
+                                                        [&](caf::error& e) { out.second = msg::describe(e); });
+    return out;
+  }
+  std::string checksum() {
+    std::string out;
+    self->request(module, caf::infinite, msg::checksum_atom::value).receive([&](std::string& s) { out = s; }, [&](caf::error&) {});
+    return out;
+  }
+  msg::module_info info() {
+    msg::module_info out;
+    self->request(module, caf::infinite, msg::info_atom::value).receive([&](msg::module_info& i) { out = i; }, [&](caf::error&) {});
+    return out;
+  }
+};
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(module_actor_lifecycle, fixture)
+
+BOOST_AUTO_TEST_CASE(validate_reads_headers_only_and_names_what_does_not_fit) {
+  auto [ok, err] = ask(msg::validate_atom::value, (b / "transformer").string());
+  BOOST_TEST(err.empty(), err);
+  BOOST_TEST(ok.tensors == 33u);
+  auto [bad, why] = ask(msg::validate_atom::value, (b / "vae").string());
+  BOOST_TEST(why.find("module 'transformer' (worker 0) phase 'validate'") != std::string::npos, why);
+  BOOST_TEST(why.find("checkpoint lacks tensor") != std::string::npos, why);
+  BOOST_TEST(checksum() == disk_a["transformer"]);
+}
+
+BOOST_AUTO_TEST_CASE(staged_commit_swaps_and_rollback_swaps_back) {
+  auto [staged, e1] = ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged"));
+  BOOST_TEST(e1.empty(), e1);
+  BOOST_TEST(staged.path == "staged");
+  BOOST_TEST(info().shadow_bytes == staged.bytes);
+  BOOST_TEST(checksum() == disk_a["transformer"]);  // staging never touches live weights
+  auto [committed, e2] = ask(msg::commit_atom::value);
+  BOOST_TEST(e2.empty(), e2);
+  BOOST_TEST(checksum() == disk_b["transformer"]);
+  BOOST_TEST(info().undo_bytes > 0u);
+  BOOST_TEST(info().shadow_bytes == 0u);
+  auto [rolled, e3] = ask(msg::rollback_atom::value);
+  BOOST_TEST(e3.empty(), e3);
+  BOOST_TEST(checksum() == disk_a["transformer"]);
+  BOOST_TEST(info().undo_bytes == 0u);
+  BOOST_TEST(info().source_dir == (a / "transformer").string());
+}
+
+BOOST_AUTO_TEST_CASE(in_place_commit_then_finalize_records_the_new_source) {
+  BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("in_place")).second.empty());
+  BOOST_TEST(info().shadow_bytes == 0u);
+  auto [committed, err] = ask(msg::commit_atom::value);
+  BOOST_TEST(err.empty(), err);
+  BOOST_TEST(committed.path == "in_place");
+  BOOST_TEST(checksum() == disk_b["transformer"]);
+  BOOST_TEST(info().undo_bytes > 0u);
+  BOOST_TEST(ask(msg::finalize_atom::value).second.empty());
+  BOOST_TEST(info().undo_bytes == 0u);
+  BOOST_TEST(info().source_dir == (b / "transformer").string());
+}
+
+BOOST_AUTO_TEST_CASE(a_replacement_actor_undoes_the_commit_its_dead_predecessor_left) {
+  BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(ask(msg::commit_atom::value).second.empty());
+  BOOST_TEST(checksum() == disk_b["transformer"]);
+  self->monitor(module);
+  caf::anon_send_exit(module, caf::exit_reason::kill);
+  self->receive([&](caf::down_msg&) {});
+  module = actors::spawn_module_actor(sys, state);
+  BOOST_TEST(checksum() == disk_a["transformer"]);
+  BOOST_TEST(info().undo_bytes == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(discard_frees_shadows_without_touching_live_weights) {
+  BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(info().shadow_bytes > 0u);
+  BOOST_TEST(ask(msg::discard_atom::value).second.empty());
+  BOOST_TEST(info().shadow_bytes == 0u);
+  BOOST_TEST(checksum() == disk_a["transformer"]);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_CASE(cache_actor_counts_resets) {
+  engine_system_config cfg;
+  caf::actor_system sys{cfg};
+  caf::scoped_actor self{sys};
+  auto cache = actors::spawn_cache_actor(sys, 0);
+  uint64_t n = 0;
+  self->request(cache, caf::infinite, msg::reset_atom::value).receive([&](uint64_t k) { n = k; }, [&](caf::error&) {});
+  self->request(cache, caf::infinite, msg::reset_atom::value).receive([&](uint64_t k) { n = k; }, [&](caf::error&) {});
+  BOOST_TEST(n == 2u);
+  self->request(cache, caf::infinite, msg::stats_atom::value).receive([&](uint64_t k) { n = k; }, [&](caf::error&) {});
+  BOOST_TEST(n == 2u);
+  caf::anon_send_exit(cache, caf::exit_reason::user_shutdown);
+}
