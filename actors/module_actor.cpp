@@ -16,6 +16,7 @@
 #include "pipeline/flux2_klein.hpp"
 #include "pipeline/models/model_loader.hpp"
 #include "pipeline/weights/checksum.hpp"
+#include "pipeline/weights/device_loader.hpp"
 #include "pipeline/weights/host_loader.hpp"
 #include "pipeline/weights/parallel.hpp"
 
@@ -29,6 +30,7 @@ struct module_state {
   int32_t worker = 0;
   std::string class_name;
   std::string source_dir;
+  std::shared_ptr<weights::device_loader> loader;
 
   // One update in progress.
   std::string pending_dir;
@@ -46,13 +48,15 @@ struct module_state {
 };
 
 std::shared_ptr<module_state> make_module_state(std::shared_ptr<pipeline::flux2_klein_pipeline> pipe, std::string module,
-                                                int32_t worker, std::string class_name, std::string source_dir) {
+                                                int32_t worker, std::string class_name, std::string source_dir,
+                                                std::shared_ptr<weights::device_loader> loader) {
   auto s = std::make_shared<module_state>();
   s->pipe = std::move(pipe);
   s->module = std::move(module);
   s->worker = worker;
   s->class_name = std::move(class_name);
   s->source_dir = std::move(source_dir);
+  s->loader = std::move(loader);
   return s;
 }
 
@@ -125,10 +129,16 @@ void read_weights(module_state& st, const std::string& dir, const std::vector<at
   models::validate_against(st.registry(), w);
   const auto& where = st.pipe->placement();
   const auto& slots = st.registry().slots();
+  weights::named_tensors named;
+  for (size_t i = 0; i < slots.size(); ++i) named.emplace_back(slots[i].name, dst[i]);
   if (where.device.is_cpu()) {
-    weights::named_tensors named;
-    for (size_t i = 0; i < slots.size(); ++i) named.emplace_back(slots[i].name, dst[i]);
     weights::read_into(w, named, load_options(where));
+    return;
+  }
+  if (st.loader) {
+    auto stats = st.loader->read_into(w, named, load_options(where));
+    spdlog::info("module {} (worker {}): read {:.1f} MB to {} in {:.3f} s ({:.2f} GB/s)", st.module, st.worker, stats.bytes / 1e6,
+                 where.device.str(), stats.seconds, stats.seconds > 0 ? stats.bytes / stats.seconds / 1e9 : 0.0);
     return;
   }
   auto host = weights::load_to_host(w, load_options(where));
@@ -344,7 +354,8 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           msg::module_info i;
           i.name = st.module;
           i.class_name = st.class_name;
-          i.dtype = c10::toString(st.pipe->placement().float_dtype);
+          const auto dt = st.pipe->placement().float_dtype;
+          i.dtype = dt == at::kBFloat16 ? "bf16" : dt == at::kHalf ? "fp16" : dt == at::kFloat ? "fp32" : c10::toString(dt);
           i.device = st.pipe->placement().device.str();
           i.worker = st.worker;
           i.tensors = st.registry().slots().size();

@@ -11,13 +11,18 @@
 namespace refit::pipeline {
 class flux2_klein_pipeline;
 }
+namespace refit::weights {
+class device_loader;
+}
 
 namespace refit::actors {
 
 struct module_state;
 
+// `loader`: the worker's GPU fast path (pinned staging ring), shared by its modules; null on CPU.
 std::shared_ptr<module_state> make_module_state(std::shared_ptr<pipeline::flux2_klein_pipeline> pipe, std::string module,
-                                                int32_t worker, std::string class_name, std::string source_dir);
+                                                int32_t worker, std::string class_name, std::string source_dir,
+                                                std::shared_ptr<weights::device_loader> loader = nullptr);
 
 // Detached: reading weights takes seconds and must not hold a scheduler thread. On start it rolls back
 // any commit its state records as unfinished (left by a predecessor that died).

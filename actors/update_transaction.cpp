@@ -29,6 +29,7 @@ struct participant {
   bool staged = false;
   bool committed = false;
   std::string path;
+  msg::module_report stage_report;  // reading into shadows happens here; commit may be only a swap
 };
 
 // Collects one reply (or error) per participant of a phase, then runs `done` once.
@@ -242,7 +243,11 @@ void commit(self_ptr self) {
             for (size_t i = 0; i < st.parts.size(); ++i) {
               if (!g->ok[i]) continue;
               st.parts[i].committed = true;
-              st.result.modules.push_back(g->reports[i]);
+              // A module's work is its staging read plus its commit (a swap, or the in-place read).
+              msg::module_report r = g->reports[i];
+              r.seconds += st.parts[i].stage_report.seconds;
+              r.bytes = std::max(r.bytes, st.parts[i].stage_report.bytes);
+              st.result.modules.push_back(r);
               spdlog::info("update: {} committed ({}, {} tensors, {:.1f} MB, {:.3f} s) from {}", who(st.parts[i]), g->reports[i].path,
                            g->reports[i].tensors, g->reports[i].bytes / 1e6, g->reports[i].seconds, g->reports[i].source_dir);
             }
@@ -285,6 +290,7 @@ void stage(self_ptr self) {
             for (size_t i = 0; i < st.parts.size(); ++i)
               if (g->ok[i]) {
                 st.parts[i].staged = true;
+                st.parts[i].stage_report = g->reports[i];
                 st.parts[i].path = g->reports[i].path;
                 paths.insert(g->reports[i].path);
               }

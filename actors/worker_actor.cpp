@@ -9,6 +9,7 @@
 #include "actors/module_actor.hpp"
 #include "pipeline/flux2_klein.hpp"
 #include "pipeline/image/png.hpp"
+#include "pipeline/weights/device_loader.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
 
 namespace refit::actors {
@@ -45,12 +46,15 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
   {
     c10::InferenceMode inference;
     auto t0 = std::chrono::steady_clock::now();
-    st->pipe = std::make_shared<pipeline::flux2_klein_pipeline>(config.model_path, placement_for(config));
-    st->pipe->load_weights();
+    const models::placement where = placement_for(config);
+    std::shared_ptr<weights::device_loader> loader;
+    if (where.device.is_cuda()) loader = std::make_shared<weights::device_loader>(where.device.has_index() ? where.device.index() : 0);
+    st->pipe = std::make_shared<pipeline::flux2_klein_pipeline>(config.model_path, where);
+    st->pipe->load_weights(std::nullopt, loader.get());
     const auto layout = weights::read_model_layout(st->pipe->model_dir());
     for (const auto& m : st->pipe->module_names()) {
       const auto* c = layout.find(m);
-      st->states[m] = make_module_state(st->pipe, m, config.index, c->class_name, c->dir.string());
+      st->states[m] = make_module_state(st->pipe, m, config.index, c->class_name, c->dir.string(), loader);
       spdlog::info("worker {}: loaded module {} ({}) from {}", config.index, m, c->class_name, c->dir.string());
     }
     spdlog::info("worker {}: pipeline on {} ready in {:.2f} s", config.index, config.device,

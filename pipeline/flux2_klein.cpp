@@ -86,12 +86,12 @@ models::tensor_registry& flux2_klein_pipeline::registry(const std::string& modul
   throw std::invalid_argument("module '" + module + "' not found in pipeline");
 }
 
-void flux2_klein_pipeline::load_weights(const std::optional<fs::path>& from) {
+void flux2_klein_pipeline::load_weights(const std::optional<fs::path>& from, weights::device_loader* loader) {
   const weights::model_layout layout = weights::read_model_layout(from.value_or(model_dir_));
   for (const auto& name : module_names()) {
     const weights::component_info* c = layout.find(name);
     if (!c || !c->weight_bearing) throw std::runtime_error(layout.root.string() + ": no weights for module '" + name + "'");
-    models::load_into(registry(name), weights::open_module_weights(*c), where_);
+    models::load_into(registry(name), weights::open_module_weights(*c), where_, loader);
   }
 }
 

@@ -24,6 +24,10 @@ class vae_flux2;
 class bpe_tokenizer;
 }  // namespace refit::models
 
+namespace refit::weights {
+class device_loader;
+}
+
 namespace refit::pipeline {
 
 struct generation_params {
@@ -53,8 +57,9 @@ class flux2_klein_pipeline {
   flux2_klein_pipeline(const std::filesystem::path& model_dir, const models::placement& where);
   ~flux2_klein_pipeline();
 
-  // Strictly loads every weight-bearing module from the model folder (or the given one).
-  void load_weights(const std::optional<std::filesystem::path>& from = std::nullopt);
+  // Strictly loads every weight-bearing module from the model folder (or the given one); on CUDA,
+  // through `loader` when one is given.
+  void load_weights(const std::optional<std::filesystem::path>& from = std::nullopt, weights::device_loader* loader = nullptr);
 
   // Weight-bearing modules by component name: text_encoder, transformer, vae.
   std::vector<std::string> module_names() const;

@@ -5,6 +5,7 @@
 
 #include <set>
 
+#include "pipeline/weights/device_loader.hpp"
 #include "pipeline/weights/host_loader.hpp"
 
 namespace refit::models {
@@ -50,7 +51,8 @@ void validate_against(const tensor_registry& registry, const weights::module_wei
                                                           w.shards[loc.shard].path().filename().string() + ") is not part of the model");
 }
 
-void load_into(tensor_registry& registry, const weights::module_weights& w, const placement& where) {
+void load_into(tensor_registry& registry, const weights::module_weights& w, const placement& where,
+               weights::device_loader* loader) {
   validate_against(registry, w);
   weights::host_load_options opts;
   // The loader converts convertible floats; fixed-dtype slots are integer or bool and keep theirs.
@@ -59,6 +61,17 @@ void load_into(tensor_registry& registry, const weights::module_weights& w, cons
     case at::kBFloat16: opts.float_dtype = weights::dtype::BF16; break;
     case at::kHalf: opts.float_dtype = weights::dtype::F16; break;
     default: throw std::invalid_argument("unsupported model dtype " + std::string(c10::toString(where.float_dtype)));
+  }
+  if (loader && where.device.is_cuda()) {
+    weights::named_tensors dst;
+    for (const auto& slot : registry.slots()) {
+      const auto type = slot.fixed_dtype.value_or(
+          weights::is_convertible_float(w.tensors.at(slot.name).entry->type) ? where.float_dtype : weights::to_scalar_type(w.tensors.at(slot.name).entry->type));
+      *slot.tensor = at::empty(slot.shape, at::TensorOptions().dtype(type).device(where.device));
+      dst.emplace_back(slot.name, *slot.tensor);
+    }
+    loader->read_into(w, dst, opts);
+    return;
   }
   for (auto& [name, host] : weights::load_to_host(w, opts)) {
     const tensor_slot* slot = registry.find(name);

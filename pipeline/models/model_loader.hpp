@@ -9,6 +9,10 @@
 #include "pipeline/models/tensor_registry.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
 
+namespace refit::weights {
+class device_loader;
+}
+
 namespace refit::models {
 
 struct placement {
@@ -21,7 +25,9 @@ struct placement {
 void validate_against(const tensor_registry& registry, const weights::module_weights& weights);
 
 // Validates, reads and places every tensor: after it returns, every slot holds its checkpoint tensor.
-void load_into(tensor_registry& registry, const weights::module_weights& weights, const placement& where);
+// On a CUDA device, `loader` (the GPU fast path) reads straight into freshly allocated device tensors.
+void load_into(tensor_registry& registry, const weights::module_weights& weights, const placement& where,
+               weights::device_loader* loader = nullptr);
 
 // A deterministic random value for one slot, depending only on the seed and the slot's name (so a
 // checkpoint is the same whatever order or thread makes it): normal * std for weights, 1 + that for

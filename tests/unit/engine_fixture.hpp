@@ -4,6 +4,7 @@
 
 #include <caf/all.hpp>
 
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -23,6 +24,12 @@ struct engine_system_config : caf::actor_system_config {
     set("scheduler.max-threads", 4);
   }
 };
+
+// The device the engine tests run on: REFIT_TEST_DEVICE (e.g. cuda on the GPU machine), else cpu.
+inline std::string test_device() {
+  const char* d = std::getenv("REFIT_TEST_DEVICE");
+  return d && *d ? d : "cpu";
+}
 
 inline std::filesystem::path make_tiny(const std::filesystem::path& dir, uint64_t seed) {
   pipeline::make_model({"flux2-klein-tiny", seed, dir, 2, true, {}});

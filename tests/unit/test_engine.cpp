@@ -40,7 +40,7 @@ struct engine {
   caf::actor_system sys{cfg};
   engine_client client;
   explicit engine(const fs::path& model, size_t workers = 1)
-      : client(sys, actors::spawn_engine(sys, {model, std::vector<std::string>(workers, "cpu"), "fp32"})) {}
+      : client(sys, actors::spawn_engine(sys, {model, std::vector<std::string>(workers, test_device()), "fp32"})) {}
   ~engine() { caf::anon_send_exit(client.scheduler(), caf::exit_reason::user_shutdown); }
 };
 

@@ -30,7 +30,7 @@ struct world {
   }
   engine_client& engine(size_t workers) {
     auto& e = engines[workers];
-    if (!e) e = std::make_unique<engine_client>(*sys, actors::spawn_engine(*sys, {a, std::vector<std::string>(workers, "cpu"), "fp32"}));
+    if (!e) e = std::make_unique<engine_client>(*sys, actors::spawn_engine(*sys, {a, std::vector<std::string>(workers, test_device()), "fp32"}));
     return *e;
   }
   ~world() {

@@ -7,6 +7,7 @@
 #include "actors/cache_actor.hpp"
 #include "actors/module_actor.hpp"
 #include "pipeline/flux2_klein.hpp"
+#include "pipeline/weights/device_loader.hpp"
 #include "tests/unit/engine_fixture.hpp"
 
 using namespace refit;
@@ -22,14 +23,18 @@ struct fixture {
   engine_system_config cfg;
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
+  std::shared_ptr<weights::device_loader> loader;
   std::shared_ptr<pipeline::flux2_klein_pipeline> pipe;
   std::shared_ptr<actors::module_state> state;
   msg::module_actor module;
 
   fixture() {
-    pipe = std::make_shared<pipeline::flux2_klein_pipeline>(a, models::placement{});
-    pipe->load_weights();
-    state = actors::make_module_state(pipe, "transformer", 0, "Flux2Transformer2DModel", (a / "transformer").string());
+    models::placement where;
+    where.device = at::Device(test_device());
+    if (where.device.is_cuda()) loader = std::make_shared<weights::device_loader>(where.device.has_index() ? where.device.index() : 0);
+    pipe = std::make_shared<pipeline::flux2_klein_pipeline>(a, where);
+    pipe->load_weights(std::nullopt, loader.get());
+    state = actors::make_module_state(pipe, "transformer", 0, "Flux2Transformer2DModel", (a / "transformer").string(), loader);
     module = actors::spawn_module_actor(sys, state);
   }
   ~fixture() { caf::anon_send_exit(module, caf::exit_reason::user_shutdown); }

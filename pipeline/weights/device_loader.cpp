@@ -1,0 +1,155 @@
+#include "pipeline/weights/device_loader.hpp"
+
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <stdexcept>
+
+#include "pipeline/weights/convert.hpp"
+#include "pipeline/weights/parallel.hpp"
+
+#ifdef REFIT_TORCH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
+namespace refit::weights {
+
+#ifdef REFIT_TORCH_CUDA
+
+namespace {
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
+}
+}  // namespace
+
+struct device_loader::impl {
+  int device = 0;
+  uint64_t slot_bytes = 0;
+  unsigned threads = 8;
+  std::vector<void*> slots;
+  std::vector<cudaEvent_t> copied;      // recorded after the copy out of each slot
+  std::vector<std::mutex> slot_locks;
+  c10::optional<c10::cuda::CUDAStream> stream;
+
+  impl(int dev, uint64_t bytes, unsigned n, unsigned t) : device(dev), slot_bytes(bytes), threads(t), slot_locks(n) {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, static_cast<c10::DeviceIndex>(device));
+    for (unsigned i = 0; i < n; ++i) {
+      void* p = nullptr;
+      check(cudaHostAlloc(&p, slot_bytes, cudaHostAllocDefault), "cudaHostAlloc of the staging ring");
+      slots.push_back(p);
+      cudaEvent_t e;
+      check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+      copied.push_back(e);
+    }
+  }
+  ~impl() {
+    for (auto e : copied) cudaEventDestroy(e);
+    for (auto p : slots) cudaFreeHost(p);
+  }
+};
+
+device_loader::device_loader(int device_index, uint64_t slot_bytes, unsigned slots, unsigned threads)
+    : impl_(std::make_unique<impl>(device_index, slot_bytes, slots, threads)) {}
+
+device_loader::~device_loader() = default;
+
+bool device_loader::available() { return true; }
+
+device_read_stats device_loader::read_into(const module_weights& w, const named_tensors& out, const host_load_options& options) {
+  std::lock_guard busy(busy_);
+  impl& m = *impl_;
+  const auto t0 = std::chrono::steady_clock::now();
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(m.device));
+  c10::cuda::CUDAStreamGuard on_stream(*m.stream);
+
+  // Each destination receives the file's raw bytes, either directly or, when the dtype changes, into a
+  // device buffer of the stored dtype that is converted after the copies.
+  struct target {
+    const tensor_entry* entry;
+    const safetensors_file* file;
+    std::byte* device_bytes;
+    at::Tensor raw;  // defined when a conversion follows
+    const at::Tensor* dst;
+  };
+  std::vector<target> targets;
+  struct chunk {
+    size_t target;
+    uint64_t offset, len;
+  };
+  std::vector<chunk> chunks;
+  for (const auto& [name, dst] : out) {
+    auto it = w.tensors.find(name);
+    if (it == w.tensors.end()) throw weight_error(weight_errc::shard_mismatch, w.dir.string() + ": no tensor '" + name + "' to read");
+    const tensor_entry& t = *it->second.entry;
+    const dtype held = held_dtype(t.type, options.float_dtype);
+    if (!dst.is_cuda() || !dst.is_contiguous() || dst.sizes().vec() != t.shape || dst.scalar_type() != to_scalar_type(held))
+      throw weight_error(weight_errc::bad_shape, w.dir.string() + ": tensor '" + name + "': destination is not a contiguous CUDA tensor of its shape and dtype");
+    target tg{&t, &w.shards[it->second.shard], nullptr, {}, &dst};
+    if (held == t.type) {
+      tg.device_bytes = static_cast<std::byte*>(dst.data_ptr());
+    } else {
+      tg.raw = at::empty(t.shape, dst.options().dtype(to_scalar_type(t.type)));
+      tg.device_bytes = static_cast<std::byte*>(tg.raw.data_ptr());
+    }
+    for (uint64_t off = 0; off < t.nbytes(); off += m.slot_bytes)
+      chunks.push_back({targets.size(), off, std::min(m.slot_bytes, t.nbytes() - off)});
+    targets.push_back(std::move(tg));
+  }
+
+  const cudaStream_t stream = m.stream->stream();
+  const size_t n_slots = m.slots.size();
+  std::atomic<size_t> next{0};
+  parallel_for_each(std::min<size_t>(m.threads, std::max<size_t>(1, chunks.size())), m.threads, [&](size_t) {
+    for (;;) {
+      const size_t i = next.fetch_add(1);
+      if (i >= chunks.size()) return;
+      const chunk& c = chunks[i];
+      const target& tg = targets[c.target];
+      const size_t s = i % n_slots;
+      std::lock_guard slot(m.slot_locks[s]);
+      check(cudaEventSynchronize(m.copied[s]), "waiting for a staging slot");  // its previous copy is done
+      auto* buf = static_cast<std::byte*>(m.slots[s]);
+      const uint64_t at = tg.file->file_offset(*tg.entry) + c.offset;
+      for (uint64_t done = 0; done < c.len;) {
+        ssize_t r = ::pread(tg.file->fd(), buf + done, c.len - done, static_cast<off_t>(at + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0)
+          throw weight_error(weight_errc::io_error, tg.file->path().string() + ": tensor '" + tg.entry->name + "': read failed" +
+                                                        (r < 0 ? std::string(": ") + std::strerror(errno) : ": file shrank"));
+        done += static_cast<uint64_t>(r);
+      }
+      check(cudaMemcpyAsync(tg.device_bytes + c.offset, buf, c.len, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+      check(cudaEventRecord(m.copied[s], stream), "cudaEventRecord");
+    }
+  });
+  for (auto& tg : targets)
+    if (tg.raw.defined()) const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the loader's stream
+  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+
+  device_read_stats st;
+  for (auto& tg : targets) st.bytes += tg.entry->nbytes();
+  st.chunks = chunks.size();
+  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return st;
+}
+
+#else  // no CUDA in this build
+
+struct device_loader::impl {};
+device_loader::device_loader(int, uint64_t, unsigned, unsigned) { throw std::runtime_error("refit was built without CUDA"); }
+device_loader::~device_loader() = default;
+bool device_loader::available() { return false; }
+device_read_stats device_loader::read_into(const module_weights&, const named_tensors&, const host_load_options&) {
+  throw std::runtime_error("refit was built without CUDA");
+}
+
+#endif
+
+}  // namespace refit::weights

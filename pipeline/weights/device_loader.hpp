@@ -1,0 +1,44 @@
+// The GPU fast path for reading weights: a pinned staging ring allocated once per device, reader threads
+// (pread) filling ring slots while host-to-device copies of earlier slots run on a dedicated stream,
+// conversion to the module dtype on the GPU, and one synchronisation per read.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "pipeline/weights/host_loader.hpp"
+
+namespace refit::weights {
+
+struct device_read_stats {
+  uint64_t bytes = 0;
+  double seconds = 0;
+  uint64_t chunks = 0;
+};
+
+class device_loader {
+ public:
+  // Allocates `slots` pinned buffers of `slot_bytes` each for CUDA device `device_index`.
+  device_loader(int device_index, uint64_t slot_bytes = 64ull << 20, unsigned slots = 8, unsigned threads = 8);
+  ~device_loader();
+  device_loader(const device_loader&) = delete;
+  device_loader& operator=(const device_loader&) = delete;
+
+  // Reads every tensor of `weights` into the matching device tensors of `destinations` (same names and
+  // shapes; dtype = the held dtype under options.float_dtype). Returns after the data is on the device.
+  // Reads of one loader are serialised (the ring is shared); the PCIe link is the bottleneck anyway.
+  device_read_stats read_into(const module_weights& weights, const named_tensors& destinations, const host_load_options& options);
+
+  // Whether this build can drive CUDA devices.
+  static bool available();
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+  std::mutex busy_;
+};
+
+}  // namespace refit::weights
