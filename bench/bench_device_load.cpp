@@ -1,0 +1,100 @@
+// GPU load benchmark: refit's device loader against the ceilings, on the same files, in one run.
+//   bench_device_load COMPONENT_DIR [--device N] [--threads 16] [--repeat 3]
+// Prints JSON: page cache -> pinned read rate (the staging ring's reads alone), pinned host-to-device copy
+// rate, and refit's device_loader::read_into into preallocated device tensors (warm page cache), in GB/s.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+
+#include "pipeline/weights/device_loader.hpp"
+#include "pipeline/weights/diffusers_layout.hpp"
+#include "pipeline/weights/parallel.hpp"
+
+namespace rw = refit::weights;
+using clock_type = std::chrono::steady_clock;
+
+static double since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::cerr << "usage: bench_device_load COMPONENT_DIR [--device N] [--threads N] [--repeat N]\n";
+    return 2;
+  }
+  int device = 0;
+  unsigned threads = 16, repeat = 3;
+  for (int i = 2; i + 1 < argc; i += 2) {
+    std::string k = argv[i];
+    if (k == "--device") device = std::stoi(argv[i + 1]);
+    else if (k == "--threads") threads = static_cast<unsigned>(std::stoul(argv[i + 1]));
+    else if (k == "--repeat") repeat = static_cast<unsigned>(std::stoul(argv[i + 1]));
+  }
+  try {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    const auto weights = rw::open_module_dir("bench", argv[1]);
+    const uint64_t bytes = weights.total_bytes;
+
+    // Ceiling 1: page cache -> pinned memory, chunked reads on `threads` threads (64 MiB chunks).
+    const uint64_t chunk = 64ull << 20;
+    void* pinned = nullptr;
+    cudaHostAlloc(&pinned, chunk * threads, cudaHostAllocDefault);
+    struct piece { int fd; uint64_t off, len; };
+    std::vector<piece> pieces;
+    for (const auto& s : weights.shards)
+      for (uint64_t off = 0; off < s.file_size(); off += chunk) pieces.push_back({s.fd(), off, std::min(chunk, s.file_size() - off)});
+    std::vector<double> read_runs, h2d_runs, refit_runs;
+    for (unsigned r = 0; r < repeat; ++r) {
+      auto t = clock_type::now();
+      std::atomic<size_t> next{0};
+      rw::parallel_for_each(threads, threads, [&](size_t slot) {
+        for (size_t i = next++; i < pieces.size(); i = next++) {
+          auto* dst = static_cast<char*>(pinned) + slot * chunk;
+          for (uint64_t done = 0; done < pieces[i].len;) {
+            ssize_t n = ::pread(pieces[i].fd, dst + done, pieces[i].len - done, static_cast<off_t>(pieces[i].off + done));
+            if (n <= 0) throw std::runtime_error("read failed");
+            done += static_cast<uint64_t>(n);
+          }
+        }
+      });
+      read_runs.push_back(since(t));
+    }
+    // Ceiling 2: pinned host -> device copies of 64 MiB chunks totalling the module's bytes.
+    at::Tensor dev = at::empty({static_cast<int64_t>(chunk)}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+    for (unsigned r = 0; r < repeat; ++r) {
+      cudaDeviceSynchronize();
+      auto t = clock_type::now();
+      for (uint64_t done = 0; done < bytes; done += chunk)
+        cudaMemcpyAsync(dev.data_ptr(), static_cast<char*>(pinned) + (done / chunk % threads) * chunk, std::min(chunk, bytes - done),
+                        cudaMemcpyHostToDevice, nullptr);
+      cudaDeviceSynchronize();
+      h2d_runs.push_back(since(t));
+    }
+    cudaFreeHost(pinned);
+    // refit: device_loader into preallocated device tensors of the stored dtype.
+    rw::device_loader loader(device, 64ull << 20, 8, threads);
+    rw::named_tensors dst;
+    for (const auto& [name, loc] : weights.tensors)
+      dst.emplace_back(name, at::empty(loc.entry->shape, at::TensorOptions().dtype(rw::to_scalar_type(loc.entry->type)).device(at::kCUDA, device)));
+    for (unsigned r = 0; r < repeat + 1; ++r) {
+      auto stats = loader.read_into(weights, dst, {});
+      if (r > 0) refit_runs.push_back(stats.seconds);  // the first also faults in the files' pages
+    }
+    auto best = [&](std::vector<double> v) { return bytes / *std::min_element(v.begin(), v.end()) / 1e9; };
+    auto median = [&](std::vector<double> v) { std::sort(v.begin(), v.end()); return bytes / v[v.size() / 2] / 1e9; };
+    nlohmann::json out = {{"dir", argv[1]}, {"bytes", bytes}, {"threads", threads},
+                          {"page_cache_to_pinned_gbps", {{"best", best(read_runs)}, {"median", median(read_runs)}}},
+                          {"pinned_h2d_gbps", {{"best", best(h2d_runs)}, {"median", median(h2d_runs)}}},
+                          {"refit_device_loader_gbps", {{"best", best(refit_runs)}, {"median", median(refit_runs)}}}};
+    out["refit_over_h2d_ceiling"] = out["refit_device_loader_gbps"]["median"].get<double>() / out["pinned_h2d_gbps"]["median"].get<double>();
+    std::cout << out.dump(1) << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "bench_device_load: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
