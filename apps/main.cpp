@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   refit::apps::command_registry commands;
   refit::apps::add_weight_commands(app, commands);
   refit::apps::add_pipeline_commands(app, commands);
+  refit::apps::add_serve_commands(app, commands);
 
   try {
     app.parse(argc, argv);

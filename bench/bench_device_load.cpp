@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
     }
     cudaFreeHost(pinned);
     // refit: device_loader into preallocated device tensors of the stored dtype.
-    rw::device_loader loader(device, 64ull << 20, 8, threads);
+    rw::device_loader loader(device, 32ull << 20, 2 * threads, threads);
     rw::named_tensors dst;
     for (const auto& [name, loc] : weights.tensors)
       dst.emplace_back(name, at::empty(loc.entry->shape, at::TensorOptions().dtype(rw::to_scalar_type(loc.entry->type)).device(at::kCUDA, device)));

@@ -21,8 +21,9 @@ struct device_read_stats {
 
 class device_loader {
  public:
-  // Allocates `slots` pinned buffers of `slot_bytes` each for CUDA device `device_index`.
-  device_loader(int device_index, uint64_t slot_bytes = 64ull << 20, unsigned slots = 8, unsigned threads = 8);
+  // Allocates `slots` pinned buffers of `slot_bytes` each for CUDA device `device_index`. Slots outnumber
+  // reader threads two to one, so every thread can read the next chunk while its last one is copied.
+  device_loader(int device_index, uint64_t slot_bytes = 32ull << 20, unsigned slots = 32, unsigned threads = 16);
   ~device_loader();
   device_loader(const device_loader&) = delete;
   device_loader& operator=(const device_loader&) = delete;

@@ -1,0 +1,395 @@
+#include "net/http_bridge.hpp"
+
+#include <httplib.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <ctime>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <variant>
+
+#include "net/json_codec.hpp"
+#include "net/metrics.hpp"
+
+namespace refit::net {
+
+namespace fs = std::filesystem;
+using clock = std::chrono::steady_clock;
+using msg::refit_errc;
+
+// ---------------------------------------------------------------------------------------------
+// Allowed model roots
+
+fs::path model_root_policy::resolve(const fs::path& p) {
+  // weakly_canonical resolves symlinks and ".." through the deepest existing prefix and normalises
+  // the rest lexically; absolute() first so a relative path cannot stay relative.
+  std::error_code ec;
+  fs::path r = fs::weakly_canonical(fs::absolute(p, ec), ec);
+  if (ec) r = fs::absolute(p, ec).lexically_normal();  // e.g. a parent we may not read: judge the text
+  if (!r.has_filename() && r.has_parent_path() && r != r.root_path()) r = r.parent_path();  // drop a trailing '/'
+  return r;
+}
+
+model_root_policy::model_root_policy(const std::vector<fs::path>& roots) {
+  for (const auto& root : roots) {
+    std::error_code ec;
+    if (!fs::is_directory(root, ec))
+      throw std::invalid_argument("--allowed-model-root " + root.string() + " is not an existing directory");
+    roots_.push_back(resolve(root));
+  }
+}
+
+std::optional<fs::path> model_root_policy::admit(const std::string& model_path) const {
+  const fs::path resolved = resolve(model_path);
+  if (roots_.empty()) return resolved;
+  for (const auto& root : roots_) {
+    // Component-wise prefix: /data/ckpt does not contain /data/ckpt-evil.
+    auto [r, p] = std::mismatch(root.begin(), root.end(), resolved.begin(), resolved.end());
+    if (r == root.end()) return resolved;
+  }
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bridge
+
+namespace {
+
+constexpr auto query_timeout = std::chrono::seconds(60);
+// /metrics and /v1/models must answer while an update keeps the module actors busy reading weights;
+// past this they use the identity last seen.
+constexpr auto identity_timeout = std::chrono::seconds(2);
+
+// httplib serves one request start to end on one pool thread, so the pre-routing handler can leave
+// the start time here for the logger.
+thread_local clock::time_point request_start{};
+
+struct identity {
+  std::string model_path, weight_version;
+};
+
+// Shared by every handler thread.
+struct bridge_context {
+  bridge_context(caf::actor_system& s, msg::scheduler_actor sched, http_bridge_config c)
+      : sys(s), scheduler(std::move(sched)), config(std::move(c)), roots(config.allowed_model_roots) {}
+  caf::actor_system& sys;
+  msg::scheduler_actor scheduler;
+  http_bridge_config config;
+  model_root_policy roots;
+  std::mutex identity_mutex;  // handlers run concurrently on httplib's pool
+  identity known;
+};
+
+// One blocking request to the scheduler, from the calling HTTP thread.
+template <class Result, class... Ts>
+std::variant<Result, caf::error> ask(bridge_context& ctx, std::chrono::seconds timeout, Ts&&... xs) {
+  caf::scoped_actor self{ctx.sys};  // fresh per request: a reply that missed its timeout cannot reach a later request
+  std::variant<Result, caf::error> out{caf::error{}};
+  self->request(ctx.scheduler, timeout, std::forward<Ts>(xs)...)
+      .receive([&](Result& r) { out = std::move(r); }, [&](caf::error& e) { out = std::move(e); });
+  return out;
+}
+
+void remember(bridge_context& ctx, identity id) {
+  std::lock_guard lock(ctx.identity_mutex);
+  ctx.known = std::move(id);
+}
+
+identity current_identity(bridge_context& ctx) {
+  auto r = ask<msg::model_info>(ctx, identity_timeout, msg::info_atom::value);
+  if (auto* info = std::get_if<msg::model_info>(&r)) remember(ctx, {info->model_path, info->weight_version});
+  std::lock_guard lock(ctx.identity_mutex);
+  return ctx.known;
+}
+
+std::string describe(const caf::error& e, std::chrono::seconds timeout) {
+  if (e == caf::sec::request_timeout) return "the scheduler did not reply within " + std::to_string(timeout.count()) + " s";
+  if (e == caf::sec::request_receiver_down) return "the scheduler is not running";
+  return msg::describe(e);
+}
+
+int status_for(const caf::error& e) {
+  if (e == caf::sec::request_timeout) return 504;
+  if (e.category() == caf::atom("refit")) switch (static_cast<refit_errc>(e.code())) {
+      case refit_errc::invalid_request:
+      case refit_errc::module_not_found: return 400;
+      case refit_errc::cancelled: return 503;  // aborted by an update with abort_all_requests: retry
+      default: return 500;
+    }
+  return 500;
+}
+
+void reply(httplib::Response& res, int status, std::string body) {
+  res.status = status;
+  res.set_content(std::move(body), "application/json");
+}
+
+// Constant time, so the key cannot be guessed byte by byte from response latency.
+bool authorized(const bridge_context& ctx, const httplib::Request& req) {
+  if (ctx.config.api_key.empty()) return true;
+  const std::string got = req.get_header_value("Authorization"), want = "Bearer " + ctx.config.api_key;
+  unsigned diff = got.size() == want.size() ? 0u : 1u;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) diff |= static_cast<unsigned char>(got[i] ^ want[i]);
+  return diff == 0;
+}
+
+bool reject_unauthorized(const bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (authorized(ctx, req)) return false;
+  spdlog::warn("refit serve: {} {} from {} refused: missing or wrong API key", req.method, req.path, req.remote_addr);
+  res.set_header("WWW-Authenticate", "Bearer");
+  reply(res, 401, error_json("missing or wrong API key: send the header 'Authorization: Bearer <key>'"));
+  return true;
+}
+
+std::string failed_update_json(const std::string& message, const std::string& weight_version) {
+  msg::update_result r;
+  r.message = message;
+  r.weight_version = weight_version;
+  return update_result_json(r);
+}
+
+void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  msg::update_request update;
+  try {
+    update = parse_update_request(req.body);
+  } catch (const bad_request& e) {
+    spdlog::warn("refit serve: update request rejected (400): {}", e.what());
+    reply(res, 400, failed_update_json(e.what(), current_identity(ctx).weight_version));
+    return;
+  }
+  if (ctx.roots.restricted()) {
+    auto admitted = ctx.roots.admit(update.model_path);
+    if (!admitted) {
+      std::string roots;
+      for (const auto& r : ctx.roots.roots()) roots += (roots.empty() ? "" : ", ") + r.string();
+      const std::string why = "model_path '" + update.model_path + "' resolves to '" + model_root_policy::resolve(update.model_path).string() +
+                              "', which is outside the allowed model roots (" + roots + ")";
+      spdlog::warn("refit serve: update request refused (403): {}", why);
+      reply(res, 403, error_json(why));
+      return;
+    }
+    update.model_path = admitted->string();  // load what was checked, even if a symlink changes afterwards
+  }
+  const auto t0 = clock::now();
+  auto r = ask<msg::update_result>(ctx, ctx.config.request_timeout, msg::update_atom::value, update);
+  const double seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    const std::string why = "update request failed: " + describe(*e, ctx.config.request_timeout);
+    spdlog::warn("refit serve: update from {} failed after {:.3f} s: {}", update.model_path, seconds, why);
+    reply(res, status_for(*e) == 504 ? 504 : 500, failed_update_json(why, current_identity(ctx).weight_version));
+    return;
+  }
+  auto& result = std::get<msg::update_result>(r);
+  uint64_t bytes = 0;
+  for (const auto& m : result.modules) bytes += m.bytes;
+  const double total = result.timings.count("total") ? result.timings.at("total") : seconds;
+  if (result.success) {
+    remember(ctx, {update.model_path, result.weight_version});
+    spdlog::info("refit serve: update from {} succeeded: weight_version {}, {} module report(s), {:.3f} GB in {:.3f} s ({:.2f} GB/s), {}",
+                 update.model_path, result.weight_version, result.modules.size(), bytes / 1e9, total, gigabytes_per_second(bytes, total),
+                 result.mode);
+  } else {
+    spdlog::warn("refit serve: update from {} failed: weight_version stays {}, {:.3f} s: {}", update.model_path, result.weight_version, total,
+                 result.message);
+  }
+  reply(res, result.success ? 200 : 400, update_result_json(result));
+}
+
+void weights_checksum(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  checksum_request q;
+  try {
+    q = parse_checksum_request(req.body);
+  } catch (const bad_request& e) {
+    reply(res, 400, error_json(e.what()));
+    return;
+  }
+  // The protocol reads an empty list as "all"; a client asking for no module gets none.
+  if (q.module_names && q.module_names->empty()) {
+    reply(res, 200, checksums_json({}));
+    return;
+  }
+  auto r = ask<std::map<std::string, std::string>>(ctx, ctx.config.request_timeout, msg::checksum_atom::value,
+                                                   q.module_names.value_or(std::vector<std::string>{}), q.worker);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    reply(res, status_for(*e), error_json(describe(*e, ctx.config.request_timeout)));
+    return;
+  }
+  reply(res, 200, checksums_json(std::get<0>(r)));
+}
+
+void model_info(bridge_context& ctx, const httplib::Request&, httplib::Response& res) {
+  auto r = ask<msg::model_info>(ctx, query_timeout, msg::info_atom::value);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    reply(res, status_for(*e), error_json(describe(*e, query_timeout)));
+    return;
+  }
+  auto& info = std::get<msg::model_info>(r);
+  remember(ctx, {info.model_path, info.weight_version});
+  reply(res, 200, model_info_json(info));
+}
+
+void generate_images(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  image_request q;
+  try {
+    q = parse_image_request(req.body);
+  } catch (const bad_request& e) {
+    reply(res, 400, openai_error_json(e.what(), "invalid_request_error"));
+    return;
+  }
+  if (!q.seed_given) {
+    thread_local std::mt19937_64 rng{std::random_device{}()};
+    q.generation.seed = rng();
+  }
+  const auto created = static_cast<int64_t>(std::time(nullptr));
+  auto r = ask<msg::generation_result>(ctx, ctx.config.request_timeout, msg::generate_atom::value, q.generation);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    const int status = status_for(*e);
+    reply(res, status, openai_error_json(describe(*e, ctx.config.request_timeout), status == 400 ? "invalid_request_error" : "server_error"));
+    return;
+  }
+  reply(res, 200, image_result_json(std::get<msg::generation_result>(r), created));
+}
+
+void metrics(bridge_context& ctx, const httplib::Request&, httplib::Response& res) {
+  auto r = ask<msg::scheduler_stats>(ctx, query_timeout, msg::stats_atom::value);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    reply(res, status_for(*e), error_json(describe(*e, query_timeout)));
+    return;
+  }
+  const identity id = current_identity(ctx);
+  res.status = 200;
+  res.set_content(prometheus_text(std::get<msg::scheduler_stats>(r), id.model_path, id.weight_version), "text/plain; version=0.0.4; charset=utf-8");
+}
+
+std::string reason_for(int status) {
+  switch (status) {
+    case 400: return "bad request";
+    case 404: return "no such endpoint";
+    case 405: return "method not allowed";
+    case 413: return "request body too large";
+    case 414: return "request URI too long";
+    default: return "HTTP error " + std::to_string(status);
+  }
+}
+
+void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
+  auto route = [ctx](void (*fn)(bridge_context&, const httplib::Request&, httplib::Response&)) {
+    return [ctx, fn](const httplib::Request& req, httplib::Response& res) { fn(*ctx, req, res); };
+  };
+  srv.Post("/update_weights_from_disk", route(update_weights));
+  srv.Post("/get_weights_checksum", route(weights_checksum));
+  srv.Get("/get_model_info", route(model_info));
+  srv.Get("/v1/model_info", route(model_info));
+  srv.Post("/v1/images/generations", route(generate_images));
+  srv.Get("/metrics", route(metrics));
+  srv.Get("/health", [](const httplib::Request&, httplib::Response& res) { reply(res, 200, health_json()); });
+  srv.Get("/v1/models", [ctx](const httplib::Request&, httplib::Response& res) {
+    reply(res, 200, models_list_json(current_identity(*ctx).model_path));
+  });
+
+  const size_t max_bytes = ctx->config.max_request_bytes;
+  // Errors httplib produces itself (404, 413, a malformed request line) get a JSON body too.
+  srv.set_error_handler(httplib::Server::HandlerWithResponse([max_bytes](const httplib::Request& req, httplib::Response& res) {
+    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;  // a handler already answered
+    std::string message = reason_for(res.status);
+    if (res.status == 413) message += ": the limit is " + std::to_string(max_bytes) + " bytes (--max-request-bytes)";
+    if (res.status == 404) message += ": " + req.method + " " + req.path;
+    reply(res, res.status, error_json(message));
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+  // Handlers catch what a client can cause; this keeps anything else from taking the server down.
+  srv.set_exception_handler([](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
+    std::string what = "unknown exception";
+    try {
+      std::rethrow_exception(ep);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    spdlog::error("http {} {}: internal error: {}", req.method, req.path, what);
+    reply(res, 500, error_json("internal error: " + what));
+  });
+  srv.set_pre_routing_handler([](const httplib::Request&, httplib::Response&) {
+    request_start = clock::now();
+    return httplib::Server::HandlerResponse::Unhandled;
+  });
+  srv.set_logger([](const httplib::Request& req, const httplib::Response& res) {
+    const double ms = request_start == clock::time_point{} ? 0.0 : std::chrono::duration<double, std::milli>(clock::now() - request_start).count();
+    request_start = {};
+    // Probes and scrapes arrive every few seconds; keep them out of the info log.
+    const bool routine = req.method == "GET" && (req.path == "/health" || req.path == "/metrics");
+    spdlog::log(routine ? spdlog::level::debug : spdlog::level::info, "http {} {} {} {:.1f} ms", req.method, req.path, res.status, ms);
+  });
+  srv.set_payload_max_length(max_bytes);
+  // Each generation holds a pool thread while it waits for its image; keep room for probes beside them.
+  srv.new_task_queue = [] { return new httplib::ThreadPool(std::max(32u, 4 * std::thread::hardware_concurrency())); };
+}
+
+// Owns the server and its listening thread. stop() waits for in-flight requests to finish, then
+// drops the handlers and with them the scheduler handle.
+struct http_listener {
+  std::unique_ptr<httplib::Server> server = std::make_unique<httplib::Server>();
+  std::thread thread;
+  void stop() {
+    if (!server) return;
+    server->stop();
+    if (thread.joinable()) thread.join();
+    server.reset();
+  }
+  ~http_listener() { stop(); }
+};
+
+struct bridge_state {
+  std::shared_ptr<http_listener> listener;
+  std::string url;
+  // The actor's exit stops the server, whoever else still holds the listener.
+  ~bridge_state() {
+    if (listener) listener->stop();
+  }
+  static inline const char* name = "refit.http_bridge";
+};
+
+}  // namespace
+
+http_bridge spawn_http_bridge(caf::actor_system& sys, msg::scheduler_actor scheduler, http_bridge_config config) {
+  auto ctx = std::make_shared<bridge_context>(sys, scheduler, config);
+  {
+    auto r = ask<msg::model_info>(*ctx, query_timeout, msg::info_atom::value);
+    if (auto* info = std::get_if<msg::model_info>(&r)) ctx->known = {info->model_path, info->weight_version};
+  }
+  auto listener = std::make_shared<http_listener>();
+  install_routes(*listener->server, ctx);
+  int port = config.port;
+  if (config.port == 0) port = listener->server->bind_to_any_port(config.host);
+  else if (!listener->server->bind_to_port(config.host, config.port)) port = -1;
+  if (port <= 0)
+    throw std::runtime_error("cannot listen on " + config.host + ":" + std::to_string(config.port) + " (address in use or not local?)");
+  listener->thread = std::thread([srv = listener->server.get()] { srv->listen_after_bind(); });
+  // stop() is a no-op until the accept loop runs, so wait for it before anyone may stop us.
+  const auto deadline = clock::now() + std::chrono::seconds(30);
+  while (!listener->server->is_running()) {
+    if (clock::now() > deadline) throw std::runtime_error("the HTTP server did not start within 30 s");
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const std::string url = "http://" + config.host + ":" + std::to_string(port);
+  // Detached: stopping the server blocks until in-flight requests finish, which must not hold a
+  // thread of CAF's shared pool (the scheduler needs it to answer them).
+  auto actor = sys.spawn<caf::detached>(
+      [listener, scheduler, url](http_bridge_actor::stateful_pointer<bridge_state> self) -> http_bridge_actor::behavior_type {
+        self->state.listener = listener;
+        self->state.url = url;
+        self->monitor(scheduler);
+        self->set_down_handler([self](caf::down_msg& dm) {
+          spdlog::error("http bridge: the scheduler went down ({}); stopping the HTTP server", caf::to_string(dm.reason));
+          self->quit(dm.reason);
+        });
+        return {[self](msg::info_atom) { return self->state.url; }};
+      });
+  return {actor, static_cast<uint16_t>(port)};
+}
+
+}  // namespace refit::net

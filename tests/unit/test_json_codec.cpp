@@ -1,0 +1,367 @@
+// The HTTP API's JSON codec (strict request parsing, reply shapes), /metrics text, and the
+// allowed-model-root policy of the admin endpoints.
+#define BOOST_TEST_MODULE json_codec
+#include <boost/test/unit_test.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <set>
+#include <string>
+
+#include "net/http_bridge.hpp"
+#include "net/json_codec.hpp"
+#include "net/metrics.hpp"
+#include "tests/unit/temp_dir.hpp"
+
+using namespace refit;
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The bad_request message a parser throws for `body`, or "" when it accepts it.
+template <class Parse>
+std::string rejection(Parse parse, const std::string& body) {
+  try {
+    parse(body);
+  } catch (const net::bad_request& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::string update_rejection(const std::string& body) { return rejection(net::parse_update_request, body); }
+std::string checksum_rejection(const std::string& body) { return rejection(net::parse_checksum_request, body); }
+std::string image_rejection(const std::string& body) { return rejection(net::parse_image_request, body); }
+
+std::set<std::string> keys(const json& o) {
+  std::set<std::string> out;
+  for (auto it = o.begin(); it != o.end(); ++it) out.insert(it.key());
+  return out;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(malformed_json_and_non_objects_are_bad_requests) {
+  for (const std::string body : {"{", "not json", "", "{\"model_path\": \"/m\",}", "{'model_path': '/m'}"})
+    BOOST_TEST(update_rejection(body).find("request body is not valid JSON") == 0, "body: " << body);
+  BOOST_TEST(update_rejection("{").find("parse error") != std::string::npos);  // says where parsing stopped
+  for (const std::string body : {"[]", "[{\"model_path\": \"/m\"}]", "\"/m\"", "42", "null"}) {
+    BOOST_TEST(update_rejection(body) == "request body must be a JSON object", "body: " << body);
+    BOOST_TEST(checksum_rejection(body) == "request body must be a JSON object");
+    BOOST_TEST(image_rejection(body) == "request body must be a JSON object");
+  }
+}
+
+BOOST_AUTO_TEST_CASE(update_request_needs_a_non_empty_model_path) {
+  for (const std::string body : {"{}", R"({"model_path": null})", R"({"model_path": ""})", R"({"flush_cache": true})"})
+    BOOST_TEST(update_rejection(body) == "model_path is required", "body: " << body);
+  BOOST_TEST(update_rejection(R"({"model_path": 5})") == "field 'model_path' must be a string");
+  BOOST_TEST(update_rejection(R"({"model_path": ["/m"]})") == "field 'model_path' must be a string");
+}
+
+BOOST_AUTO_TEST_CASE(update_request_defaults_match_sglang) {
+  const auto r = net::parse_update_request(R"({"model_path": "/ckpt/step-10"})");
+  BOOST_TEST(r.model_path == "/ckpt/step-10");
+  BOOST_TEST(r.flush_cache == true);
+  BOOST_TEST(r.abort_all_requests == false);
+  BOOST_TEST(r.target_modules.empty());  // every module
+  BOOST_TEST(r.weight_version == "");    // derived by the scheduler
+  BOOST_TEST(r.mode == "auto");
+  // null means "not given" for every optional field.
+  const auto n = net::parse_update_request(
+      R"({"model_path": "/m", "flush_cache": null, "target_modules": null, "weight_version": null, "abort_all_requests": null, "mode": null})");
+  BOOST_TEST(n.flush_cache == true);
+  BOOST_TEST(n.target_modules.empty());
+  BOOST_TEST(n.mode == "auto");
+}
+
+BOOST_AUTO_TEST_CASE(update_request_reads_every_field) {
+  const auto r = net::parse_update_request(
+      R"({"model_path": "/m", "flush_cache": false, "target_modules": ["transformer", "vae"], "weight_version": "step-7",
+          "abort_all_requests": true, "mode": "in_place"})");
+  BOOST_TEST(r.flush_cache == false);
+  BOOST_TEST((r.target_modules == std::vector<std::string>{"transformer", "vae"}));
+  BOOST_TEST(r.weight_version == "step-7");
+  BOOST_TEST(r.abort_all_requests == true);
+  BOOST_TEST(r.mode == "in_place");
+  BOOST_TEST(net::parse_update_request(R"({"model_path": "/m", "mode": "staged"})").mode == "staged");
+}
+
+BOOST_AUTO_TEST_CASE(update_request_wrong_types_name_the_field) {
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {R"({"model_path": "/m", "flush_cache": "true"})", "field 'flush_cache' must be a boolean"},
+      {R"({"model_path": "/m", "flush_cache": 1})", "field 'flush_cache' must be a boolean"},
+      {R"({"model_path": "/m", "abort_all_requests": 0})", "field 'abort_all_requests' must be a boolean"},
+      {R"({"model_path": "/m", "target_modules": "transformer"})", "field 'target_modules' must be a list of strings or null"},
+      {R"({"model_path": "/m", "target_modules": ["vae", 3]})", "field 'target_modules' must be a list of strings or null"},
+      {R"({"model_path": "/m", "target_modules": {"vae": true}})", "field 'target_modules' must be a list of strings or null"},
+      {R"({"model_path": "/m", "weight_version": 7})", "field 'weight_version' must be a string"},
+      {R"({"model_path": "/m", "mode": "fast"})", R"(field 'mode' must be one of "auto", "staged", "in_place")"},
+      {R"({"model_path": "/m", "mode": true})", "field 'mode' must be a string"},
+  };
+  for (const auto& [body, message] : cases) BOOST_TEST(update_rejection(body) == message, "body: " << body);
+}
+
+BOOST_AUTO_TEST_CASE(update_request_empty_target_list_is_not_every_module) {
+  // The protocol's empty list means "all"; [] from a client must not silently widen to that.
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "target_modules": []})").find("field 'target_modules' must not be an empty list") == 0);
+}
+
+BOOST_AUTO_TEST_CASE(unknown_fields_are_ignored) {
+  const auto u = net::parse_update_request(R"({"model_path": "/m", "load_format": 3, "extra": {"nested": [1, 2]}})");
+  BOOST_TEST(u.model_path == "/m");
+  const auto c = net::parse_checksum_request(R"({"whatever": null, "worker": 1})");
+  BOOST_TEST(c.worker == 1);
+  const auto i = net::parse_image_request(R"({"prompt": "a fox", "model": 12, "user": "me", "quality": "hd"})");
+  BOOST_TEST(i.generation.prompts.at(0) == "a fox");
+}
+
+BOOST_AUTO_TEST_CASE(checksum_request_fields) {
+  const auto d = net::parse_checksum_request("{}");
+  BOOST_TEST(!d.module_names.has_value());
+  BOOST_TEST(d.worker == 0);
+  BOOST_TEST(!net::parse_checksum_request(R"({"module_names": null})").module_names.has_value());
+  const auto r = net::parse_checksum_request(R"({"module_names": ["transformer", "bogus"], "worker": 2})");
+  BOOST_TEST((*r.module_names == std::vector<std::string>{"transformer", "bogus"}));
+  BOOST_TEST(r.worker == 2);
+  BOOST_TEST(net::parse_checksum_request(R"({"module_names": []})").module_names->empty());
+  BOOST_TEST(checksum_rejection(R"({"module_names": "vae"})") == "field 'module_names' must be a list of strings or null");
+  BOOST_TEST(checksum_rejection(R"({"worker": -1})") == "field 'worker' must be a non-negative integer");
+  BOOST_TEST(checksum_rejection(R"({"worker": 1.5})") == "field 'worker' must be a non-negative integer");
+  BOOST_TEST(checksum_rejection(R"({"worker": "0"})") == "field 'worker' must be a non-negative integer");
+  BOOST_TEST(checksum_rejection(R"({"worker": 99999999999})") == "field 'worker' must be a non-negative integer");
+}
+
+BOOST_AUTO_TEST_CASE(image_request_defaults) {
+  const auto r = net::parse_image_request(R"({"prompt": "a red fox"})");
+  const auto& g = r.generation;
+  BOOST_TEST((g.prompts == std::vector<std::string>{"a red fox"}));
+  BOOST_TEST(g.images_per_prompt == 1);
+  BOOST_TEST(g.width == 0);  // the model's size
+  BOOST_TEST(g.height == 0);
+  BOOST_TEST(g.steps == 0);  // the model's default
+  BOOST_TEST(g.guidance_scale == 4.0);
+  BOOST_TEST(!r.seed_given);
+  BOOST_TEST(g.negative_prompt == "");
+  BOOST_TEST(g.enable_teacache == false);
+}
+
+BOOST_AUTO_TEST_CASE(image_request_reads_every_field) {
+  const auto r = net::parse_image_request(
+      R"({"prompt": "p", "n": 3, "size": "64x32", "response_format": "b64_json", "num_inference_steps": 4, "guidance_scale": 2,
+          "seed": 18446744073709551615, "negative_prompt": "blurry", "enable_teacache": true, "model": "refit"})");
+  const auto& g = r.generation;
+  BOOST_TEST(g.images_per_prompt == 3);
+  BOOST_TEST(g.width == 64);
+  BOOST_TEST(g.height == 32);
+  BOOST_TEST(g.steps == 4);
+  BOOST_TEST(g.guidance_scale == 2.0);
+  BOOST_TEST(r.seed_given);
+  BOOST_TEST(g.seed == 18446744073709551615ull);
+  BOOST_TEST(g.negative_prompt == "blurry");
+  BOOST_TEST(g.enable_teacache == true);
+  BOOST_TEST(net::parse_image_request(R"({"prompt": "p", "guidance_scale": 3.5})").generation.guidance_scale == 3.5);
+}
+
+BOOST_AUTO_TEST_CASE(image_request_rejections_name_the_field) {
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {R"({})", "prompt is required"},
+      {R"({"prompt": ""})", "prompt is required"},
+      {R"({"prompt": 3})", "field 'prompt' must be a string"},
+      {R"({"prompt": "p", "n": 0})", "field 'n' must be an integer between 1 and 8"},
+      {R"({"prompt": "p", "n": 9})", "field 'n' must be an integer between 1 and 8"},
+      {R"({"prompt": "p", "n": 2.0})", "field 'n' must be an integer between 1 and 8"},
+      {R"({"prompt": "p", "n": "2"})", "field 'n' must be an integer between 1 and 8"},
+      {R"({"prompt": "p", "response_format": "url"})",
+       R"(field 'response_format' must be "b64_json" (refit returns images inline; got "url"))"},
+      {R"({"prompt": "p", "response_format": 1})", "field 'response_format' must be a string"},
+      {R"({"prompt": "p", "num_inference_steps": 0})", "field 'num_inference_steps' must be an integer between 1 and 1000"},
+      {R"({"prompt": "p", "num_inference_steps": 4.5})", "field 'num_inference_steps' must be an integer between 1 and 1000"},
+      {R"({"prompt": "p", "guidance_scale": "high"})", "field 'guidance_scale' must be a number"},
+      {R"({"prompt": "p", "seed": -1})", "field 'seed' must be a non-negative integer"},
+      {R"({"prompt": "p", "seed": 1.5})", "field 'seed' must be a non-negative integer"},
+      {R"({"prompt": "p", "negative_prompt": false})", "field 'negative_prompt' must be a string"},
+      {R"({"prompt": "p", "enable_teacache": "yes"})", "field 'enable_teacache' must be a boolean"},
+      {R"({"prompt": "p", "size": 64})", "field 'size' must be a string"},
+  };
+  for (const auto& [body, message] : cases) BOOST_TEST(image_rejection(body) == message, "body: " << body);
+  for (const std::string size : {"64", "64x", "x64", "0x64", "64x0", "-64x64", "64X64", "64x64x64", "6 4x64", "99999x64", "1e2x64"})
+    BOOST_TEST(image_rejection(R"({"prompt": "p", "size": ")" + size + "\"}").find("field 'size' must be \"WIDTHxHEIGHT\"") == 0,
+               "size: " << size);
+}
+
+BOOST_AUTO_TEST_CASE(successful_update_reply_shape) {
+  msg::update_result r;
+  r.success = true;
+  r.message = "Updated transformer, vae";
+  r.weight_version = "step-7";
+  r.modules = {{"transformer", 1, 12, 4096, 0.25, "staged", "/ckpt/transformer"}};
+  r.timings = {{"plan", 0.001}, {"total", 0.5}};
+  r.mode = "staged";
+  r.mode_reason = "fits";
+  r.cache_flushed = true;
+  r.aborted_requests = 2;
+  const json j = json::parse(net::update_result_json(r));
+  BOOST_TEST((keys(j) == std::set<std::string>{"success", "message", "weight_version", "modules", "timings", "mode", "mode_reason",
+                                                "cache_flushed", "aborted_requests"}));
+  BOOST_TEST(j["success"] == true);
+  BOOST_TEST(j["weight_version"] == "step-7");
+  BOOST_TEST(j["modules"].size() == 1u);
+  const json& m = j["modules"][0];
+  BOOST_TEST((keys(m) == std::set<std::string>{"name", "worker", "tensors", "bytes", "seconds", "path", "source_dir"}));
+  BOOST_TEST(m["name"] == "transformer");
+  BOOST_TEST(m["worker"] == 1);
+  BOOST_TEST(m["tensors"] == 12);
+  BOOST_TEST(m["bytes"] == 4096);
+  BOOST_TEST(m["seconds"] == 0.25);
+  BOOST_TEST(m["path"] == "staged");
+  BOOST_TEST(m["source_dir"] == "/ckpt/transformer");
+  BOOST_TEST(j["timings"]["total"] == 0.5);
+  BOOST_TEST(j["mode"] == "staged");
+  BOOST_TEST(j["cache_flushed"] == true);
+  BOOST_TEST(j["aborted_requests"] == 2);
+}
+
+BOOST_AUTO_TEST_CASE(failed_update_reply_shape) {
+  msg::update_result r;
+  r.message = "Module 'bogus' not found in pipeline";
+  r.weight_version = "3";
+  r.timings = {{"total", 0.1}};
+  const json j = json::parse(net::update_result_json(r));
+  BOOST_TEST((keys(j) == std::set<std::string>{"success", "message", "weight_version"}));
+  BOOST_TEST(j["success"] == false);
+  BOOST_TEST(j["message"] == "Module 'bogus' not found in pipeline");
+  BOOST_TEST(j["weight_version"] == "3");
+  const json e = json::parse(net::error_json("no \"key\""));
+  BOOST_TEST((keys(e) == std::set<std::string>{"success", "message"}));
+  BOOST_TEST(e["message"] == "no \"key\"");
+}
+
+BOOST_AUTO_TEST_CASE(query_reply_shapes) {
+  const json c = json::parse(net::checksums_json({{"transformer", "ab12"}, {"bogus", "not_found"}}));
+  BOOST_TEST(c == json({{"transformer", "ab12"}, {"bogus", "not_found"}}));
+
+  msg::model_info info;
+  info.model_path = "/ckpt/a";
+  info.weight_version = "0";
+  msg::module_info mi;
+  mi.name = "vae";
+  mi.class_name = "AutoencoderKLFlux2";
+  mi.dtype = "fp32";
+  mi.device = "cpu";
+  mi.worker = 1;
+  mi.tensors = 10;
+  mi.bytes = 1000;
+  mi.source_dir = "/ckpt/a/vae";
+  mi.undo_bytes = 5;  // internal: not part of the reply
+  msg::module_info other = mi;
+  other.worker = 0;
+  other.name = "transformer";
+  msg::module_info first = other;
+  first.name = "text_encoder";
+  info.modules = {mi, other, first};
+  const json i = json::parse(net::model_info_json(info));
+  BOOST_TEST((keys(i) == std::set<std::string>{"model_path", "weight_version", "modules"}));
+  // Sorted by worker, then name, whatever order the module actors answered in.
+  BOOST_TEST(i["modules"][0]["name"] == "text_encoder");
+  BOOST_TEST(i["modules"][1]["name"] == "transformer");
+  BOOST_TEST(i["modules"][2] == json({{"name", "vae"}, {"class", "AutoencoderKLFlux2"}, {"dtype", "fp32"}, {"device", "cpu"}, {"worker", 1},
+                                      {"tensors", 10}, {"bytes", 1000}, {"source_dir", "/ckpt/a/vae"}}));
+
+  const json l = json::parse(net::models_list_json("/ckpt/a"));
+  BOOST_TEST(l == json::parse(R"({"object": "list", "data": [{"id": "/ckpt/a", "object": "model", "owned_by": "refit"}]})"));
+  BOOST_TEST(json::parse(net::health_json()) == json({{"status", "ok"}}));
+
+  msg::generation_result g;
+  g.png_images = {{'f', 'o', 'o'}, {'f', 'o'}};
+  g.weight_version = "2";
+  g.inference_time_s = 0.75;
+  const json im = json::parse(net::image_result_json(g, 1700000000));
+  BOOST_TEST(im == json::parse(R"({"created": 1700000000, "data": [{"b64_json": "Zm9v"}, {"b64_json": "Zm8="}],
+                                   "weight_version": "2", "inference_time_s": 0.75})"));
+  const json oe = json::parse(net::openai_error_json("bad size", "invalid_request_error"));
+  BOOST_TEST(oe["error"]["message"] == "bad size");
+  BOOST_TEST(oe["error"]["type"] == "invalid_request_error");
+  BOOST_TEST(oe["success"] == false);
+}
+
+BOOST_AUTO_TEST_CASE(base64_matches_rfc4648_vectors) {
+  auto b64 = [](const std::string& s) { return net::base64_encode(std::vector<uint8_t>(s.begin(), s.end())); };
+  BOOST_TEST(b64("") == "");
+  BOOST_TEST(b64("f") == "Zg==");
+  BOOST_TEST(b64("fo") == "Zm8=");
+  BOOST_TEST(b64("foo") == "Zm9v");
+  BOOST_TEST(b64("foob") == "Zm9vYg==");
+  BOOST_TEST(b64("fooba") == "Zm9vYmE=");
+  BOOST_TEST(b64("foobar") == "Zm9vYmFy");
+  BOOST_TEST(net::base64_encode({0xFF, 0xFE, 0x00}) == "//4A");
+}
+
+BOOST_AUTO_TEST_CASE(metrics_text_has_the_contract_names_and_values) {
+  msg::scheduler_stats s;
+  s.updates_ok = 3;
+  s.updates_failed = 1;
+  s.generations_ok = 5;
+  s.generations_failed = 1;
+  s.generations_cancelled = 2;
+  s.in_flight = 1;
+  s.queued = 4;
+  s.last_pause_s = 0.125;
+  s.last_timings = {{"commit", 0.25}, {"total", 2.0}};
+  s.last_update_bytes = 4'000'000'000;
+  s.generation_latencies_s = {0.07, 0.3, 700};
+  const std::string t = net::prometheus_text(s, "/ckpt/\"a\"\\b", "step-1");
+  auto has = [&t](const std::string& line) { return t.find("\n" + line + "\n") != std::string::npos; };
+  BOOST_TEST(has("refit_updates_total{result=\"success\"} 3"));
+  BOOST_TEST(has("refit_updates_total{result=\"failure\"} 1"));
+  BOOST_TEST(has("refit_update_phase_seconds{phase=\"commit\"} 0.25"));
+  BOOST_TEST(has("refit_update_bytes 4000000000"));
+  BOOST_TEST(has("refit_update_gigabytes_per_second 2"));
+  BOOST_TEST(has("refit_update_pause_seconds 0.125"));
+  BOOST_TEST(has("refit_generations_total{result=\"ok\"} 5"));
+  BOOST_TEST(has("refit_generations_total{result=\"failed\"} 1"));
+  BOOST_TEST(has("refit_generations_total{result=\"cancelled\"} 2"));
+  BOOST_TEST(has("refit_generation_latency_seconds_bucket{le=\"0.05\"} 0"));
+  BOOST_TEST(has("refit_generation_latency_seconds_bucket{le=\"0.1\"} 1"));  // cumulative
+  BOOST_TEST(has("refit_generation_latency_seconds_bucket{le=\"0.5\"} 2"));
+  BOOST_TEST(has("refit_generation_latency_seconds_bucket{le=\"600\"} 2"));
+  BOOST_TEST(has("refit_generation_latency_seconds_bucket{le=\"+Inf\"} 3"));
+  BOOST_TEST(has("refit_generation_latency_seconds_count 3"));
+  BOOST_TEST(has("refit_requests_in_flight 1"));
+  BOOST_TEST(has("refit_requests_queued 4"));
+  BOOST_TEST(has(R"(refit_model_info{model_path="/ckpt/\"a\"\\b",weight_version="step-1"} 1)"));
+  BOOST_TEST(has("# TYPE refit_generation_latency_seconds histogram"));
+  BOOST_TEST(has("# TYPE refit_updates_total counter"));
+}
+
+BOOST_AUTO_TEST_CASE(allowed_roots_resolve_symlinks_and_dotdot) {
+  test::temp_dir tmp;
+  const fs::path root = tmp.path() / "ckpts", outside = tmp.path() / "secret";
+  fs::create_directories(root / "step-1");
+  fs::create_directories(outside);
+  fs::create_directories(tmp.path() / "ckpts-evil");
+  fs::create_directory_symlink(outside, root / "escape");
+  fs::create_directory_symlink(root / "step-1", tmp.path() / "alias");
+  const net::model_root_policy policy({root});
+  BOOST_TEST(policy.restricted());
+
+  BOOST_TEST(policy.admit((root / "step-1").string()).value() == fs::canonical(root / "step-1"));
+  BOOST_TEST(policy.admit((root / "step-1/").string()).value() == fs::canonical(root / "step-1"));
+  BOOST_TEST(policy.admit(root.string()).has_value());
+  BOOST_TEST(policy.admit((tmp.path() / "alias").string()).has_value());  // a link from outside that lands inside
+  BOOST_TEST(!policy.admit((root / "escape").string()).has_value());      // a link inside that lands outside
+  BOOST_TEST(!policy.admit((root / "escape/new").string()).has_value());
+  BOOST_TEST(!policy.admit((root / "step-1/../../secret").string()).has_value());
+  BOOST_TEST(!policy.admit((root / "../ckpts-evil").string()).has_value());  // a sibling sharing the prefix
+  BOOST_TEST(!policy.admit(outside.string()).has_value());
+  // Not there yet: checked lexically below its deepest existing parent.
+  BOOST_TEST(policy.admit((root / "step-2/transformer").string()).value() == fs::canonical(root) / "step-2/transformer");
+  BOOST_TEST(!policy.admit((root / "step-2/../../secret").string()).has_value());
+
+  const net::model_root_policy open;
+  BOOST_TEST(!open.restricted());
+  BOOST_TEST(open.admit(outside.string()).has_value());
+  BOOST_CHECK_THROW(net::model_root_policy({tmp.path() / "missing"}), std::invalid_argument);
+}
