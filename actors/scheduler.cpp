@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <algorithm>
 #include <deque>
 #include <memory>
 
@@ -85,7 +86,12 @@ void run_on(self_ptr self, size_t w, pending_generation job) {
             --st.in_flight[w];
             r.weight_version = version;
             ++st.stats.generations_ok;
-            st.stats.generation_latencies_s.push_back(std::chrono::duration<double>(clock::now() - enqueued).count());
+            const double latency = std::chrono::duration<double>(clock::now() - enqueued).count();
+            const auto& bounds = msg::latency_bucket_bounds_s();
+            st.stats.latency_bucket_counts.resize(bounds.size() + 1);
+            ++st.stats.latency_bucket_counts[std::lower_bound(bounds.begin(), bounds.end(), latency) - bounds.begin()];
+            st.stats.latency_sum_s += latency;
+            ++st.stats.latency_count;
             promise.deliver(std::move(r));
             maybe_finish_pause(self);
             dispatch(self);

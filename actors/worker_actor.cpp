@@ -89,6 +89,9 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
   handles.worker = sys.spawn<caf::detached>([st](msg::worker_actor::pointer) -> msg::worker_actor::behavior_type {
     return {
         [st](msg::generate_atom, const msg::generation_request& r) -> caf::result<msg::generation_result> {
+          if (r.enable_teacache)
+            return msg::make_error(refit_errc::invalid_request,
+                                   "enable_teacache: TeaCache is not available in this version of refit; omit the field or set it to false");
           c10::InferenceMode inference;
           auto t0 = std::chrono::steady_clock::now();
           pipeline::generation_params p;

@@ -46,6 +46,7 @@ void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<std::map<std::string, double>>("refit.timings");
   cfg.add_message_type<std::vector<std::vector<uint8_t>>>("refit.images");
   cfg.add_message_type<std::vector<double>>("refit.doubles");
+  cfg.add_message_type<std::vector<uint64_t>>("refit.counts");
   cfg.add_message_type<module_actor>("refit.module_actor");
   cfg.add_message_type<std::map<std::string, module_actor>>("refit.module_actors");
   cfg.add_error_category(category, [](uint8_t code, caf::atom_value, const caf::message& ctx) {

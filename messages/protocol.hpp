@@ -177,14 +177,25 @@ struct scheduler_stats {
   double last_pause_s = 0;               // generation pause of the last update
   std::map<std::string, double> last_timings;
   uint64_t last_update_bytes = 0;
-  std::vector<double> generation_latencies_s;  // since start, for the latency histogram
+  // Generation latency histogram since start: counts per bucket of latency_bucket_bounds_s (the last
+  // count is for latencies above every bound), their sum and count. Bounded, however long the server runs.
+  std::vector<uint64_t> latency_bucket_counts;
+  double latency_sum_s = 0;
+  uint64_t latency_count = 0;
 };
+
+// Upper bounds of the generation-latency histogram buckets, in seconds: from a tiny CPU model (tens of
+// milliseconds) to a large model's multi-minute CPU run.
+inline const std::vector<double>& latency_bucket_bounds_s() {
+  static const std::vector<double> bounds{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600};
+  return bounds;
+}
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, scheduler_stats& x) {
   return f(caf::meta::type_name("scheduler_stats"), x.generations_ok, x.generations_failed, x.generations_cancelled,
            x.updates_ok, x.updates_failed, x.in_flight, x.queued, x.last_pause_s, x.last_timings, x.last_update_bytes,
-           x.generation_latencies_s);
+           x.latency_bucket_counts, x.latency_sum_s, x.latency_count);
 }
 
 // Fault injection (honoured only by test builds): make a module fail in a phase.

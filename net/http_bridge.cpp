@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <ctime>
@@ -267,7 +268,7 @@ void metrics(bridge_context& ctx, const httplib::Request&, httplib::Response& re
 
 std::string reason_for(int status) {
   switch (status) {
-    case 400: return "bad request";
+    case 400: return "bad request (malformed HTTP, or a POST without a body and Content-Length)";
     case 404: return "no such endpoint";
     case 405: return "method not allowed";
     case 413: return "request body too large";
@@ -325,6 +326,12 @@ void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
     spdlog::log(routine ? spdlog::level::debug : spdlog::level::info, "http {} {} {} {:.1f} ms", req.method, req.path, res.status, ms);
   });
   srv.set_payload_max_length(max_bytes);
+  // httplib's default adds SO_REUSEPORT, which lets a second server bind the same port and silently
+  // take half the traffic; SO_REUSEADDR alone still allows a restart over TIME_WAIT sockets.
+  srv.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  });
   // Each generation holds a pool thread while it waits for its image; keep room for probes beside them.
   srv.new_task_queue = [] { return new httplib::ThreadPool(std::max(32u, 4 * std::thread::hardware_concurrency())); };
 }

@@ -46,10 +46,10 @@ std::string prometheus_text(const msg::scheduler_stats& s, const std::string& mo
   header(out, "refit_update_bytes", "gauge", "Bytes of weights the last update moved (every module on every worker).");
   line("refit_update_bytes", std::to_string(s.last_update_bytes));
 
-  header(out, "refit_update_gigabytes_per_second", "gauge", "Last update: bytes over its total seconds, in GB/s.");
+  header(out, "refit_update_bytes_per_second", "gauge", "Last update: bytes over its total seconds.");
   auto total = s.last_timings.find("total");
-  line("refit_update_gigabytes_per_second",
-       num(gigabytes_per_second(s.last_update_bytes, total == s.last_timings.end() ? 0.0 : total->second)));
+  line("refit_update_bytes_per_second",
+       num(1e9 * gigabytes_per_second(s.last_update_bytes, total == s.last_timings.end() ? 0.0 : total->second)));
 
   header(out, "refit_update_pause_seconds", "gauge", "Seconds generation was paused by the last update.");
   line("refit_update_pause_seconds", num(s.last_pause_s));
@@ -59,19 +59,16 @@ std::string prometheus_text(const msg::scheduler_stats& s, const std::string& mo
   line("refit_generations_total{result=\"failed\"}", std::to_string(s.generations_failed));
   line("refit_generations_total{result=\"cancelled\"}", std::to_string(s.generations_cancelled));
 
-  // Buckets span a tiny CPU model (tens of ms) to a large model's multi-minute CPU run.
-  static constexpr std::array<double, 13> buckets{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600};
   header(out, "refit_generation_latency_seconds", "histogram", "Seconds from admission to reply of successful generations.");
-  double sum = 0;
-  for (double v : s.generation_latencies_s) sum += v;
-  for (double le : buckets) {
-    uint64_t n = 0;
-    for (double v : s.generation_latencies_s) n += v <= le ? 1 : 0;
-    line("refit_generation_latency_seconds_bucket{le=\"" + num(le) + "\"}", std::to_string(n));
+  const auto& bounds = msg::latency_bucket_bounds_s();
+  uint64_t cumulative = 0;
+  for (size_t b = 0; b < bounds.size(); ++b) {
+    cumulative += b < s.latency_bucket_counts.size() ? s.latency_bucket_counts[b] : 0;
+    line("refit_generation_latency_seconds_bucket{le=\"" + num(bounds[b]) + "\"}", std::to_string(cumulative));
   }
-  line("refit_generation_latency_seconds_bucket{le=\"+Inf\"}", std::to_string(s.generation_latencies_s.size()));
-  line("refit_generation_latency_seconds_sum", num(sum));
-  line("refit_generation_latency_seconds_count", std::to_string(s.generation_latencies_s.size()));
+  line("refit_generation_latency_seconds_bucket{le=\"+Inf\"}", std::to_string(s.latency_count));
+  line("refit_generation_latency_seconds_sum", num(s.latency_sum_s));
+  line("refit_generation_latency_seconds_count", std::to_string(s.latency_count));
 
   header(out, "refit_requests_in_flight", "gauge", "Generation requests running on a worker.");
   line("refit_requests_in_flight", std::to_string(s.in_flight));

@@ -267,3 +267,17 @@ BOOST_AUTO_TEST_CASE(in_place_commit_without_room_for_a_snapshot_rolls_back_by_r
   BOOST_TEST(reread, "the transformer's rollback re-read its previous checkpoint");
   BOOST_TEST(e.client.checksums() == before);
 }
+
+BOOST_AUTO_TEST_CASE(teacache_requests_are_refused_until_teacache_exists) {
+  engine e(ckpts().a);
+  caf::scoped_actor self{e.sys};
+  msg::generation_request r;
+  r.prompts = {"x"};
+  r.width = r.height = 32;
+  r.steps = 1;
+  r.enable_teacache = true;
+  std::string outcome;
+  self->request(e.client.scheduler(), caf::infinite, msg::generate_atom::value, r)
+      .receive([&](msg::generation_result&) { outcome = "generated"; }, [&](caf::error& err) { outcome = msg::describe(err); });
+  BOOST_TEST(outcome.find("enable_teacache: TeaCache is not available") != std::string::npos, outcome);
+}

@@ -311,14 +311,20 @@ BOOST_AUTO_TEST_CASE(metrics_text_has_the_contract_names_and_values) {
   s.last_pause_s = 0.125;
   s.last_timings = {{"commit", 0.25}, {"total", 2.0}};
   s.last_update_bytes = 4'000'000'000;
-  s.generation_latencies_s = {0.07, 0.3, 700};
+  // latencies 0.07, 0.3 and 700 s, counted into the buckets as the scheduler does
+  s.latency_bucket_counts.assign(msg::latency_bucket_bounds_s().size() + 1, 0);
+  s.latency_bucket_counts[1] = 1;  // <= 0.1
+  s.latency_bucket_counts[3] = 1;  // <= 0.5
+  s.latency_bucket_counts.back() = 1;  // above 600
+  s.latency_sum_s = 700.37;
+  s.latency_count = 3;
   const std::string t = net::prometheus_text(s, "/ckpt/\"a\"\\b", "step-1");
   auto has = [&t](const std::string& line) { return t.find("\n" + line + "\n") != std::string::npos; };
   BOOST_TEST(has("refit_updates_total{result=\"success\"} 3"));
   BOOST_TEST(has("refit_updates_total{result=\"failure\"} 1"));
   BOOST_TEST(has("refit_update_phase_seconds{phase=\"commit\"} 0.25"));
   BOOST_TEST(has("refit_update_bytes 4000000000"));
-  BOOST_TEST(has("refit_update_gigabytes_per_second 2"));
+  BOOST_TEST(has("refit_update_bytes_per_second 2000000000"));
   BOOST_TEST(has("refit_update_pause_seconds 0.125"));
   BOOST_TEST(has("refit_generations_total{result=\"ok\"} 5"));
   BOOST_TEST(has("refit_generations_total{result=\"failed\"} 1"));
