@@ -123,8 +123,15 @@ void fail_before_commit(self_ptr self, const std::string& why) {
 }
 
 std::string first_failure(self_ptr self, const gather& g, const char* phase) {
-  for (size_t i = 0; i < self->state.parts.size(); ++i)
-    if (!g.ok[i]) return "Failed to update " + who(self->state.parts[i]) + " in phase '" + phase + "': " + g.errors[i];
+  for (size_t i = 0; i < self->state.parts.size(); ++i) {
+    if (g.ok[i]) continue;
+    const auto& p = self->state.parts[i];
+    // Module actors name themselves and the phase in their errors; say it once.
+    std::string cause = g.errors[i];
+    const std::string own = who(p) + " phase '" + phase + "': ";
+    if (cause.rfind(own, 0) == 0) cause.erase(0, own.size());
+    return "Failed to update " + who(p) + " in phase '" + phase + "': " + cause;
+  }
   return {};
 }
 
@@ -289,10 +296,13 @@ void stage(self_ptr self) {
             std::set<std::string> paths;
             for (size_t i = 0; i < st.parts.size(); ++i)
               if (g->ok[i]) {
+                const auto& r = g->reports[i];
                 st.parts[i].staged = true;
-                st.parts[i].stage_report = g->reports[i];
-                st.parts[i].path = g->reports[i].path;
-                paths.insert(g->reports[i].path);
+                st.parts[i].stage_report = r;
+                st.parts[i].path = r.path;
+                paths.insert(r.path);
+                spdlog::info("update: {} staged ({}): {:.1f} MB in {:.3f} s ({:.2f} GB/s) from {}", who(st.parts[i]), r.path, r.bytes / 1e6,
+                             r.seconds, r.seconds > 0 ? r.bytes / r.seconds / 1e9 : 0.0, r.source_dir);
               }
             std::string failure = first_failure(self, *g, "stage");
             if (!failure.empty()) {
