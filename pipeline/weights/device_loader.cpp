@@ -1,12 +1,14 @@
 #include "pipeline/weights/device_loader.hpp"
 
 #include <ATen/ATen.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <map>
 #include <stdexcept>
 
 #include "pipeline/weights/convert.hpp"
@@ -23,6 +25,10 @@ namespace refit::weights {
 #ifdef REFIT_TORCH_CUDA
 
 namespace {
+constexpr uint64_t kDirectAlign = 4096;
+// Below this share of pages in the page cache a file is read with O_DIRECT.
+constexpr double kColdResidency = 0.5;
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
 }
@@ -42,7 +48,8 @@ struct device_loader::impl {
     stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, static_cast<c10::DeviceIndex>(device));
     for (unsigned i = 0; i < n; ++i) {
       void* p = nullptr;
-      check(cudaHostAlloc(&p, slot_bytes, cudaHostAllocDefault), "cudaHostAlloc of the staging ring");
+      // Room for an O_DIRECT read widened to page boundaries on both sides.
+      check(cudaHostAlloc(&p, slot_bytes + 2 * kDirectAlign, cudaHostAllocDefault), "cudaHostAlloc of the staging ring");
       slots.push_back(p);
       cudaEvent_t e;
       check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
@@ -77,7 +84,19 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     std::byte* device_bytes;
     at::Tensor raw;  // defined when a conversion follows
     const at::Tensor* dst;
+    int direct_fd = -1;  // O_DIRECT descriptor of a cold file
   };
+  // Cold shards get an O_DIRECT descriptor, closed when the read ends.
+  std::map<const safetensors_file*, int> direct;
+  struct close_all {
+    std::map<const safetensors_file*, int>& fds;
+    ~close_all() {
+      for (auto& [f, fd] : fds)
+        if (fd >= 0) ::close(fd);
+    }
+  } closer{direct};
+  for (const auto& shard : w.shards)
+    direct[&shard] = shard.resident_fraction() < kColdResidency ? ::open(shard.path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC) : -1;
   std::vector<target> targets;
   struct chunk {
     size_t target;
@@ -91,7 +110,7 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     const dtype held = held_dtype(t.type, options.float_dtype);
     if (!dst.is_cuda() || !dst.is_contiguous() || dst.sizes().vec() != t.shape || dst.scalar_type() != to_scalar_type(held))
       throw weight_error(weight_errc::bad_shape, w.dir.string() + ": tensor '" + name + "': destination is not a contiguous CUDA tensor of its shape and dtype");
-    target tg{&t, &w.shards[it->second.shard], nullptr, {}, &dst};
+    target tg{&t, &w.shards[it->second.shard], nullptr, {}, &dst, direct[&w.shards[it->second.shard]]};
     if (held == t.type) {
       tg.device_bytes = static_cast<std::byte*>(dst.data_ptr());
     } else {
@@ -106,6 +125,7 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
   const cudaStream_t stream = m.stream->stream();
   const size_t n_slots = m.slots.size();
   std::atomic<size_t> next{0};
+  std::atomic<uint64_t> direct_bytes{0};
   parallel_for_each(std::min<size_t>(m.threads, std::max<size_t>(1, chunks.size())), m.threads, [&](size_t) {
     for (;;) {
       const size_t i = next.fetch_add(1);
@@ -117,15 +137,23 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
       check(cudaEventSynchronize(m.copied[s]), "waiting for a staging slot");  // its previous copy is done
       auto* buf = static_cast<std::byte*>(m.slots[s]);
       const uint64_t at = tg.file->file_offset(*tg.entry) + c.offset;
-      for (uint64_t done = 0; done < c.len;) {
-        ssize_t r = ::pread(tg.file->fd(), buf + done, c.len - done, static_cast<off_t>(at + done));
+      // O_DIRECT needs page-aligned offsets and lengths: read the enclosing pages, copy from inside them.
+      const bool use_direct = tg.direct_fd >= 0;
+      const uint64_t start = use_direct ? at / kDirectAlign * kDirectAlign : at;
+      const uint64_t skip = at - start;
+      const uint64_t want = use_direct ? (skip + c.len + kDirectAlign - 1) / kDirectAlign * kDirectAlign : c.len;
+      const int fd = use_direct ? tg.direct_fd : tg.file->fd();
+      uint64_t done = 0;
+      while (done < skip + c.len) {
+        ssize_t r = ::pread(fd, buf + done, want - done, static_cast<off_t>(start + done));
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0)
           throw weight_error(weight_errc::io_error, tg.file->path().string() + ": tensor '" + tg.entry->name + "': read failed" +
                                                         (r < 0 ? std::string(": ") + std::strerror(errno) : ": file shrank"));
         done += static_cast<uint64_t>(r);
       }
-      check(cudaMemcpyAsync(tg.device_bytes + c.offset, buf, c.len, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+      if (use_direct) direct_bytes += c.len;
+      check(cudaMemcpyAsync(tg.device_bytes + c.offset, buf + skip, c.len, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
       check(cudaEventRecord(m.copied[s], stream), "cudaEventRecord");
     }
   });
@@ -136,6 +164,7 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
   device_read_stats st;
   for (auto& tg : targets) st.bytes += tg.entry->nbytes();
   st.chunks = chunks.size();
+  st.direct_bytes = direct_bytes.load();
   st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return st;
 }

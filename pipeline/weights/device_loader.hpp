@@ -1,6 +1,8 @@
 // The GPU fast path for reading weights: a pinned staging ring allocated once per device, reader threads
 // (pread) filling ring slots while host-to-device copies of earlier slots run on a dedicated stream,
-// conversion to the module dtype on the GPU, and one synchronisation per read.
+// conversion to the module dtype on the GPU, and one synchronisation per read. Files that are mostly not
+// in the page cache are read with O_DIRECT (aligned reads straight into the pinned slots), so a cold
+// read runs at the device's rate instead of through the page cache.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,6 +19,7 @@ struct device_read_stats {
   uint64_t bytes = 0;
   double seconds = 0;
   uint64_t chunks = 0;
+  uint64_t direct_bytes = 0;  // read with O_DIRECT, from files that were not in the page cache
 };
 
 class device_loader {

@@ -337,6 +337,16 @@ safetensors_file::~safetensors_file() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+double safetensors_file::resident_fraction() const {
+  if (!map_ || file_size_ == 0) return 1.0;
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> pages((file_size_ + page - 1) / page);
+  if (::mincore(const_cast<std::byte*>(map_), file_size_, pages.data()) != 0) return 1.0;
+  size_t resident = 0;
+  for (unsigned char v : pages) resident += v & 1;
+  return static_cast<double>(resident) / static_cast<double>(pages.size());
+}
+
 std::span<const std::byte> safetensors_file::bytes(const tensor_entry& t) const {
   return {map_ + header_.data_offset + t.begin, t.nbytes()};
 }

@@ -66,6 +66,8 @@ class safetensors_file {
   std::span<const std::byte> bytes(const tensor_entry& t) const;
   // Offset of the tensor's first byte in the file (for pread).
   uint64_t file_offset(const tensor_entry& t) const { return header_.data_offset + t.begin; }
+  // Share of the file's pages in the page cache (mincore over the mapping): near 0 means a cold read.
+  double resident_fraction() const;
 
  private:
   safetensors_file() = default;
