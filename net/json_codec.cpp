@@ -85,6 +85,8 @@ std::optional<std::vector<std::string>> opt_strings(const json& o, const char* n
   return out;
 }
 
+constexpr int64_t max_image_pixels = 2048 * 2048;
+
 // "WIDTHxHEIGHT", digits only on both sides.
 std::pair<int64_t, int64_t> parse_size(const std::string& s) {
   constexpr const char* expected = "\"WIDTHxHEIGHT\" with positive integers up to 8192, e.g. \"64x64\"";
@@ -100,7 +102,11 @@ std::pair<int64_t, int64_t> parse_size(const std::string& s) {
     return n;
   };
   if (x == std::string::npos) wrong("size", expected);
-  return {number(std::string_view(s).substr(0, x)), number(std::string_view(s).substr(x + 1))};
+  const int64_t w = number(std::string_view(s).substr(0, x)), h = number(std::string_view(s).substr(x + 1));
+  // One request must not be able to exhaust the server's memory: FLUX.2 is trained up to about 4 megapixels.
+  if (w * h > max_image_pixels)
+    throw bad_request("field 'size' must be at most " + std::to_string(max_image_pixels) + " pixels per image (e.g. 2048x2048), got " + s);
+  return {w, h};
 }
 
 }  // namespace

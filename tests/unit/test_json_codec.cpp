@@ -190,6 +190,9 @@ BOOST_AUTO_TEST_CASE(image_request_rejections_name_the_field) {
   for (const std::string size : {"64", "64x", "x64", "0x64", "64x0", "-64x64", "64X64", "64x64x64", "6 4x64", "99999x64", "1e2x64"})
     BOOST_TEST(image_rejection(R"({"prompt": "p", "size": ")" + size + "\"}").find("field 'size' must be \"WIDTHxHEIGHT\"") == 0,
                "size: " << size);
+  // Within the per-side bound but over the pixel budget of one image.
+  BOOST_TEST(image_rejection(R"({"prompt": "p", "size": "4096x2048"})").find("field 'size' must be at most 4194304 pixels") == 0);
+  BOOST_TEST(image_rejection(R"({"prompt": "p", "size": "2048x2048"})").empty());
 }
 
 BOOST_AUTO_TEST_CASE(successful_update_reply_shape) {
