@@ -37,6 +37,9 @@ struct module_state {
   std::string path;                  // staged or in_place
   std::vector<at::Tensor> shadows;   // staged: the new weights, one per registry slot
   std::vector<at::Tensor> undo;      // after commit: what was live before
+  // GPU modules: pinned host buffers for in-place undo snapshots, allocated at the first in-place commit
+  // and reused (pinning 16 GB costs seconds; it must not happen on every update).
+  std::vector<at::Tensor> undo_arena;
   bool committed = false;
   bool undo_by_reread = false;       // in place without a snapshot: roll back by re-reading source_dir
   uint64_t update_bytes = 0;
@@ -284,10 +287,15 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             st.undo.clear();
             st.undo_by_reread = st.force_reread_undo || bytes + (1ull << 30) > available_host_bytes();
             if (!st.undo_by_reread) {
-              const bool pin = !st.pipe->placement().device.is_cpu();
-              for (const auto& s : slots) {
-                at::Tensor host = at::empty(s.tensor->sizes(), s.tensor->options().device(at::kCPU).pinned_memory(pin));
-                host.copy_(*s.tensor);
+              const bool on_gpu = !st.pipe->placement().device.is_cpu();
+              if (on_gpu && st.undo_arena.size() != slots.size()) {
+                st.undo_arena.clear();
+                for (const auto& s : slots)
+                  st.undo_arena.push_back(at::empty(s.tensor->sizes(), s.tensor->options().device(at::kCPU).pinned_memory(true)));
+              }
+              for (size_t i = 0; i < slots.size(); ++i) {
+                at::Tensor host = on_gpu ? st.undo_arena[i] : at::empty_like(*slots[i].tensor);
+                host.copy_(*slots[i].tensor);
                 st.undo.push_back(host);
               }
             }
