@@ -190,11 +190,11 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
   std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
   for (size_t i = 0; i < config.devices.size(); ++i) {
     cancels.push_back(std::make_shared<std::atomic<bool>>(false));
-    worker_config wc{config.model_path, config.devices[i], config.dtype, static_cast<int32_t>(i)};
+    caches.push_back(spawn_cache_actor(sys, static_cast<int32_t>(i)));
+    worker_config wc{config.model_path, config.devices[i], config.dtype, static_cast<int32_t>(i), caches.back()};
     auto handles = spawn_worker(sys, wc, cancels.back());
     workers.push_back(handles.worker);
     supervisors.push_back(handles.modules);
-    caches.push_back(spawn_cache_actor(sys, static_cast<int32_t>(i)));
   }
   const std::string model_path = config.model_path.string();
   return sys.spawn([=](self_ptr self) -> msg::scheduler_actor::behavior_type {

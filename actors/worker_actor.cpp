@@ -33,6 +33,7 @@ struct worker_state {
   std::shared_ptr<pipeline::flux2_klein_pipeline> pipe;
   std::shared_ptr<std::atomic<bool>> cancel;
   int32_t index = 0;
+  msg::cache_actor cache;
   std::map<std::string, std::shared_ptr<module_state>> states;
   std::map<std::string, msg::module_actor> modules;
 };
@@ -42,6 +43,7 @@ struct worker_state {
 worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config, std::shared_ptr<std::atomic<bool>> cancel) {
   auto st = std::make_shared<worker_state>();
   st->index = config.index;
+  st->cache = config.cache;
   st->cancel = std::move(cancel);
   {
     c10::InferenceMode inference;
@@ -89,9 +91,6 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
   handles.worker = sys.spawn<caf::detached>([st](msg::worker_actor::pointer) -> msg::worker_actor::behavior_type {
     return {
         [st](msg::generate_atom, const msg::generation_request& r) -> caf::result<msg::generation_result> {
-          if (r.enable_teacache)
-            return msg::make_error(refit_errc::invalid_request,
-                                   "enable_teacache: TeaCache is not available in this version of refit; omit the field or set it to false");
           c10::InferenceMode inference;
           auto t0 = std::chrono::steady_clock::now();
           pipeline::generation_params p;
@@ -104,13 +103,20 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
           p.seed = r.seed;
           p.images_per_prompt = r.images_per_prompt;
           p.cancel = st->cancel.get();
+          p.teacache.enabled = r.enable_teacache;
           try {
-            auto images = st->pipe->generate(p);
+            pipeline::generation_stats stats;
+            auto images = st->pipe->generate(p, &stats);
             msg::generation_result out;
             for (const auto& img : images)
               out.png_images.push_back(image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height)));
             out.worker = st->index;
             out.inference_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            if (r.enable_teacache) {
+              out.teacache_calls = static_cast<uint64_t>(stats.transformer_calls);
+              out.teacache_skipped = static_cast<uint64_t>(stats.blocks_skipped);
+              if (st->cache) caf::anon_send(st->cache, msg::teacache_atom::value, out.teacache_calls - out.teacache_skipped, out.teacache_skipped);
+            }
             return out;
           } catch (const pipeline::generation_cancelled& e) {
             return msg::make_error(refit_errc::cancelled, std::string("request aborted by a weight update (abort_all_requests): ") + e.what());

@@ -15,6 +15,7 @@ struct worker_config {
   std::string device = "cpu";   // cpu, cuda, cuda:N
   std::string dtype;            // bf16, fp16, fp32; empty: bf16 on CUDA, fp32 on CPU
   int32_t index = 0;
+  msg::cache_actor cache;       // receives the worker's TeaCache counters; may be null
 };
 
 struct worker_handles {

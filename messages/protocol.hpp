@@ -33,6 +33,7 @@ using fault_atom = caf::atom_constant<caf::atom("fault")>;
 using done_atom = caf::atom_constant<caf::atom("done")>;
 using modules_atom = caf::atom_constant<caf::atom("modules")>;
 using recover_atom = caf::atom_constant<caf::atom("recover")>;
+using teacache_atom = caf::atom_constant<caf::atom("teacache")>;
 
 // ---------------------------------------------------------------------------------------------
 // Errors: caf::error values of category "refit", with a message naming module, phase and cause.
@@ -129,11 +130,27 @@ struct generation_result {
   std::string weight_version;
   double inference_time_s = 0;
   int32_t worker = 0;
+  // With enable_teacache: transformer calls (steps x CFG branches) and how many of them skipped the blocks.
+  uint64_t teacache_calls = 0, teacache_skipped = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generation_result& x) {
-  return f(caf::meta::type_name("generation_result"), x.png_images, x.weight_version, x.inference_time_s, x.worker);
+  return f(caf::meta::type_name("generation_result"), x.png_images, x.weight_version, x.inference_time_s, x.worker,
+           x.teacache_calls, x.teacache_skipped);
+}
+
+// One worker's TeaCache counters since start.
+struct teacache_counters {
+  uint64_t requests = 0;        // generations with enable_teacache
+  uint64_t steps_computed = 0;  // transformer calls that ran the blocks
+  uint64_t steps_skipped = 0;   // transformer calls that reused the branch's residual
+  uint64_t resets = 0;          // weight updates with flush_cache
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, teacache_counters& x) {
+  return f(caf::meta::type_name("teacache_counters"), x.requests, x.steps_computed, x.steps_skipped, x.resets);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,10 +249,13 @@ using module_actor = caf::typed_actor<
     caf::replies_to<info_atom>::with<module_info>,
     caf::replies_to<fault_atom, fault_spec>::with<bool>>;
 
-// TeaCache state of one worker.
+// TeaCache of one worker. The per-step state lives with each request (one per CFG branch), so no
+// request can read state computed with other weights; this actor keeps the worker's counters.
 using cache_actor = caf::typed_actor<
     caf::replies_to<reset_atom>::with<uint64_t /*resets so far*/>,
-    caf::replies_to<stats_atom>::with<uint64_t /*resets so far*/>>;
+    caf::replies_to<stats_atom>::with<teacache_counters>,
+    // From the worker after a TeaCache request: transformer calls computed and skipped.
+    caf::reacts_to<teacache_atom, uint64_t /*computed*/, uint64_t /*skipped*/>>;
 
 // One device's pipeline; generation runs on the worker's own thread.
 using worker_actor = caf::typed_actor<caf::replies_to<generate_atom, generation_request>::with<generation_result>>;

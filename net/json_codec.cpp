@@ -209,9 +209,10 @@ std::string models_list_json(std::string_view model_path) {
 std::string image_result_json(const msg::generation_result& r, int64_t created_unix_s) {
   json data = json::array();
   for (const auto& png : r.png_images) data.push_back({{"b64_json", base64_encode(png)}});
-  return json{{"created", created_unix_s}, {"data", std::move(data)}, {"weight_version", r.weight_version},
-              {"inference_time_s", r.inference_time_s}}
-      .dump();
+  json out{{"created", created_unix_s}, {"data", std::move(data)}, {"weight_version", r.weight_version},
+           {"inference_time_s", r.inference_time_s}};
+  if (r.teacache_calls) out["teacache"] = {{"transformer_calls", r.teacache_calls}, {"skipped", r.teacache_skipped}};
+  return out.dump();
 }
 
 std::string health_json() { return R"({"status":"ok"})"; }

@@ -59,6 +59,9 @@ flux2_klein_pipeline::flux2_klein_pipeline(const fs::path& model_dir, const mode
   const auto dit_config = models::flux2_config::from_file(model_dir_ / "transformer" / "config.json");
   transformer_ = std::make_unique<models::flux2_transformer>(dit_config);
   vae_ = std::make_unique<models::vae_flux2>(models::vae_flux2_config::from_file(model_dir_ / "vae" / "config.json"));
+  const fs::path teacache_json = model_dir_ / "transformer" / "teacache.json";
+  teacache_ = std::make_unique<models::teacache_config>(fs::exists(teacache_json) ? models::teacache_config::from_file(teacache_json)
+                                                                                   : models::teacache_config{});
 
   // The DiT consumes n hidden-state taps of the text encoder concatenated per token; Klein takes them
   // evenly spaced (layers 9, 18, 27 of Qwen3-4B's 36), so n and the spacing follow from the configs.
@@ -117,31 +120,51 @@ at::Tensor flux2_klein_pipeline::initial_noise(int64_t batch, int64_t height, in
 }
 
 at::Tensor flux2_klein_pipeline::sample(const at::Tensor& noise, const at::Tensor& embeds, const std::optional<at::Tensor>& negative,
-                                        int64_t steps, double guidance_scale, const std::atomic<bool>* cancel) const {
+                                        int64_t steps, double guidance_scale, const std::atomic<bool>* cancel,
+                                        const teacache_settings& teacache, generation_stats* stats) const {
   const int64_t batch = noise.size(0), channels = noise.size(1), h = noise.size(2), w = noise.size(3);
   at::Tensor latents = noise.to(where_.device).reshape({batch, channels, h * w}).permute({0, 2, 1});  // pack
   const at::Tensor img_ids = latent_ids(h, w).to(where_.device);
   const at::Tensor txt_ids = text_ids(embeds.size(1)).to(where_.device);
   const auto schedule = sampling::klein_schedule(scheduler_, steps, h * w);
   const bool guided = negative.has_value() && guidance_scale > 1.0 && !is_distilled_;
+  if (teacache.threshold && *teacache.threshold < 0) throw std::invalid_argument("the TeaCache threshold must be >= 0");
+  // One state per branch: the two branches' inputs differ, so neither may reuse the other's residual.
+  std::vector<models::teacache_state> caches;
+  if (teacache.enabled) {
+    caches.resize(guided ? 2 : 1);
+    for (auto& c : caches) {
+      c.config = *teacache_;
+      if (teacache.threshold) c.config.threshold = *teacache.threshold;
+      c.num_steps = steps;
+    }
+  }
+  auto cache = [&](size_t branch) { return caches.empty() ? nullptr : &caches[branch]; };
   for (int64_t i = 0; i < steps; ++i) {
     if (cancel && cancel->load()) throw generation_cancelled("generation cancelled at step " + std::to_string(i) + " of " + std::to_string(steps));
     // diffusers passes t / 1000 with t = sigma * 1000 in float32, cast to the latents' dtype first.
     at::Tensor t = at::full({batch}, schedule.timesteps[i], at::TensorOptions().dtype(at::kFloat).device(where_.device));
     at::Tensor timestep = t.to(latents.scalar_type()) / 1000;
-    at::Tensor velocity = transformer_->forward(latents.to(where_.float_dtype), embeds, timestep, img_ids, txt_ids);
+    at::Tensor velocity = transformer_->forward(latents.to(where_.float_dtype), embeds, timestep, img_ids, txt_ids, std::nullopt, cache(0));
     if (guided) {
-      at::Tensor uncond = transformer_->forward(latents.to(where_.float_dtype), *negative, timestep, img_ids, txt_ids);
+      at::Tensor uncond = transformer_->forward(latents.to(where_.float_dtype), *negative, timestep, img_ids, txt_ids, std::nullopt, cache(1));
       velocity = uncond + guidance_scale * (velocity - uncond);
     }
     latents = sampling::euler_step(velocity, latents, schedule.sigmas[i], schedule.sigmas[i + 1]);
+  }
+  if (stats) {
+    stats->transformer_calls += steps * (guided ? 2 : 1);
+    for (const auto& c : caches) {
+      stats->teacache.push_back({c.rel_l1, c.skipped});
+      stats->blocks_skipped += c.skipped_steps();
+    }
   }
   at::Tensor grid = latents.permute({0, 2, 1}).reshape({batch, channels, h, w});  // unpack (ids are row-major)
   at::Tensor image = vae_->decode_packed(grid);
   return (image / 2 + 0.5).clamp(0, 1);
 }
 
-std::vector<rgb_image> flux2_klein_pipeline::generate(const generation_params& p) const {
+std::vector<rgb_image> flux2_klein_pipeline::generate(const generation_params& p, generation_stats* stats) const {
   if (p.prompts.empty()) throw std::invalid_argument("at least one prompt is required");
   if (p.images_per_prompt < 1) throw std::invalid_argument("images_per_prompt must be at least 1");
   const int64_t width = p.width ? p.width : default_size(), height = p.height ? p.height : default_size();
@@ -160,7 +183,7 @@ std::vector<rgb_image> flux2_klein_pipeline::generate(const generation_params& p
     negative = encode_prompts(std::vector<std::string>(p.prompts.size(), p.negative_prompt)).repeat_interleave(p.images_per_prompt, 0);
   const int64_t batch = embeds.size(0);
   at::Tensor noise = initial_noise(batch, height, width, p.seed);
-  return to_rgb_images(sample(noise, embeds, negative, steps, p.guidance_scale, p.cancel));
+  return to_rgb_images(sample(noise, embeds, negative, steps, p.guidance_scale, p.cancel, p.teacache, stats));
 }
 
 std::vector<rgb_image> to_rgb_images(const at::Tensor& images) {

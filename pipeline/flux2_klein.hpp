@@ -19,6 +19,7 @@
 
 namespace refit::models {
 class flux2_transformer;
+struct teacache_config;
 class qwen3_text_encoder;
 class vae_flux2;
 class bpe_tokenizer;
@@ -30,6 +31,24 @@ class device_loader;
 
 namespace refit::pipeline {
 
+// TeaCache for one request; the state lives with the request, one per CFG branch.
+struct teacache_settings {
+  bool enabled = false;
+  std::optional<double> threshold;  // else the pipeline's teacache_config().threshold
+};
+
+// What TeaCache did in one CFG branch of a request, step by step.
+struct teacache_trace {
+  std::vector<double> rel_l1;  // relative L1 change of block 0's modulated input (NaN on step 0)
+  std::vector<bool> skipped;   // blocks skipped, residual reused
+};
+
+struct generation_stats {
+  std::vector<teacache_trace> teacache;  // with TeaCache: conditional branch, then unconditional under CFG
+  int64_t transformer_calls = 0;         // one per step and branch
+  int64_t blocks_skipped = 0;            // calls that reused a residual instead of running the blocks
+};
+
 struct generation_params {
   std::vector<std::string> prompts;
   std::string negative_prompt;       // used when guidance applies (undistilled checkpoints)
@@ -40,6 +59,7 @@ struct generation_params {
   int64_t images_per_prompt = 1;
   // Checked between sampling steps: when it reads true, generation stops with generation_cancelled.
   const std::atomic<bool>* cancel = nullptr;
+  teacache_settings teacache;
 };
 
 struct generation_cancelled : std::runtime_error {
@@ -79,8 +99,13 @@ class flux2_klein_pipeline {
   at::Tensor initial_noise(int64_t batch, int64_t height, int64_t width, uint64_t seed) const;
   // Runs the sampler from `noise` and returns the decoded images in [0, 1], [B, 3, H, W].
   at::Tensor sample(const at::Tensor& noise, const at::Tensor& prompt_embeds, const std::optional<at::Tensor>& negative_embeds,
-                    int64_t steps, double guidance_scale, const std::atomic<bool>* cancel = nullptr) const;
-  std::vector<rgb_image> generate(const generation_params& params) const;
+                    int64_t steps, double guidance_scale, const std::atomic<bool>* cancel = nullptr,
+                    const teacache_settings& teacache = {}, generation_stats* stats = nullptr) const;
+  std::vector<rgb_image> generate(const generation_params& params, generation_stats* stats = nullptr) const;
+
+  // TeaCache coefficients and default threshold: transformer/teacache.json when the model has one
+  // ({"coefficients": [...], "threshold": x}, fitted to this DiT), else FLUX.1-dev's (see teacache_config).
+  const models::teacache_config& teacache_config() const { return *teacache_; }
 
   models::flux2_transformer& transformer() { return *transformer_; }
   models::vae_flux2& vae() { return *vae_; }
@@ -96,6 +121,7 @@ class flux2_klein_pipeline {
   std::unique_ptr<models::qwen3_text_encoder> text_encoder_;
   std::unique_ptr<models::flux2_transformer> transformer_;
   std::unique_ptr<models::vae_flux2> vae_;
+  std::unique_ptr<models::teacache_config> teacache_;
 };
 
 // [B, 3, H, W] in [0, 1] -> 8-bit RGB images, rounded as diffusers' postprocess does.

@@ -284,6 +284,9 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   const json im = json::parse(net::image_result_json(g, 1700000000));
   BOOST_TEST(im == json::parse(R"({"created": 1700000000, "data": [{"b64_json": "Zm9v"}, {"b64_json": "Zm8="}],
                                    "weight_version": "2", "inference_time_s": 0.75})"));
+  g.teacache_calls = 8;
+  g.teacache_skipped = 3;  // only TeaCache requests report the block: plain ones keep the OpenAI shape above
+  BOOST_TEST(json::parse(net::image_result_json(g, 1700000000))["teacache"] == json({{"transformer_calls", 8}, {"skipped", 3}}));
   const json oe = json::parse(net::openai_error_json("bad size", "invalid_request_error"));
   BOOST_TEST(oe["error"]["message"] == "bad size");
   BOOST_TEST(oe["error"]["type"] == "invalid_request_error");

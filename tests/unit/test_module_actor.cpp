@@ -125,16 +125,22 @@ BOOST_AUTO_TEST_CASE(discard_frees_shadows_without_touching_live_weights) {
 
 BOOST_AUTO_TEST_SUITE_END()
 
-BOOST_AUTO_TEST_CASE(cache_actor_counts_resets) {
+BOOST_AUTO_TEST_CASE(cache_actor_counts_resets_and_teacache_steps) {
   engine_system_config cfg;
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
   auto cache = actors::spawn_cache_actor(sys, 0);
   uint64_t n = 0;
+  self->send(cache, msg::teacache_atom::value, uint64_t{5}, uint64_t{3});
   self->request(cache, caf::infinite, msg::reset_atom::value).receive([&](uint64_t k) { n = k; }, [&](caf::error&) {});
+  self->send(cache, msg::teacache_atom::value, uint64_t{2}, uint64_t{0});
   self->request(cache, caf::infinite, msg::reset_atom::value).receive([&](uint64_t k) { n = k; }, [&](caf::error&) {});
   BOOST_TEST(n == 2u);
-  self->request(cache, caf::infinite, msg::stats_atom::value).receive([&](uint64_t k) { n = k; }, [&](caf::error&) {});
-  BOOST_TEST(n == 2u);
+  msg::teacache_counters c;
+  self->request(cache, caf::infinite, msg::stats_atom::value).receive([&](msg::teacache_counters& k) { c = k; }, [&](caf::error&) {});
+  BOOST_TEST(c.resets == 2u);
+  BOOST_TEST(c.requests == 2u);
+  BOOST_TEST(c.steps_computed == 7u);
+  BOOST_TEST(c.steps_skipped == 3u);
   caf::anon_send_exit(cache, caf::exit_reason::user_shutdown);
 }
