@@ -8,6 +8,7 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "pipeline/models/config_json.hpp"
 #include "pipeline/models/flux2_transformer.hpp"
 #include "pipeline/models/qwen3.hpp"
 #include "pipeline/models/tokenizer.hpp"
@@ -20,14 +21,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-
-json read_json(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error(path.string() + ": cannot be read");
-  json j = json::parse(in, nullptr, false);
-  if (!j.is_object()) throw std::runtime_error(path.string() + ": not a JSON object");
-  return j;
-}
 
 // Position ids (T, H, W, L): image tokens (0, h, w, 0) row-major, text tokens (0, 0, 0, l).
 at::Tensor latent_ids(int64_t h, int64_t w) {
@@ -49,7 +42,7 @@ flux2_klein_pipeline::flux2_klein_pipeline(const fs::path& model_dir, const mode
   for (const char* needed : {"scheduler", "text_encoder", "tokenizer", "transformer", "vae"})
     if (!layout.find(needed))
       throw std::runtime_error(model_dir_.string() + ": model_index.json has no '" + needed + "' component (a FLUX.2-klein pipeline needs it)");
-  const json index = read_json(model_dir_ / "model_index.json");
+  const json index = models::read_config_json(model_dir_ / "model_index.json");
   is_distilled_ = index.value("is_distilled", false);
 
   scheduler_ = sampling::flow_match_config::from_file(model_dir_ / "scheduler" / "scheduler_config.json");

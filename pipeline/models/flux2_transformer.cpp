@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "pipeline/models/config_json.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -13,10 +15,7 @@ namespace refit::models {
 using json = nlohmann::json;
 
 flux2_config flux2_config::from_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error(path.string() + ": cannot be read");
-  json j = json::parse(in, nullptr, false);
-  if (!j.is_object()) throw std::runtime_error(path.string() + ": not a JSON object");
+  const json j = read_config_json(path);
   flux2_config c;
   auto get = [&](const char* key, auto& field) {
     if (auto it = j.find(key); it != j.end() && !it->is_null()) field = it->get<std::decay_t<decltype(field)>>();
@@ -48,10 +47,7 @@ flux2_config flux2_config::from_file(const std::filesystem::path& path) {
 }
 
 teacache_config teacache_config::from_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error(path.string() + ": cannot be read");
-  json j = json::parse(in, nullptr, false);
-  if (!j.is_object()) throw std::runtime_error(path.string() + ": not a JSON object");
+  const json j = read_config_json(path);
   teacache_config c;
   if (auto it = j.find("coefficients"); it != j.end()) {
     if (!it->is_array() || it->empty() || !std::all_of(it->begin(), it->end(), [](const json& v) { return v.is_number(); }))

@@ -1,5 +1,7 @@
 #include "pipeline/models/qwen3.hpp"
 
+#include "pipeline/models/config_json.hpp"
+
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
@@ -15,10 +17,7 @@ using json = nlohmann::json;
 
 qwen3_config qwen3_config::from_file(const std::filesystem::path& path) {
   auto fail = [&path](const std::string& what) { throw std::runtime_error(path.string() + ": " + what); };
-  std::ifstream in(path);
-  if (!in) fail("cannot be read");
-  const json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (!j.is_object()) fail("not a JSON object");
+  const json j = read_config_json(path);
 
   // A present, non-null key overrides the default; a value of the wrong type names the key.
   auto get_from = [&fail](const json& obj, const std::string& key, auto& field) {

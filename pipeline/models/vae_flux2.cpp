@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "pipeline/models/config_json.hpp"
+
 #include <fstream>
 #include <stdexcept>
 
@@ -31,10 +33,7 @@ void expect_nchw(const at::Tensor& x, int64_t channels, const char* what) {
 }  // namespace
 
 vae_flux2_config vae_flux2_config::from_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error(path.string() + ": cannot be read");
-  json j = json::parse(in, nullptr, false);
-  if (!j.is_object()) throw std::runtime_error(path.string() + ": not a JSON object");
+  const json j = read_config_json(path);
   const std::string where = path.string() + ": ";
   vae_flux2_config c;
   auto get = [&](const char* key, auto& field) {

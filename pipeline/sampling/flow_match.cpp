@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "pipeline/models/config_json.hpp"
+
 #include <cmath>
 #include <fstream>
 #include <stdexcept>
@@ -12,10 +14,7 @@ namespace refit::sampling {
 using json = nlohmann::json;
 
 flow_match_config flow_match_config::from_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error(path.string() + ": cannot be read");
-  json j = json::parse(in, nullptr, false);
-  if (!j.is_object()) throw std::runtime_error(path.string() + ": not a JSON object");
+  const json j = models::read_config_json(path);
   flow_match_config c;
   if (j.contains("num_train_timesteps")) c.num_train_timesteps = j["num_train_timesteps"].get<int64_t>();
   if (j.contains("shift")) c.shift = j["shift"].get<double>();
