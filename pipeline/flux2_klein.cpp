@@ -5,7 +5,6 @@
 #include <c10/core/InferenceMode.h>
 #include <nlohmann/json.hpp>
 
-#include <fstream>
 #include <stdexcept>
 
 #include "pipeline/models/config_json.hpp"

@@ -5,7 +5,6 @@
 
 #include "pipeline/models/config_json.hpp"
 
-#include <fstream>
 #include <stdexcept>
 
 namespace refit::models {

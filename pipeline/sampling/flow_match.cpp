@@ -6,7 +6,6 @@
 #include "pipeline/models/config_json.hpp"
 
 #include <cmath>
-#include <fstream>
 #include <stdexcept>
 
 namespace refit::sampling {
