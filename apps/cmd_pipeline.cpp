@@ -79,6 +79,8 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
     uint64_t seed = 0;
     int64_t steps = 0;
     double guidance = 4.0;
+    bool teacache = false;
+    double teacache_threshold = -1;
   };
   auto ga = std::make_shared<gen_args>();
   auto* gen = app.add_subcommand("generate", "Generate one image with a FLUX.2-klein checkpoint and write it as PNG");
@@ -91,6 +93,10 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
   gen->add_option("--size", ga->size, "WIDTHxHEIGHT (default: the model's, 1024x1024 for Klein)");
   gen->add_option("--device", ga->device, "cpu, cuda or cuda:N")->capture_default_str();
   gen->add_option("--dtype", ga->dtype, "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)");
+  gen->add_flag("--teacache", ga->teacache, "Skip DiT blocks on steps whose input barely changed (TeaCache)");
+  gen->add_option("--teacache-threshold", ga->teacache_threshold,
+                  "TeaCache threshold (default: transformer/teacache.json, else 0.25); implies --teacache")
+      ->check(CLI::Range(0.0, 1e6));
   gen->add_option("-o,--output", ga->out, "PNG file to write")->required();
   commands.emplace_back(gen, [ga] {
     const auto where = parse_placement(ga->device, ga->dtype);
@@ -105,13 +111,18 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
     p.steps = ga->steps;
     p.guidance_scale = ga->guidance;
     if (!ga->size.empty()) std::tie(p.width, p.height) = parse_size(ga->size);
-    auto images = pipe.generate(p);
+    p.teacache.enabled = ga->teacache || ga->teacache_threshold >= 0;
+    if (ga->teacache_threshold >= 0) p.teacache.threshold = ga->teacache_threshold;
+    pipeline::generation_stats stats;
+    auto images = pipe.generate(p, &stats);
     auto t2 = std::chrono::steady_clock::now();
     const auto& img = images.front();
     image::write_file(ga->out, image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height)));
     spdlog::info("generate: {}x{} image, {} steps, seed {} -> {} (load {:.2f} s, generate {:.2f} s)", img.width, img.height,
                  p.steps ? p.steps : pipe.default_steps(), p.seed, ga->out,
                  std::chrono::duration<double>(t1 - t0).count(), std::chrono::duration<double>(t2 - t1).count());
+    if (p.teacache.enabled)
+      spdlog::info("generate: TeaCache skipped the DiT blocks in {} of {} transformer calls", stats.blocks_skipped, stats.transformer_calls);
     return 0;
   });
 }

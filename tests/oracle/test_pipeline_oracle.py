@@ -118,6 +118,21 @@ def test_make_model_is_deterministic_and_real(tmp_path, tiny):
     assert p.returncode != 0 and "unknown preset 'nope'" in p.stderr
 
 
+def test_generate_with_teacache_reports_skips_and_is_identical_at_threshold_zero(tmp_path, tiny):
+    def generate(out, *extra):
+        p = subprocess.run([REFIT, "generate", "--model-path", str(tiny), "--prompt", PROMPT, "--seed", "3", "--steps", "12",
+                            "--size", "32x32", "-o", str(out), *extra], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return out.read_bytes(), p.stderr
+
+    plain, _ = generate(tmp_path / "plain.png")
+    zero, log = generate(tmp_path / "zero.png", "--teacache-threshold", "0")
+    assert zero == plain
+    assert "TeaCache skipped the DiT blocks in 0 of 12 transformer calls" in log
+    _, log = generate(tmp_path / "big.png", "--teacache-threshold", "1000")
+    assert "TeaCache skipped the DiT blocks in 10 of 12 transformer calls" in log  # all but the first and last
+
+
 def test_generate_errors_are_clear(tmp_path, tiny):
     p = subprocess.run([REFIT, "generate", "--model-path", str(tiny), "--prompt", "x", "--size", "50x50", "-o",
                         str(tmp_path / "x.png")], capture_output=True, text=True)
