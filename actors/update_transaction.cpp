@@ -30,6 +30,7 @@ struct participant {
   bool committed = false;
   std::string path;
   msg::module_report stage_report;  // reading into shadows happens here; commit may be only a swap
+  bool down = false;                // its actor died during the update
 };
 
 // Collects one reply (or error) per participant of a phase, then runs `done` once.
@@ -37,6 +38,7 @@ struct gather {
   size_t pending = 0;
   std::vector<bool> ok;
   std::vector<std::string> errors;
+  std::vector<bool> receiver_down;  // the participant died instead of answering
   std::vector<msg::module_report> reports;
   std::function<void()> done;
   void one() {
@@ -67,6 +69,7 @@ void fan_out(self_ptr self, const std::vector<size_t>& which, Make make, std::fu
   const size_t n = self->state.parts.size();
   g->ok.assign(n, false);
   g->errors.assign(n, "");
+  g->receiver_down.assign(n, false);
   g->reports.assign(n, {});
   g->pending = which.size();
   g->done = [g, done] { done(g); };
@@ -83,6 +86,7 @@ void fan_out(self_ptr self, const std::vector<size_t>& which, Make make, std::fu
         },
         [g, i](caf::error& e) {
           g->errors[i] = msg::describe(e);
+          g->receiver_down[i] = e == caf::sec::request_receiver_down;
           g->one();
         });
 }
@@ -163,7 +167,7 @@ void compensate(self_ptr self, std::shared_ptr<gather> commit) {
   for (size_t i = 0; i < st.parts.size(); ++i) {
     auto& p = st.parts[i];
     if (commit->ok[i]) p.committed = true;
-    if (!commit->ok[i] && commit->errors[i].find("request_receiver_down") != std::string::npos) dead.push_back(i);
+    if (!commit->ok[i] && (commit->receiver_down[i] || p.down)) dead.push_back(i);
     else undo.push_back(i);  // committed ones roll back; failed ones that live restore whatever they half did
   }
   auto recovered = std::make_shared<size_t>(dead.size());
@@ -365,8 +369,10 @@ transaction_actor spawn_update_transaction(caf::actor_system& sys, transaction_c
     self->state.ctx = context;
     self->set_down_handler([self](caf::down_msg& dm) {
       for (auto& p : self->state.parts)
-        if (p.handle.address() == dm.source)
+        if (p.handle.address() == dm.source) {
+          p.down = true;
           spdlog::warn("update: {} went down during the update ({})", who(p), caf::to_string(dm.reason));
+        }
     });
     return {
         [self](msg::update_atom, const msg::update_request& req) -> caf::result<msg::update_result> {

@@ -53,7 +53,7 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
     if (where.device.is_cuda()) loader = std::make_shared<weights::device_loader>(where.device.has_index() ? where.device.index() : 0);
     st->pipe = std::make_shared<pipeline::flux2_klein_pipeline>(config.model_path, where);
     st->pipe->load_weights(std::nullopt, loader.get());
-    const auto layout = weights::read_model_layout(st->pipe->model_dir());
+    const auto& layout = st->pipe->layout();
     for (const auto& m : st->pipe->module_names()) {
       const auto* c = layout.find(m);
       st->states[m] = make_module_state(st->pipe, m, config.index, c->class_name, c->dir.string(), loader);

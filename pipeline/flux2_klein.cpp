@@ -36,7 +36,8 @@ at::Tensor text_ids(int64_t length) {
 
 flux2_klein_pipeline::flux2_klein_pipeline(const fs::path& model_dir, const models::placement& where)
     : model_dir_(model_dir), where_(where) {
-  const weights::model_layout layout = weights::read_model_layout(model_dir);
+  layout_ = weights::read_model_layout(model_dir);
+  const weights::model_layout& layout = layout_;
   model_dir_ = layout.root;
   for (const char* needed : {"scheduler", "text_encoder", "tokenizer", "transformer", "vae"})
     if (!layout.find(needed))
@@ -82,7 +83,7 @@ models::tensor_registry& flux2_klein_pipeline::registry(const std::string& modul
 }
 
 void flux2_klein_pipeline::load_weights(const std::optional<fs::path>& from, weights::device_loader* loader) {
-  const weights::model_layout layout = weights::read_model_layout(from.value_or(model_dir_));
+  const weights::model_layout layout = from ? weights::read_model_layout(*from) : layout_;
   for (const auto& name : module_names()) {
     const weights::component_info* c = layout.find(name);
     if (!c || !c->weight_bearing) throw std::runtime_error(layout.root.string() + ": no weights for module '" + name + "'");

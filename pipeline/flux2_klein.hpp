@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "pipeline/models/model_loader.hpp"
+#include "pipeline/weights/diffusers_layout.hpp"
 #include "pipeline/sampling/flow_match.hpp"
 
 namespace refit::models {
@@ -85,6 +86,8 @@ class flux2_klein_pipeline {
   std::vector<std::string> module_names() const;
   models::tensor_registry& registry(const std::string& module);
   const std::filesystem::path& model_dir() const { return model_dir_; }
+  // The checkpoint's components as read at construction (classes, folders, weight files).
+  const weights::model_layout& layout() const { return layout_; }
   const models::placement& placement() const { return where_; }
 
   bool is_distilled() const { return is_distilled_; }
@@ -113,6 +116,7 @@ class flux2_klein_pipeline {
 
  private:
   std::filesystem::path model_dir_;
+  weights::model_layout layout_;
   models::placement where_;
   bool is_distilled_ = false;
   std::vector<int> taps_;
