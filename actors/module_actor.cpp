@@ -14,6 +14,7 @@
 #include <fstream>
 
 #include "pipeline/flux2_klein.hpp"
+#include "pipeline/models/layer_offload.hpp"
 #include "pipeline/models/model_loader.hpp"
 #include "pipeline/weights/checksum.hpp"
 #include "pipeline/weights/device_loader.hpp"
@@ -48,6 +49,12 @@ struct module_state {
   bool force_reread_undo = false;    // test builds: act as if no undo snapshot fits in host memory
 
   models::tensor_registry& registry() { return pipe->registry(module); }
+  // The transformer's layerwise offload when it is on: its blocks' weights live in its host store.
+  models::layer_offload* offload() { return module == "transformer" ? pipe->transformer_offload() : nullptr; }
+  bool offloaded(size_t slot) {
+    auto* off = offload();
+    return off && off->offloaded(slot);
+  }
 };
 
 std::shared_ptr<module_state> make_module_state(std::shared_ptr<pipeline::flux2_klein_pipeline> pipe, std::string module,
@@ -76,11 +83,15 @@ namespace {
 using clock = std::chrono::steady_clock;
 double since(clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); }
 
-uint64_t registry_bytes(const models::tensor_registry& r) {
-  uint64_t b = 0;
-  for (const auto& s : r.slots())
-    if (s.tensor->defined()) b += s.tensor->nbytes();
-  return b;
+// The tensors that hold the module's weights, one per registry slot: the host store's for offloaded
+// blocks (what an update writes and the checksum covers), the model's members for the rest.
+std::vector<at::Tensor> live_tensors(module_state& st) {
+  auto* off = st.offload();
+  const auto& slots = st.registry().slots();
+  std::vector<at::Tensor> out;
+  out.reserve(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) out.push_back(off && off->offloaded(i) ? off->host_tensor(i) : *slots[i].tensor);
+  return out;
 }
 
 uint64_t tensors_bytes(const std::vector<at::Tensor>& ts) {
@@ -126,18 +137,27 @@ weights::host_load_options load_options(const models::placement& where) {
   return o;
 }
 
-// Reads the module's checkpoint into `dst` (one tensor per registry slot, same shapes and dtypes).
+// Reads the module's checkpoint into `dst` (one tensor per registry slot, same shapes and dtypes; host
+// tensors for offloaded blocks, device tensors for the rest).
 void read_weights(module_state& st, const std::string& dir, const std::vector<at::Tensor>& dst) {
   auto w = weights::open_module_dir(st.module, dir);
   models::validate_against(st.registry(), w);
   const auto& where = st.pipe->placement();
   const auto& slots = st.registry().slots();
-  weights::named_tensors named;
-  for (size_t i = 0; i < slots.size(); ++i) named.emplace_back(slots[i].name, dst[i]);
-  if (where.device.is_cpu()) {
-    weights::read_into(w, named, load_options(where));
-    return;
+  weights::named_tensors named, host_named;
+  for (size_t i = 0; i < slots.size(); ++i) (dst[i].device().is_cpu() ? host_named : named).emplace_back(slots[i].name, dst[i]);
+  if (!host_named.empty()) {
+    auto t0 = clock::now();
+    weights::read_into(w, host_named, load_options(where));
+    if (st.offload()) {
+      uint64_t bytes = 0;
+      for (const auto& [name, t] : host_named) bytes += t.nbytes();
+      const double s = since(t0);
+      spdlog::info("module {} (worker {}): read {:.1f} MB into the offload host store in {:.3f} s ({:.2f} GB/s)", st.module, st.worker,
+                   bytes / 1e6, s, s > 0 ? bytes / s / 1e9 : 0.0);
+    }
   }
+  if (named.empty()) return;
   if (st.loader) {
     auto stats = st.loader->read_into(w, named, load_options(where));
     spdlog::info("module {} (worker {}): read {:.1f} MB to {} in {:.3f} s ({:.2f} GB/s)", st.module, st.worker, stats.bytes / 1e6,
@@ -146,7 +166,7 @@ void read_weights(module_state& st, const std::string& dir, const std::vector<at
   }
   auto host = weights::load_to_host(w, load_options(where));
   std::map<std::string, at::Tensor> by_name(host.begin(), host.end());
-  for (size_t i = 0; i < slots.size(); ++i) dst[i].copy_(by_name.at(slots[i].name), /*non_blocking=*/false);
+  for (auto& [name, t] : named) t.copy_(by_name.at(name), /*non_blocking=*/false);
 }
 
 msg::module_report report(const module_state& st, const char* path, uint64_t bytes, double seconds, const std::string& dir) {
@@ -164,17 +184,23 @@ msg::module_report report(const module_state& st, const char* path, uint64_t byt
 // Puts back what was live before commit. Returns how it was done.
 const char* restore(module_state& st) {
   auto& slots = st.registry().slots();
+  auto* off = st.offload();
   const char* how = st.path == "staged" ? "staged" : "in_place";
   if (st.committed) {
     if (st.path == "staged") {
-      for (size_t i = 0; i < slots.size(); ++i) *slots[i].tensor = st.undo[i];
-    } else if (st.undo_by_reread) {
-      std::vector<at::Tensor> live;
-      for (const auto& s : slots) live.push_back(*s.tensor);
-      read_weights(st, st.source_dir, live);
-      how = "reread";
+      for (size_t i = 0; i < slots.size(); ++i)
+        if (!st.offloaded(i)) *slots[i].tensor = st.undo[i];
+      if (off) off->swap_stores();  // the previous host store is live again, and so are its resident blocks
     } else {
-      for (size_t i = 0; i < slots.size(); ++i) slots[i].tensor->copy_(st.undo[i]);
+      if (off) off->quiesce();
+      const std::vector<at::Tensor> live = live_tensors(st);
+      if (st.undo_by_reread) {
+        read_weights(st, st.source_dir, live);
+        how = "reread";
+      } else {
+        for (size_t i = 0; i < slots.size(); ++i) live[i].copy_(st.undo[i]);
+      }
+      if (off) off->refresh_resident();
     }
   }
   st.undo.clear();
@@ -248,10 +274,19 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             auto t0 = clock::now();
             st.shadows.clear();
             st.pending_dir = dir;
-            uint64_t bytes = registry_bytes(st.registry());
-            st.path = path == "auto" ? (shadows_fit(st, bytes) ? "staged" : "in_place") : path;
+            const std::vector<at::Tensor> live = live_tensors(st);
+            const uint64_t bytes = tensors_bytes(live);
+            // Offloaded blocks are staged into the offload's second host store (kept for later updates
+            // once allocated), the rest into fresh shadows on the device.
+            auto* off = st.offload();
+            uint64_t shadow_bytes = 0;
+            for (size_t i = 0; i < live.size(); ++i)
+              if (!st.offloaded(i)) shadow_bytes += live[i].nbytes();
+            const bool spare_fits = !off || off->spare_allocated() || off->host_bytes() + (1ull << 30) <= available_host_bytes();
+            st.path = path == "auto" ? (shadows_fit(st, shadow_bytes) && spare_fits ? "staged" : "in_place") : path;
             if (st.path == "staged") {
-              for (const auto& s : st.registry().slots()) st.shadows.push_back(at::empty_like(*s.tensor));
+              for (size_t i = 0; i < live.size(); ++i)
+                st.shadows.push_back(st.offloaded(i) ? off->spare_tensor(i) : at::empty_like(live[i]));
               try {
                 read_weights(st, dir, st.shadows);
               } catch (...) {
@@ -273,37 +308,45 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             if (st.path == "staged") {
               if (st.shadows.size() != slots.size()) throw std::logic_error("commit without staged weights");
               st.undo.clear();
+              auto* off = st.offload();
               for (size_t i = 0; i < slots.size(); ++i) {
+                if (st.offloaded(i)) {
+                  st.undo.push_back(off->host_tensor(i));  // becomes the second store at the swap below
+                  continue;
+                }
                 st.undo.push_back(*slots[i].tensor);
                 *slots[i].tensor = st.shadows[i];  // a swap of storage, not a copy
               }
+              if (off) off->swap_stores();  // the staged host store goes live; resident blocks are rewritten
               st.shadows.clear();
               st.committed = true;
               return report(st, "staged", st.update_bytes, since(t0), st.pending_dir);
             }
             // In place: keep what is live in host memory first (or, when that does not fit, plan to
             // re-read the previous checkpoint), then read the new weights over the live tensors.
-            const uint64_t bytes = registry_bytes(st.registry());
+            auto* off = st.offload();
+            if (off) off->quiesce();  // no block copy may read the host store while it is rewritten
+            const std::vector<at::Tensor> live = live_tensors(st);
+            const uint64_t bytes = tensors_bytes(live);
             st.undo.clear();
             st.undo_by_reread = st.force_reread_undo || bytes + (1ull << 30) > available_host_bytes();
             if (!st.undo_by_reread) {
               const bool on_gpu = !st.pipe->placement().device.is_cpu();
               if (on_gpu && st.undo_arena.size() != slots.size()) {
                 st.undo_arena.clear();
-                for (const auto& s : slots)
-                  st.undo_arena.push_back(at::empty(s.tensor->sizes(), s.tensor->options().device(at::kCPU).pinned_memory(true)));
+                for (const auto& t : live)
+                  st.undo_arena.push_back(at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(t.is_cuda())));
               }
               for (size_t i = 0; i < slots.size(); ++i) {
-                at::Tensor host = on_gpu ? st.undo_arena[i] : at::empty_like(*slots[i].tensor);
-                host.copy_(*slots[i].tensor);
+                at::Tensor host = on_gpu ? st.undo_arena[i] : at::empty_like(live[i]);
+                host.copy_(live[i]);
                 st.undo.push_back(host);
               }
             }
             st.committed = true;
-            std::vector<at::Tensor> live;
-            for (const auto& s : slots) live.push_back(*s.tensor);
             try {
               read_weights(st, st.pending_dir, live);
+              if (off) off->refresh_resident();
             } catch (...) {
               restore(st);  // a half-written module must not stay live
               throw;
@@ -345,9 +388,10 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           try {
             c10::InferenceMode inference;
             auto& slots = st.registry().slots();
+            const std::vector<at::Tensor> live = live_tensors(st);
             std::vector<weights::tensor_digest_record> records(slots.size());
             weights::parallel_for_each(slots.size(), 0, [&](size_t i) {
-              at::Tensor t = slots[i].tensor->to(at::kCPU).contiguous();
+              at::Tensor t = live[i].to(at::kCPU).contiguous();
               weights::sha256 h;
               h.update({static_cast<const std::byte*>(t.data_ptr()), t.nbytes()});
               records[i] = {slots[i].name, weights::from_scalar_type(t.scalar_type()), t.sizes().vec(), h.finish()};
@@ -367,7 +411,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           i.device = st.pipe->placement().device.str();
           i.worker = st.worker;
           i.tensors = st.registry().slots().size();
-          i.bytes = registry_bytes(st.registry());
+          i.bytes = tensors_bytes(live_tensors(st));
           i.source_dir = st.source_dir;
           i.undo_bytes = tensors_bytes(st.undo);
           i.shadow_bytes = tensors_bytes(st.shadows);

@@ -191,7 +191,8 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
   for (size_t i = 0; i < config.devices.size(); ++i) {
     cancels.push_back(std::make_shared<std::atomic<bool>>(false));
     caches.push_back(spawn_cache_actor(sys, static_cast<int32_t>(i)));
-    worker_config wc{config.model_path, config.devices[i], config.dtype, static_cast<int32_t>(i), caches.back()};
+    worker_config wc{config.model_path, config.devices[i], config.dtype, static_cast<int32_t>(i), caches.back(),
+                     config.dit_layerwise_offload, config.dit_offload_prefetch_size};
     auto handles = spawn_worker(sys, wc, cancels.back());
     workers.push_back(handles.worker);
     supervisors.push_back(handles.modules);

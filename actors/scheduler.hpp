@@ -15,6 +15,8 @@ struct engine_config {
   std::filesystem::path model_path;
   std::vector<std::string> devices{"cpu"};  // one worker per entry: cpu, cuda, cuda:1, ...
   std::string dtype;                         // bf16, fp16, fp32; empty: bf16 on CUDA, fp32 on CPU
+  bool dit_layerwise_offload = false;        // transformer blocks in host memory, prefetched to the device
+  double dit_offload_prefetch_size = 1;      // blocks prefetched ahead (>= 1), or a fraction of them
 };
 
 // Loads the model on every worker (throws on a bad model), spawns workers, module, cache and

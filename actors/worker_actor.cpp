@@ -8,6 +8,7 @@
 
 #include "actors/module_actor.hpp"
 #include "pipeline/flux2_klein.hpp"
+#include "pipeline/models/layer_offload.hpp"
 #include "pipeline/image/png.hpp"
 #include "pipeline/weights/device_loader.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
@@ -51,8 +52,16 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
     const models::placement where = placement_for(config);
     std::shared_ptr<weights::device_loader> loader;
     if (where.device.is_cuda()) loader = std::make_shared<weights::device_loader>(where.device.has_index() ? where.device.index() : 0);
-    st->pipe = std::make_shared<pipeline::flux2_klein_pipeline>(config.model_path, where);
+    st->pipe = std::make_shared<pipeline::flux2_klein_pipeline>(
+        config.model_path, where, pipeline::offload_settings{config.dit_layerwise_offload, config.dit_offload_prefetch_size});
     st->pipe->load_weights(std::nullopt, loader.get());
+    if (auto* off = st->pipe->transformer_offload()) {
+      const auto i = off->info();
+      spdlog::info("worker {}: layerwise offload of {} transformer blocks: {:.1f} MB in host memory{}, {} device slots of {:.1f} MB (prefetch {})",
+                   config.index, i.layers, i.host_bytes / 1e6, where.device.is_cuda() ? " (pinned)" : "",
+                   std::min<int64_t>(i.prefetch_size + 1, i.layers), i.device_bytes / 1e6 / std::min<int64_t>(i.prefetch_size + 1, i.layers),
+                   i.prefetch_size);
+    }
     const auto& layout = st->pipe->layout();
     for (const auto& m : st->pipe->module_names()) {
       const auto* c = layout.find(m);

@@ -16,6 +16,8 @@ struct worker_config {
   std::string dtype;            // bf16, fp16, fp32; empty: bf16 on CUDA, fp32 on CPU
   int32_t index = 0;
   msg::cache_actor cache;       // receives the worker's TeaCache counters; may be null
+  bool dit_layerwise_offload = false;  // keep the transformer's blocks in host memory (layer_offload)
+  double dit_offload_prefetch_size = 1;
 };
 
 struct worker_handles {

@@ -81,6 +81,8 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
     double guidance = 4.0;
     bool teacache = false;
     double teacache_threshold = -1;
+    bool offload = false;
+    double prefetch = 1;
   };
   auto ga = std::make_shared<gen_args>();
   auto* gen = app.add_subcommand("generate", "Generate one image with a FLUX.2-klein checkpoint and write it as PNG");
@@ -97,11 +99,12 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
   gen->add_option("--teacache-threshold", ga->teacache_threshold,
                   "TeaCache threshold (default: transformer/teacache.json, else 0.25); implies --teacache")
       ->check(CLI::Range(0.0, 1e6));
+  add_offload_options(*gen, ga->offload, ga->prefetch);
   gen->add_option("-o,--output", ga->out, "PNG file to write")->required();
   commands.emplace_back(gen, [ga] {
     const auto where = parse_placement(ga->device, ga->dtype);
     auto t0 = std::chrono::steady_clock::now();
-    pipeline::flux2_klein_pipeline pipe(ga->model, where);
+    pipeline::flux2_klein_pipeline pipe(ga->model, where, {ga->offload, ga->prefetch});
     pipe.load_weights();
     auto t1 = std::chrono::steady_clock::now();
     pipeline::generation_params p;

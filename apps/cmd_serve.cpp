@@ -29,6 +29,8 @@ struct serve_args {
   std::vector<std::string> allowed_roots;
   std::optional<int> actor_port;
   size_t max_request_bytes = 1 << 20;
+  bool dit_layerwise_offload = false;
+  double dit_offload_prefetch_size = 1;
 };
 
 // Written whole and renamed into place, so a poller never reads a half-written number.
@@ -66,7 +68,9 @@ int serve(const serve_args& a) {
   const std::vector<std::string> devices(static_cast<size_t>(a.workers), a.device);
   spdlog::info("refit serve: loading {} on {} worker(s) ({}, dtype {})", a.model_path, a.workers, a.device,
                a.dtype.empty() ? "default" : a.dtype);
-  auto scheduler = actors::spawn_engine(sys, {a.model_path, devices, a.dtype});
+  if (a.dit_layerwise_offload)
+    spdlog::info("refit serve: layerwise offload of the transformer's blocks, prefetch {}", a.dit_offload_prefetch_size);
+  auto scheduler = actors::spawn_engine(sys, {a.model_path, devices, a.dtype, a.dit_layerwise_offload, a.dit_offload_prefetch_size});
   caf::scoped_actor self{sys};
   // Whatever goes wrong from here, the engine must not outlive this function (the actor system's
   // destructor would wait for it forever).
@@ -153,6 +157,7 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
                   "Directory update checkpoints must lie in, after resolving symlinks and '..'; repeatable (default: any path)");
   cmd->add_option("--actor-port", a->actor_port, "Publish the scheduler to CAF remote clients on this port; 0: ephemeral (default: off)");
   cmd->add_option("--max-request-bytes", a->max_request_bytes, "Larger request bodies are refused with 413")->capture_default_str();
+  add_offload_options(*cmd, a->dit_layerwise_offload, a->dit_offload_prefetch_size);
   commands.emplace_back(cmd, [a] { return serve(*a); });
 }
 

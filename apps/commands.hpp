@@ -18,4 +18,20 @@ void add_serve_commands(CLI::App& app, command_registry& commands);     // serve
 
 std::string build_info();
 
+// --dit-layerwise-offload and --dit-offload-prefetch-size, shared by serve and generate.
+inline void add_offload_options(CLI::App& cmd, bool& offload, double& prefetch) {
+  cmd.add_flag("--dit-layerwise-offload", offload,
+               "Keep the transformer's blocks in (pinned) host memory and copy each to the device just before it runs");
+  cmd.add_option("--dit-offload-prefetch-size", prefetch,
+                 "With --dit-layerwise-offload: blocks copied ahead of the running one (a whole number >= 1), or a fraction "
+                 "(0, 1) of all blocks; device memory holds prefetch + 1 blocks")
+      ->capture_default_str()
+      ->check([](const std::string& v) -> std::string {
+        const double x = std::stod(v);
+        if (!(x > 0)) return "must be greater than 0";
+        if (x >= 1 && x != static_cast<double>(static_cast<long long>(x))) return "must be a whole number when 1 or more";
+        return {};
+      });
+}
+
 }  // namespace refit::apps

@@ -9,6 +9,7 @@
 
 #include "pipeline/models/config_json.hpp"
 #include "pipeline/models/flux2_transformer.hpp"
+#include "pipeline/models/layer_offload.hpp"
 #include "pipeline/models/qwen3.hpp"
 #include "pipeline/models/tokenizer.hpp"
 #include "pipeline/models/vae_flux2.hpp"
@@ -34,7 +35,7 @@ at::Tensor text_ids(int64_t length) {
 
 }  // namespace
 
-flux2_klein_pipeline::flux2_klein_pipeline(const fs::path& model_dir, const models::placement& where)
+flux2_klein_pipeline::flux2_klein_pipeline(const fs::path& model_dir, const models::placement& where, const offload_settings& offload)
     : model_dir_(model_dir), where_(where) {
   layout_ = weights::read_model_layout(model_dir);
   const weights::model_layout& layout = layout_;
@@ -69,6 +70,11 @@ flux2_klein_pipeline::flux2_klein_pipeline(const fs::path& model_dir, const mode
   for (int64_t k = 1; k <= n; ++k) taps_.push_back(static_cast<int>(k * layers / (n + 1)));
   if (dit_config.in_channels != 4 * vae_->config().latent_channels)
     throw std::runtime_error(model_dir_.string() + ": transformer in_channels must be 4 x the VAE's latent_channels");
+  if (offload.enabled) {
+    offload_ = std::make_unique<models::layer_offload>(transformer_->registry(), transformer_->block_prefixes(), where_.device,
+                                                       where_.float_dtype, offload.prefetch_size);
+    transformer_->set_offload(offload_.get());
+  }
 }
 
 flux2_klein_pipeline::~flux2_klein_pipeline() = default;
@@ -87,7 +93,8 @@ void flux2_klein_pipeline::load_weights(const std::optional<fs::path>& from, wei
   for (const auto& name : module_names()) {
     const weights::component_info* c = layout.find(name);
     if (!c || !c->weight_bearing) throw std::runtime_error(layout.root.string() + ": no weights for module '" + name + "'");
-    models::load_into(registry(name), weights::open_module_weights(*c), where_, loader);
+    models::load_into(registry(name), weights::open_module_weights(*c), where_, loader,
+                      name == "transformer" ? offload_.get() : nullptr);
   }
 }
 

@@ -20,6 +20,7 @@
 
 namespace refit::models {
 class flux2_transformer;
+class layer_offload;
 struct teacache_config;
 class qwen3_text_encoder;
 class vae_flux2;
@@ -31,6 +32,12 @@ class device_loader;
 }
 
 namespace refit::pipeline {
+
+// Layerwise offload of the DiT's blocks (see models::layer_offload).
+struct offload_settings {
+  bool enabled = false;      // refit serve --dit-layerwise-offload
+  double prefetch_size = 1;  // blocks copied ahead (>= 1), or a fraction (0, 1) of the blocks
+};
 
 // TeaCache for one request; the state lives with the request, one per CFG branch.
 struct teacache_settings {
@@ -75,7 +82,8 @@ struct rgb_image {
 class flux2_klein_pipeline {
  public:
   // Reads model_index.json and every component's config and builds the modules, without weights.
-  flux2_klein_pipeline(const std::filesystem::path& model_dir, const models::placement& where);
+  // With offload enabled, the transformer's blocks are held in host memory (models::layer_offload).
+  flux2_klein_pipeline(const std::filesystem::path& model_dir, const models::placement& where, const offload_settings& offload = {});
   ~flux2_klein_pipeline();
 
   // Strictly loads every weight-bearing module from the model folder (or the given one); on CUDA,
@@ -111,6 +119,8 @@ class flux2_klein_pipeline {
   const models::teacache_config& teacache_config() const { return *teacache_; }
 
   models::flux2_transformer& transformer() { return *transformer_; }
+  // The transformer's layerwise offload; nullptr when it is off.
+  models::layer_offload* transformer_offload() { return offload_.get(); }
   models::vae_flux2& vae() { return *vae_; }
   models::qwen3_text_encoder& text_encoder() { return *text_encoder_; }
 
@@ -126,6 +136,7 @@ class flux2_klein_pipeline {
   std::unique_ptr<models::flux2_transformer> transformer_;
   std::unique_ptr<models::vae_flux2> vae_;
   std::unique_ptr<models::teacache_config> teacache_;
+  std::unique_ptr<models::layer_offload> offload_;  // declared after transformer_: it points into it
 };
 
 // [B, 3, H, W] in [0, 1] -> 8-bit RGB images, rounded as diffusers' postprocess does.

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "pipeline/models/config_json.hpp"
+#include "pipeline/models/layer_offload.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -159,6 +160,13 @@ at::Tensor modulate(const at::Tensor& normed, const at::Tensor& shift, const at:
 
 }  // namespace
 
+std::vector<std::string> flux2_transformer::block_prefixes() const {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < blocks_.size(); ++i) out.push_back("transformer_blocks." + std::to_string(i) + ".");
+  for (size_t i = 0; i < single_blocks_.size(); ++i) out.push_back("single_transformer_blocks." + std::to_string(i) + ".");
+  return out;
+}
+
 at::Tensor flux2_transformer::feed_forward::operator()(const at::Tensor& x) const { return linear_out(swiglu(linear_in(x))); }
 
 at::Tensor flux2_transformer::time_embedding(const at::Tensor& t, const linear& l1, const linear& l2) const {
@@ -281,10 +289,24 @@ at::Tensor flux2_transformer::forward(const at::Tensor& hidden_states, const at:
     h = x + cache->previous_residual;
   } else {
     const at::Tensor x_in = x;
-    for (const auto& b : blocks_) run_double(b, x, c, m_img, m_txt, tables);
+    // With layerwise offload each block is fetched before it runs and handed back after; an exception
+    // inside a block leaves the offload to start over (recover), not with a block marked in use.
+    int64_t layer = 0;
+    auto run = [&](auto&& body) {
+      if (!offload_) return body();
+      offload_->acquire(layer);
+      try {
+        body();
+      } catch (...) {
+        offload_->recover();
+        throw;
+      }
+      offload_->release(layer++);
+    };
+    for (const auto& b : blocks_) run([&] { run_double(b, x, c, m_img, m_txt, tables); });
     const int64_t s_txt = c.size(1);
     h = at::cat({c, x}, 1);
-    for (const auto& b : single_blocks_) run_single(b, h, m_single, tables);
+    for (const auto& b : single_blocks_) run([&] { run_single(b, h, m_single, tables); });
     h = h.narrow(1, s_txt, h.size(1) - s_txt);
     if (cache) cache->previous_residual = h - x_in;
   }

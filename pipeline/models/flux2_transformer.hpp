@@ -66,6 +66,8 @@ struct teacache_state {
   int64_t skipped_steps() const;
 };
 
+class layer_offload;
+
 class flux2_transformer {
  public:
   explicit flux2_transformer(const flux2_config& config);
@@ -83,6 +85,14 @@ class flux2_transformer {
   at::Tensor forward(const at::Tensor& hidden_states, const at::Tensor& encoder_hidden_states, const at::Tensor& timestep,
                      const at::Tensor& img_ids, const at::Tensor& txt_ids,
                      const std::optional<at::Tensor>& guidance = std::nullopt, teacache_state* cache = nullptr) const;
+
+  // The blocks in execution order as registry prefixes (double-stream, then single-stream): the
+  // units of layerwise offload.
+  std::vector<std::string> block_prefixes() const;
+  // With an offload, forward() acquires each block from it before running the block and releases it
+  // after; the offload must outlive its use here. nullptr: every weight is resident.
+  void set_offload(layer_offload* offload) { offload_ = offload; }
+  layer_offload* offload() const { return offload_; }
 
   // Rotary tables (cos, sin), each [S, attention_head_dim], for position ids [S, n_axes].
   std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& ids) const;
@@ -118,6 +128,7 @@ class flux2_transformer {
   std::vector<double_block> blocks_;
   std::vector<single_block> single_blocks_;
   linear norm_out_linear, proj_out;
+  layer_offload* offload_ = nullptr;
 };
 
 }  // namespace refit::models

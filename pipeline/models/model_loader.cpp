@@ -5,6 +5,7 @@
 
 #include <set>
 
+#include "pipeline/models/layer_offload.hpp"
 #include "pipeline/weights/device_loader.hpp"
 #include "pipeline/weights/host_loader.hpp"
 
@@ -52,7 +53,7 @@ void validate_against(const tensor_registry& registry, const weights::module_wei
 }
 
 void load_into(tensor_registry& registry, const weights::module_weights& w, const placement& where,
-               weights::device_loader* loader) {
+               weights::device_loader* loader, layer_offload* offload) {
   validate_against(registry, w);
   weights::host_load_options opts;
   // The loader converts convertible floats; fixed-dtype slots are integer or bool and keep theirs.
@@ -62,12 +63,35 @@ void load_into(tensor_registry& registry, const weights::module_weights& w, cons
     case at::kHalf: opts.float_dtype = weights::dtype::F16; break;
     default: throw std::invalid_argument("unsupported model dtype " + std::string(c10::toString(where.float_dtype)));
   }
+  auto held_type = [&](const tensor_slot& slot) {
+    const auto stored = w.tensors.at(slot.name).entry->type;
+    return slot.fixed_dtype.value_or(weights::is_convertible_float(stored) ? where.float_dtype : weights::to_scalar_type(stored));
+  };
+  if (offload) {
+    // Offloaded slots go straight into the host store; the others are read into host tensors and
+    // moved (or, on a GPU with the fast path, read straight into device tensors).
+    const auto& slots = registry.slots();
+    weights::named_tensors host_dst, device_dst, resident;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (offload->offloaded(i)) {
+        host_dst.emplace_back(slots[i].name, offload->host_tensor(i));
+      } else {
+        const bool direct = loader && where.device.is_cuda();
+        at::Tensor t = at::empty(slots[i].shape, at::TensorOptions().dtype(held_type(slots[i])).device(direct ? where.device : at::kCPU));
+        (direct ? device_dst : resident).emplace_back(slots[i].name, t);
+      }
+    }
+    weights::read_into(w, host_dst, opts);
+    weights::read_into(w, resident, opts);
+    if (!device_dst.empty()) loader->read_into(w, device_dst, opts);
+    for (auto* list : {&resident, &device_dst})
+      for (auto& [name, t] : *list) *registry.find(name)->tensor = t.device() == where.device ? t : t.to(where.device);
+    return;
+  }
   if (loader && where.device.is_cuda()) {
     weights::named_tensors dst;
     for (const auto& slot : registry.slots()) {
-      const auto type = slot.fixed_dtype.value_or(
-          weights::is_convertible_float(w.tensors.at(slot.name).entry->type) ? where.float_dtype : weights::to_scalar_type(w.tensors.at(slot.name).entry->type));
-      *slot.tensor = at::empty(slot.shape, at::TensorOptions().dtype(type).device(where.device));
+      *slot.tensor = at::empty(slot.shape, at::TensorOptions().dtype(held_type(slot)).device(where.device));
       dst.emplace_back(slot.name, *slot.tensor);
     }
     loader->read_into(w, dst, opts);

@@ -15,6 +15,8 @@ class device_loader;
 
 namespace refit::models {
 
+class layer_offload;
+
 struct placement {
   c10::ScalarType float_dtype = at::kFloat;  // floating parameters and buffers are held in this dtype
   at::Device device = at::kCPU;
@@ -26,8 +28,9 @@ void validate_against(const tensor_registry& registry, const weights::module_wei
 
 // Validates, reads and places every tensor: after it returns, every slot holds its checkpoint tensor.
 // On a CUDA device, `loader` (the GPU fast path) reads straight into freshly allocated device tensors.
+// With `offload`, the slots it holds are read into its host store instead and stay off the device.
 void load_into(tensor_registry& registry, const weights::module_weights& weights, const placement& where,
-               weights::device_loader* loader = nullptr);
+               weights::device_loader* loader = nullptr, layer_offload* offload = nullptr);
 
 // A deterministic random value for one slot, depending only on the seed and the slot's name (so a
 // checkpoint is the same whatever order or thread makes it): normal * std for weights, 1 + that for
