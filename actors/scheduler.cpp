@@ -37,6 +37,7 @@ struct sched_state {
   std::vector<msg::worker_actor> workers;
   std::vector<msg::module_supervisor_actor> supervisors;
   std::vector<msg::cache_actor> caches;
+  std::vector<msg::offload_manager_actor> offloads;  // workers with layerwise offload
   std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
   std::vector<std::string> modules;
   std::vector<int> in_flight;
@@ -162,6 +163,25 @@ void start_next_update(self_ptr self) {
 // Asks every worker for its module actors, then `each` for every selected one; `done` after all.
 using module_map = std::map<std::string, msg::module_actor>;
 
+// Asks every actor in `handles` the same question; `each` sees every answer, `done` runs once all
+// answered or failed.
+template <class Reply, class Handle, class Atom>
+void ask_all(self_ptr self, const std::vector<Handle>& handles, Atom atom, std::function<void(size_t, Reply&)> each,
+             std::function<void()> done) {
+  if (handles.empty()) return done();
+  auto pending = std::make_shared<size_t>(handles.size());
+  for (size_t i = 0; i < handles.size(); ++i)
+    self->request(handles[i], query_timeout, atom)
+        .then(
+            [i, each, done, pending](Reply& r) {
+              each(i, r);
+              if (--*pending == 0) done();
+            },
+            [done, pending](caf::error&) {
+              if (--*pending == 0) done();
+            });
+}
+
 void for_modules(self_ptr self, std::vector<size_t> workers, std::function<void(size_t, module_map&)> each,
                  std::function<void()> done) {
   auto pending = std::make_shared<size_t>(workers.size());
@@ -187,6 +207,7 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
   std::vector<msg::worker_actor> workers;
   std::vector<msg::module_supervisor_actor> supervisors;
   std::vector<msg::cache_actor> caches;
+  std::vector<msg::offload_manager_actor> offloads;
   std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
   for (size_t i = 0; i < config.devices.size(); ++i) {
     cancels.push_back(std::make_shared<std::atomic<bool>>(false));
@@ -196,6 +217,7 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
     auto handles = spawn_worker(sys, wc, cancels.back());
     workers.push_back(handles.worker);
     supervisors.push_back(handles.modules);
+    if (handles.offload) offloads.push_back(handles.offload);
   }
   const std::string model_path = config.model_path.string();
   return sys.spawn([=](self_ptr self) -> msg::scheduler_actor::behavior_type {
@@ -203,6 +225,7 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
     st.workers = workers;
     st.supervisors = supervisors;
     st.caches = caches;
+    st.offloads = offloads;
     st.cancels = cancels;
     st.modules = {"text_encoder", "transformer", "vae"};
     st.in_flight.assign(workers.size(), 0);
@@ -210,6 +233,7 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
     for (auto& w : workers) self->link_to(w);
     for (auto& s : supervisors) self->link_to(s);
     for (auto& c : caches) self->link_to(c);
+    for (auto& o : offloads) self->link_to(o);
     return {
         [self](msg::generate_atom, msg::generation_request& req) -> caf::result<msg::generation_result> {
           auto promise = self->make_response_promise<msg::generation_result>();
@@ -270,26 +294,31 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
                 for (auto& [n, h] : hs) handles->push_back(h);
               },
               [self, handles, info, promise]() mutable {
-                auto pending = std::make_shared<size_t>(handles->size());
-                if (handles->empty()) promise.deliver(*info);
-                for (auto& h : *handles)
-                  self->request(h, query_timeout, msg::info_atom::value)
-                      .then(
-                          [info, pending, promise](msg::module_info& mi) mutable {
-                            info->modules.push_back(mi);
-                            if (--*pending == 0) promise.deliver(*info);
-                          },
-                          [info, pending, promise](caf::error&) mutable {
-                            if (--*pending == 0) promise.deliver(*info);
-                          });
+                ask_all<msg::module_info>(
+                    self, *handles, msg::info_atom::value, [info](size_t, msg::module_info& mi) { info->modules.push_back(mi); },
+                    [self, info, promise]() mutable {
+                      ask_all<msg::offload_info>(
+                          self, self->state.offloads, msg::info_atom::value,
+                          [info](size_t, msg::offload_info& o) { info->offload.push_back(o); },
+                          [info, promise]() mutable { promise.deliver(*info); });
+                    });
               });
           return promise;
         },
-        [self](msg::stats_atom) -> msg::scheduler_stats {
-          auto s = self->state.stats;
-          s.in_flight = total_in_flight(self->state);
-          s.queued = self->state.queue.size();
-          return s;
+        [self](msg::stats_atom) -> caf::result<msg::scheduler_stats> {
+          auto s = std::make_shared<msg::scheduler_stats>(self->state.stats);
+          s->in_flight = total_in_flight(self->state);
+          s->queued = self->state.queue.size();
+          s->teacache.resize(self->state.caches.size());
+          auto promise = self->make_response_promise<msg::scheduler_stats>();
+          ask_all<msg::teacache_counters>(
+              self, self->state.caches, msg::stats_atom::value, [s](size_t i, msg::teacache_counters& c) { s->teacache[i] = c; },
+              [self, s, promise]() mutable {
+                ask_all<msg::offload_info>(
+                    self, self->state.offloads, msg::info_atom::value, [s](size_t, msg::offload_info& o) { s->offload.push_back(o); },
+                    [s, promise]() mutable { promise.deliver(*s); });
+              });
+          return promise;
         },
         [self](msg::pause_atom, bool abort) -> caf::result<uint64_t> {
           auto& st = self->state;

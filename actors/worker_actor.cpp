@@ -7,6 +7,7 @@
 #include <chrono>
 
 #include "actors/module_actor.hpp"
+#include "actors/offload_manager.hpp"
 #include "pipeline/flux2_klein.hpp"
 #include "pipeline/models/layer_offload.hpp"
 #include "pipeline/image/png.hpp"
@@ -72,6 +73,7 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   worker_handles handles;
+  if (st->pipe->transformer_offload()) handles.offload = spawn_offload_manager(sys, st->index, st->pipe);
   handles.modules = sys.spawn([st](msg::module_supervisor_actor::pointer self) -> msg::module_supervisor_actor::behavior_type {
     for (auto& [name, state] : st->states) {
       st->modules[name] = spawn_module_actor(self->system(), state);
@@ -112,7 +114,8 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
           p.seed = r.seed;
           p.images_per_prompt = r.images_per_prompt;
           p.cancel = st->cancel.get();
-          p.teacache.enabled = r.enable_teacache;
+          p.teacache.enabled = r.enable_teacache || r.teacache_threshold >= 0;
+          if (r.teacache_threshold >= 0) p.teacache.threshold = r.teacache_threshold;
           try {
             pipeline::generation_stats stats;
             auto images = st->pipe->generate(p, &stats);
@@ -121,7 +124,7 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
               out.png_images.push_back(image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height)));
             out.worker = st->index;
             out.inference_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            if (r.enable_teacache) {
+            if (p.teacache.enabled) {
               out.teacache_calls = static_cast<uint64_t>(stats.transformer_calls);
               out.teacache_skipped = static_cast<uint64_t>(stats.blocks_skipped);
               if (st->cache) caf::anon_send(st->cache, msg::teacache_atom::value, out.teacache_calls - out.teacache_skipped, out.teacache_skipped);

@@ -23,6 +23,7 @@ struct worker_config {
 struct worker_handles {
   msg::worker_actor worker;
   msg::module_supervisor_actor modules;
+  msg::offload_manager_actor offload;  // null without layerwise offload
 };
 
 // Loads the pipeline (strictly, every module) before returning, so a bad model path fails here.

@@ -27,7 +27,12 @@ inline void add_offload_options(CLI::App& cmd, bool& offload, double& prefetch) 
                  "(0, 1) of all blocks; device memory holds prefetch + 1 blocks")
       ->capture_default_str()
       ->check([](const std::string& v) -> std::string {
-        const double x = std::stod(v);
+        double x = 0;
+        try {
+          x = std::stod(v);
+        } catch (const std::exception&) {
+          return "must be a number";
+        }
         if (!(x > 0)) return "must be greater than 0";
         if (x >= 1 && x != static_cast<double>(static_cast<long long>(x))) return "must be a whole number when 1 or more";
         return {};

@@ -1,7 +1,9 @@
 // Generation benchmark: time per image of refit's FLUX.2-klein pipeline, model loaded once.
 //   bench_generate MODEL_DIR [--device cuda] [--dtype bf16] [--size 1024] [--steps 4] [--repeat 3] [--seed 0]
+//                  [--offload-prefetch N]   (layerwise offload of the DiT blocks, N blocks ahead)
 // Prints one JSON object: load seconds, per-image seconds of every repetition (after one warm-up),
-// best and median. Compare with bench/generate.py, which runs Diffusers on the same checkpoint.
+// best and median, and on CUDA the device memory held after loading and the peak while generating.
+// Compare with bench/generate.py, which runs Diffusers on the same checkpoint.
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
@@ -10,8 +12,10 @@
 #include <iostream>
 
 #include "pipeline/flux2_klein.hpp"
+#include "pipeline/weights/device_loader.hpp"
 
 #ifdef REFIT_TORCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
@@ -22,6 +26,24 @@ void sync(const at::Device& d) {
 #else
   (void)d;
 #endif
+}
+// Bytes the caching allocator has handed out on the device: now and at the peak since the last reset.
+std::pair<uint64_t, uint64_t> device_allocated(const at::Device& d) {
+#ifdef REFIT_TORCH_CUDA
+  if (d.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(d.has_index() ? d.index() : 0);
+    const auto& a = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    return {static_cast<uint64_t>(a.current), static_cast<uint64_t>(a.peak)};
+  }
+#endif
+  (void)d;
+  return {0, 0};
+}
+void reset_peak(const at::Device& d) {
+#ifdef REFIT_TORCH_CUDA
+  if (d.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(d.has_index() ? d.index() : 0);
+#endif
+  (void)d;
 }
 double since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
@@ -36,6 +58,7 @@ int main(int argc, char** argv) {
   std::string device = "cpu", dtype;
   int64_t size = 0, steps = 0, repeat = 3;
   uint64_t seed = 0;
+  double offload_prefetch = 0;
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--device") device = v;
@@ -44,6 +67,7 @@ int main(int argc, char** argv) {
     else if (k == "--steps") steps = std::stoll(v);
     else if (k == "--repeat") repeat = std::stoll(v);
     else if (k == "--seed") seed = std::stoull(v);
+    else if (k == "--offload-prefetch") offload_prefetch = std::stod(v);
     else {
       std::cerr << "bench_generate: unknown option " << k << "\n";
       return 2;
@@ -55,10 +79,15 @@ int main(int argc, char** argv) {
     where.float_dtype = dtype == "fp32" ? at::kFloat : dtype == "fp16" ? at::kHalf
                         : (dtype == "bf16" || where.device.is_cuda()) ? at::kBFloat16 : at::kFloat;
     auto t0 = std::chrono::steady_clock::now();
-    refit::pipeline::flux2_klein_pipeline pipe(argv[1], where);
-    pipe.load_weights();
+    refit::pipeline::flux2_klein_pipeline pipe(argv[1], where, {offload_prefetch > 0, offload_prefetch > 0 ? offload_prefetch : 1});
+    std::unique_ptr<refit::weights::device_loader> loader;
+    if (where.device.is_cuda()) loader = std::make_unique<refit::weights::device_loader>(where.device.has_index() ? where.device.index() : 0);
+    pipe.load_weights(std::nullopt, loader.get());
+    loader.reset();  // its pinned ring is not part of what generation needs
     sync(where.device);
     const double load_s = since(t0);
+    const uint64_t loaded_bytes = device_allocated(where.device).first;
+    reset_peak(where.device);
     refit::pipeline::generation_params p;
     p.prompts = {"a photograph of a red fox in fresh snow, golden hour"};
     p.width = p.height = size;
@@ -77,7 +106,10 @@ int main(int argc, char** argv) {
     std::sort(sorted.begin(), sorted.end());
     std::cout << nlohmann::json{{"load_s", load_s}, {"runs_s", runs}, {"best_s", sorted.front()},
                                 {"median_s", sorted[sorted.size() / 2]}, {"size", size ? size : pipe.default_size()},
-                                {"steps", steps ? steps : pipe.default_steps()}, {"device", device}}
+                                {"steps", steps ? steps : pipe.default_steps()}, {"device", device},
+                                {"offload_prefetch", offload_prefetch},
+                                {"device_bytes_after_load", loaded_bytes},
+                                {"device_bytes_peak_generating", device_allocated(where.device).second}}
                      .dump()
               << "\n";
   } catch (const std::exception& e) {

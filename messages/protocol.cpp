@@ -41,6 +41,10 @@ void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<model_info>("refit.model_info");
   cfg.add_message_type<scheduler_stats>("refit.scheduler_stats");
   cfg.add_message_type<teacache_counters>("refit.teacache_counters");
+  cfg.add_message_type<std::vector<teacache_counters>>("refit.teacache_counters_list");
+  cfg.add_message_type<offload_info>("refit.offload_info");
+  cfg.add_message_type<std::vector<offload_info>>("refit.offload_infos");
+  cfg.add_message_type<std::vector<int64_t>>("refit.indices");
   cfg.add_message_type<fault_spec>("refit.fault_spec");
   cfg.add_message_type<std::vector<std::string>>("refit.strings");
   cfg.add_message_type<std::map<std::string, std::string>>("refit.string_map");

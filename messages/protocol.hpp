@@ -117,12 +117,13 @@ struct generation_request {
   uint64_t seed = 0;
   int64_t images_per_prompt = 1;
   bool enable_teacache = false;
+  double teacache_threshold = -1;  // >= 0: this request's TeaCache threshold (turns TeaCache on); < 0: the model's
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generation_request& x) {
   return f(caf::meta::type_name("generation_request"), x.prompts, x.negative_prompt, x.width, x.height, x.steps,
-           x.guidance_scale, x.seed, x.images_per_prompt, x.enable_teacache);
+           x.guidance_scale, x.seed, x.images_per_prompt, x.enable_teacache, x.teacache_threshold);
 }
 
 struct generation_result {
@@ -175,15 +176,35 @@ typename Inspector::result_type inspect(Inspector& f, module_info& x) {
            x.source_dir, x.undo_bytes, x.shadow_bytes);
 }
 
+// One worker's layerwise offload of the transformer's blocks (refit serve --dit-layerwise-offload).
+struct offload_info {
+  int32_t worker = 0;
+  int64_t blocks = 0;
+  int64_t prefetch_size = 0;
+  std::vector<int64_t> resident_blocks;  // in a device slot now
+  uint64_t host_bytes = 0;               // the live host store
+  uint64_t spare_host_bytes = 0;         // the second host store staged updates write (0 until the first)
+  uint64_t device_bytes = 0;             // the device slots (prefetch_size + 1 blocks)
+  uint64_t prefetches = 0;               // block copies to the device for compute since start
+  uint64_t refreshes = 0;                // resident blocks rewritten by weight updates since start
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, offload_info& x) {
+  return f(caf::meta::type_name("offload_info"), x.worker, x.blocks, x.prefetch_size, x.resident_blocks, x.host_bytes,
+           x.spare_host_bytes, x.device_bytes, x.prefetches, x.refreshes);
+}
+
 struct model_info {
   std::string model_path;
   std::string weight_version;
   std::vector<module_info> modules;  // every module on every worker
+  std::vector<offload_info> offload;  // one per worker with layerwise offload; empty when it is off
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, model_info& x) {
-  return f(caf::meta::type_name("model_info"), x.model_path, x.weight_version, x.modules);
+  return f(caf::meta::type_name("model_info"), x.model_path, x.weight_version, x.modules, x.offload);
 }
 
 // Counters for /metrics and tests.
@@ -199,6 +220,8 @@ struct scheduler_stats {
   std::vector<uint64_t> latency_bucket_counts;
   double latency_sum_s = 0;
   uint64_t latency_count = 0;
+  std::vector<teacache_counters> teacache;  // per worker (index = worker)
+  std::vector<offload_info> offload;        // per worker with layerwise offload
 };
 
 // Upper bounds of the generation-latency histogram buckets, in seconds: from a tiny CPU model (tens of
@@ -212,7 +235,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, scheduler_stats& x) {
   return f(caf::meta::type_name("scheduler_stats"), x.generations_ok, x.generations_failed, x.generations_cancelled,
            x.updates_ok, x.updates_failed, x.in_flight, x.queued, x.last_pause_s, x.last_timings, x.last_update_bytes,
-           x.latency_bucket_counts, x.latency_sum_s, x.latency_count);
+           x.latency_bucket_counts, x.latency_sum_s, x.latency_count, x.teacache, x.offload);
 }
 
 // Fault injection (honoured only by test builds): make a module fail in a phase.
@@ -256,6 +279,11 @@ using cache_actor = caf::typed_actor<
     caf::replies_to<stats_atom>::with<teacache_counters>,
     // From the worker after a TeaCache request: transformer calls computed and skipped.
     caf::reacts_to<teacache_atom, uint64_t /*computed*/, uint64_t /*skipped*/>>;
+
+// A worker's layerwise offload, when on. The block copies themselves are calls on the worker's compute
+// thread (a message per block per step would stall it) and the module actor writes the host store
+// directly; this actor reports their state.
+using offload_manager_actor = caf::typed_actor<caf::replies_to<info_atom>::with<offload_info>>;
 
 // One device's pipeline; generation runs on the worker's own thread.
 using worker_actor = caf::typed_actor<caf::replies_to<generate_atom, generation_request>::with<generation_result>>;

@@ -157,6 +157,10 @@ image_request parse_image_request(std::string_view body) {
   }
   g.negative_prompt = opt_string(o, "negative_prompt").value_or("");
   g.enable_teacache = opt_bool(o, "enable_teacache").value_or(false);
+  if (auto t = opt_number(o, "teacache_threshold")) {
+    if (!(*t >= 0) || !std::isfinite(*t)) throw bad_request("field 'teacache_threshold' must be a finite number >= 0");
+    g.teacache_threshold = *t;  // turns TeaCache on for this request
+  }
   return r;
 }
 
@@ -199,7 +203,18 @@ std::string model_info_json(const msg::model_info& info) {
     modules.push_back({{"name", m.name}, {"class", m.class_name}, {"dtype", m.dtype}, {"device", m.device}, {"worker", m.worker},
                        {"tensors", m.tensors}, {"bytes", m.bytes}, {"source_dir", m.source_dir}});
   }
-  return json{{"model_path", info.model_path}, {"weight_version", info.weight_version}, {"modules", std::move(modules)}}.dump();
+  json out{{"model_path", info.model_path}, {"weight_version", info.weight_version}, {"modules", std::move(modules)}};
+  if (!info.offload.empty()) {
+    std::vector<msg::offload_info> offload = info.offload;
+    std::sort(offload.begin(), offload.end(), [](const auto& a, const auto& b) { return a.worker < b.worker; });
+    json list = json::array();
+    for (const auto& o : offload)
+      list.push_back({{"worker", o.worker}, {"blocks", o.blocks}, {"prefetch_size", o.prefetch_size},
+                      {"resident_blocks", o.resident_blocks}, {"host_bytes", o.host_bytes}, {"spare_host_bytes", o.spare_host_bytes},
+                      {"device_bytes", o.device_bytes}, {"prefetches", o.prefetches}, {"refreshes", o.refreshes}});
+    out["layerwise_offload"] = std::move(list);
+  }
+  return out.dump();
 }
 
 std::string models_list_json(std::string_view model_path) {

@@ -248,5 +248,11 @@ def parse_metrics(text):
     return out
 
 
+def promtool_check(promtool, text):
+    """`promtool check metrics` must exit 0: no parse error and no lint finding."""
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, f"promtool check metrics exited {check.returncode}:\n{check.stdout}{check.stderr}\n--- /metrics ---\n{text}"
+
+
 def metric(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0.0)

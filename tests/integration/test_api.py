@@ -9,7 +9,7 @@ import subprocess
 import openai
 import pytest
 
-from harness import GEN, MODULES, metric, parse_metrics
+from harness import GEN, MODULES, metric, parse_metrics, promtool_check
 
 LIMIT = 1 << 20  # --max-request-bytes of the session server (conftest.py)
 
@@ -48,12 +48,6 @@ def test_model_info_shape(server, ckpt, path):
 
 
 # The contract fixes this name; promtool's lint prefers base units (bytes per second). Nothing else may be flagged.
-def promtool_check(promtool, text):
-    """`promtool check metrics` must exit 0: no parse error and no lint finding."""
-    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert check.returncode == 0, f"promtool check metrics exited {check.returncode}:\n{check.stdout}{check.stderr}\n--- /metrics ---\n{text}"
-
-
 def test_metrics_pass_promtool_and_count_updates_and_generations(server, ckpt):
     promtool = shutil.which("promtool")
     assert promtool, "promtool not found (Debian package prometheus; scripts/setup installs it)"
@@ -103,6 +97,32 @@ def test_openai_client_generates_a_b64_png_equal_to_a_plain_request(server, ckpt
     assert png == plain
 
 
+def test_teacache_requests_report_their_skips_and_metrics_count_them(server, ckpt):
+    body = {"prompt": "a red fox", "seed": 6, "response_format": "b64_json", "size": "32x32", "num_inference_steps": 10}
+
+    def post(**fields):
+        r = server.post("/v1/images/generations", {**body, **fields})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    before = parse_metrics(server.get("/metrics").text)
+    plain = post()
+    assert "teacache" not in plain
+    exact = post(enable_teacache=True, teacache_threshold=0)
+    assert exact["teacache"] == {"transformer_calls": 10, "skipped": 0}, exact["teacache"]
+    assert exact["data"][0]["b64_json"] == plain["data"][0]["b64_json"]
+    skipping = post(teacache_threshold=1.0)  # a threshold alone turns TeaCache on for the request
+    tc = skipping["teacache"]
+    assert tc["transformer_calls"] == 10 and 0 < tc["skipped"] <= 8, tc  # first and last steps always compute
+
+    after = parse_metrics(server.get("/metrics").text)
+    assert metric(after, "refit_teacache_requests_total", worker="0") == metric(before, "refit_teacache_requests_total", worker="0") + 2
+    assert metric(after, "refit_teacache_steps_total", worker="0", result="skipped") == \
+        metric(before, "refit_teacache_steps_total", worker="0", result="skipped") + tc["skipped"]
+    assert metric(after, "refit_teacache_steps_total", worker="0", result="computed") == \
+        metric(before, "refit_teacache_steps_total", worker="0", result="computed") + 10 + 10 - tc["skipped"]
+
+
 def test_n_images_per_request(server, ckpt):
     server.update(ckpt.base, weight_version="n2")
     r = server.post("/v1/images/generations", {"prompt": "two foxes", "n": 2, "seed": 1, **GEN})
@@ -136,6 +156,8 @@ BAD_GENERATIONS = {
     "seed_not_int": ({"prompt": "x", "seed": "one"}, r"seed"),
     "guidance_not_number": ({"prompt": "x", "guidance_scale": "high"}, r"guidance_scale"),
     "teacache_not_bool": ({"prompt": "x", "enable_teacache": "on"}, r"enable_teacache"),
+    "teacache_threshold_negative": ({"prompt": "x", "teacache_threshold": -0.5}, r"teacache_threshold.*>= 0"),
+    "teacache_threshold_not_number": ({"prompt": "x", "teacache_threshold": "low"}, r"teacache_threshold"),
 }
 
 
