@@ -279,6 +279,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             // Offloaded blocks are staged into the offload's second host store (kept for later updates
             // once allocated), the rest into fresh shadows on the device.
             auto* off = st.offload();
+            if (off) off->quiesce();  // the second store may still feed the copies of the last commit
             uint64_t shadow_bytes = 0;
             for (size_t i = 0; i < live.size(); ++i)
               if (!st.offloaded(i)) shadow_bytes += live[i].nbytes();

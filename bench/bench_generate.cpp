@@ -12,6 +12,7 @@
 #include <iostream>
 
 #include "pipeline/flux2_klein.hpp"
+#include "pipeline/models/layer_offload.hpp"
 #include "pipeline/weights/device_loader.hpp"
 
 #ifdef REFIT_TORCH_CUDA
@@ -96,6 +97,8 @@ int main(int argc, char** argv) {
     pipe.generate(p);  // warm-up: kernels, allocator, tokenizer caches
     sync(where.device);
     std::vector<double> runs;
+    auto* offload = pipe.transformer_offload();
+    const uint64_t copied_before = offload ? offload->info().prefetched_bytes : 0;
     for (int64_t r = 0; r < repeat; ++r) {
       auto t = std::chrono::steady_clock::now();
       pipe.generate(p);
@@ -109,7 +112,9 @@ int main(int argc, char** argv) {
                                 {"steps", steps ? steps : pipe.default_steps()}, {"device", device},
                                 {"offload_prefetch", offload_prefetch},
                                 {"device_bytes_after_load", loaded_bytes},
-                                {"device_bytes_peak_generating", device_allocated(where.device).second}}
+                                {"device_bytes_peak_generating", device_allocated(where.device).second},
+                                {"offload_copied_bytes_per_image",
+                                 offload ? (offload->info().prefetched_bytes - copied_before) / static_cast<uint64_t>(repeat) : 0}}
                      .dump()
               << "\n";
   } catch (const std::exception& e) {

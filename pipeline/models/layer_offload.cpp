@@ -213,6 +213,7 @@ void layer_offload::fill_locked() {
     if (free_slot == slots_.size()) return;
     copy_into_slot_locked(l, free_slot);
     ++prefetches_;
+    for (const auto& [dt, host] : live_.buffers[l]) prefetched_bytes_ += host.nbytes();
     next_prefetch_ = (l + 1) % n;
   }
 }
@@ -297,14 +298,9 @@ void layer_offload::refresh_resident() {
     if (in_use_[l]) point_members_locked(l, s);
     ++refreshes_;
   }
-  // Resident blocks are read by the next acquire only after their copy (the compute stream waits on
-  // `ready`); synchronising here keeps the store writable as soon as this returns.
-#ifdef REFIT_TORCH_CUDA
-  if (cuda_) {
-    c10::cuda::CUDAGuard guard(device_);
-    check(cudaStreamSynchronize(cuda_->copy.stream()), "cudaStreamSynchronize");
-  }
-#endif
+  // Not waited for: the next acquire makes the compute stream wait for the block's new `ready`, so the
+  // copies overlap whatever runs first after the update, and the generation pause stays short. Whoever
+  // writes a host store next calls quiesce() first.
 }
 
 void layer_offload::swap_stores() {
@@ -329,6 +325,7 @@ layer_offload_info layer_offload::info() const {
   for (const auto& s : slots_)
     for (const auto& [dt, buf] : s->buffers) i.device_bytes += buf.nbytes();
   i.prefetches = prefetches_;
+  i.prefetched_bytes = prefetched_bytes_;
   i.refreshes = refreshes_;
   return i;
 }

@@ -30,6 +30,7 @@ struct layer_offload_info {
   uint64_t spare_host_bytes = 0;  // the second host store (0 until the first staged update)
   uint64_t device_bytes = 0;      // the device slots
   uint64_t prefetches = 0;        // block copies host -> device issued for compute
+  uint64_t prefetched_bytes = 0;  // their bytes
   uint64_t refreshes = 0;         // resident blocks rewritten by weight updates
 };
 
@@ -67,9 +68,10 @@ class layer_offload {
   // Update path (generation is drained). The second store becomes the live one and every resident
   // block is re-copied from it; calling it again swaps back (rollback).
   void swap_stores();
-  // Re-copies every resident block from the live host store (after it was written in place).
+  // Re-copies every resident block from the live host store (after it was written in place). The copies
+  // are queued, not waited for: compute waits for them per block.
   void refresh_resident();
-  // Waits until no copy reads the host stores, so they may be written.
+  // Waits until no copy reads the host stores, so they may be written. Every writer calls it first.
   void quiesce();
 
   layer_offload_info info() const;
@@ -110,7 +112,7 @@ class layer_offload {
   std::vector<int> layer_slot_;   // block -> device slot, -1 when not resident
   std::vector<bool> in_use_;      // block acquired and not yet released
   int64_t next_prefetch_ = 0;     // the next block to copy
-  uint64_t prefetches_ = 0, refreshes_ = 0;
+  uint64_t prefetches_ = 0, prefetched_bytes_ = 0, refreshes_ = 0;
   struct cuda_state;
   std::unique_ptr<cuda_state> cuda_;
 };

@@ -85,7 +85,7 @@ void load_into(tensor_registry& registry, const weights::module_weights& w, cons
     weights::read_into(w, resident, opts);
     if (!device_dst.empty()) loader->read_into(w, device_dst, opts);
     for (auto* list : {&resident, &device_dst})
-      for (auto& [name, t] : *list) *registry.find(name)->tensor = t.device() == where.device ? t : t.to(where.device);
+      for (auto& [name, t] : *list) *registry.find(name)->tensor = t.to(where.device);  // no copy when already there
     return;
   }
   if (loader && where.device.is_cuda()) {

@@ -17,6 +17,10 @@
 #include "pipeline/weights/host_loader.hpp"
 #include "tests/unit/engine_fixture.hpp"
 
+#ifdef REFIT_TORCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
 using namespace refit;
 using namespace refit::test;
 namespace fs = std::filesystem;
@@ -76,6 +80,18 @@ at::Tensor sample(const pipeline::flux2_klein_pipeline& pipe, uint64_t seed = 7,
   return pipe.sample(noise, embeds, negative, 6, 4.0, nullptr, {teacache.has_value(), teacache}).to(at::kCPU);
 }
 
+// Bytes the caching allocator has handed out on the test device (0 on the CPU).
+int64_t device_allocated() {
+#ifdef REFIT_TORCH_CUDA
+  const at::Device d = test_placement().device;
+  if (d.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(d.has_index() ? d.index() : 0);
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
+  }
+#endif
+  return 0;
+}
+
 bool bitwise_equal(const at::Tensor& x, const at::Tensor& y) {
   return x.sizes() == y.sizes() && x.scalar_type() == y.scalar_type() && at::equal(x.view(at::kByte), y.view(at::kByte));
 }
@@ -127,7 +143,7 @@ BOOST_AUTO_TEST_CASE(blocks_hold_no_device_weights_between_uses_and_the_host_sto
       block_bytes += off->host_tensor(i).nbytes();
     } else {
       ++resident_params;
-      BOOST_TEST(s.tensor->device() == test_placement().device, s.name);
+      BOOST_TEST(s.tensor->device().type() == test_placement().device.type(), s.name);
       BOOST_TEST(bitwise_equal(s.tensor->to(at::kCPU), disk.at(s.name)), s.name);
     }
   }
@@ -210,14 +226,22 @@ BOOST_AUTO_TEST_CASE(staged_update_swaps_host_stores_rewrites_resident_blocks_an
   BOOST_TEST(checksum() == sum_a);
   auto* off = l.pipe->transformer_offload();
 
+  const int64_t device_before = device_allocated();
   auto [staged, e1] = ask(msg::stage_atom::value, (ckpts().b / "transformer").string(), std::string("auto"));
   BOOST_TEST(e1.empty(), e1);
   BOOST_TEST(staged.path == "staged");
+  // The blocks are staged in host memory: device shadows exist only for the parameters outside them.
+  uint64_t resident_bytes = 0;
+  for (size_t i = 0; i < l.pipe->registry("transformer").slots().size(); ++i)
+    if (!off->offloaded(i)) resident_bytes += l.pipe->registry("transformer").slots()[i].tensor->nbytes();
+  BOOST_TEST(device_allocated() - device_before <= static_cast<int64_t>(resident_bytes + 64 * 512));
   BOOST_TEST(off->info().spare_host_bytes == off->host_bytes());
   BOOST_TEST(checksum() == sum_a);  // staging writes the second store only
   const uint64_t refreshes = off->info().refreshes;
+  const int64_t device_staged = device_allocated();
   auto [committed, e2] = ask(msg::commit_atom::value);
   BOOST_TEST(e2.empty(), e2);
+  BOOST_TEST(device_allocated() == device_staged, "a commit allocates no device memory");
   BOOST_TEST(checksum() == sum_b);
   BOOST_TEST(off->info().refreshes == refreshes + 2, "both resident blocks rewritten");
   BOOST_TEST(bitwise_equal(sample(*l.pipe), image_b), "after commit the images are the new checkpoint's");
