@@ -1,6 +1,7 @@
 // Fault injection into the update transaction: every phase x failure kind x module, with 1 and 2
-// workers. A failed update must name module and phase, leave every checksum on every worker as it
-// was, keep the server serving, and leave no undo or shadow buffers behind.
+// workers, without and with layerwise offload of the transformer's blocks. A failed update must name
+// module and phase, leave every checksum on every worker as it was, keep the server serving, and leave
+// no undo or shadow buffers behind.
 #define BOOST_TEST_MODULE faults
 #include <boost/test/unit_test.hpp>
 #include <boost/test/data/test_case.hpp>
@@ -22,15 +23,17 @@ struct world {
   fs::path a, b;
   engine_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
-  std::map<size_t, std::unique_ptr<engine_client>> engines;  // by worker count
+  std::map<std::pair<size_t, bool>, std::unique_ptr<engine_client>> engines;  // by worker count and offload
   world() {
     a = make_tiny(dir.path() / "a", 1);
     b = make_tiny(dir.path() / "b", 2);
     sys = std::make_unique<caf::actor_system>(cfg);
   }
-  engine_client& engine(size_t workers) {
-    auto& e = engines[workers];
-    if (!e) e = std::make_unique<engine_client>(*sys, actors::spawn_engine(*sys, {a, std::vector<std::string>(workers, test_device()), "fp32"}));
+  engine_client& engine(size_t workers, bool offload) {
+    auto& e = engines[{workers, offload}];
+    if (!e)
+      e = std::make_unique<engine_client>(
+          *sys, actors::spawn_engine(*sys, {a, std::vector<std::string>(workers, test_device()), "fp32", offload, 1}));
     return *e;
   }
   ~world() {
@@ -59,9 +62,10 @@ BOOST_TEST_GLOBAL_FIXTURE(world_fixture);
 BOOST_AUTO_TEST_CASE(fault_injection_is_compiled_into_this_test_build) { BOOST_TEST(actors::fault_injection_compiled()); }
 
 BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_keeps_serving,
-                     bdata::make({1, 2}) * bdata::make(phases) * bdata::make(kinds) * bdata::make(modules), workers, phase,
-                     kind, module) {
-  engine_client& e = w().engine(static_cast<size_t>(workers));
+                     bdata::make({false, true}) * bdata::make({1, 2}) * bdata::make(phases) * bdata::make(kinds) *
+                         bdata::make(modules),
+                     offload, workers, phase, kind, module) {
+  engine_client& e = w().engine(static_cast<size_t>(workers), offload);
   const int32_t victim = workers - 1;
   std::vector<std::map<std::string, std::string>> before;
   for (int32_t k = 0; k < workers; ++k) before.push_back(e.checksums(k));
@@ -87,8 +91,9 @@ BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_ke
   BOOST_TEST(g.first.rfind("error", 0) != 0u, g.first);
 }
 
-BOOST_DATA_TEST_CASE(after_every_failure_a_clean_update_still_succeeds_on_every_worker, bdata::make({1, 2}), workers) {
-  engine_client& e = w().engine(static_cast<size_t>(workers));
+BOOST_DATA_TEST_CASE(after_every_failure_a_clean_update_still_succeeds_on_every_worker,
+                     bdata::make({false, true}) * bdata::make({1, 2}), offload, workers) {
+  engine_client& e = w().engine(static_cast<size_t>(workers), offload);
   msg::update_request req;
   req.model_path = w().b.string();
   auto r = e.update(req);
