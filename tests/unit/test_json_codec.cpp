@@ -146,6 +146,7 @@ BOOST_AUTO_TEST_CASE(image_request_defaults) {
   BOOST_TEST(!r.seed_given);
   BOOST_TEST(g.negative_prompt == "");
   BOOST_TEST(g.enable_teacache == false);
+  BOOST_TEST(g.teacache_threshold < 0);  // the model's threshold
 }
 
 BOOST_AUTO_TEST_CASE(image_request_reads_every_field) {
@@ -163,6 +164,8 @@ BOOST_AUTO_TEST_CASE(image_request_reads_every_field) {
   BOOST_TEST(g.negative_prompt == "blurry");
   BOOST_TEST(g.enable_teacache == true);
   BOOST_TEST(net::parse_image_request(R"({"prompt": "p", "guidance_scale": 3.5})").generation.guidance_scale == 3.5);
+  BOOST_TEST(net::parse_image_request(R"({"prompt": "p", "teacache_threshold": 0.4})").generation.teacache_threshold == 0.4);
+  BOOST_TEST(net::parse_image_request(R"({"prompt": "p", "teacache_threshold": 0})").generation.teacache_threshold == 0.0);
 }
 
 BOOST_AUTO_TEST_CASE(image_request_rejections_name_the_field) {
@@ -184,6 +187,8 @@ BOOST_AUTO_TEST_CASE(image_request_rejections_name_the_field) {
       {R"({"prompt": "p", "seed": 1.5})", "field 'seed' must be a non-negative integer"},
       {R"({"prompt": "p", "negative_prompt": false})", "field 'negative_prompt' must be a string"},
       {R"({"prompt": "p", "enable_teacache": "yes"})", "field 'enable_teacache' must be a boolean"},
+      {R"({"prompt": "p", "teacache_threshold": -0.1})", "field 'teacache_threshold' must be a finite number >= 0"},
+      {R"({"prompt": "p", "teacache_threshold": "low"})", "field 'teacache_threshold' must be a number"},
       {R"({"prompt": "p", "size": 64})", "field 'size' must be a string"},
   };
   for (const auto& [body, message] : cases) BOOST_TEST(image_rejection(body) == message, "body: " << body);
@@ -273,6 +278,26 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   BOOST_TEST(i["modules"][2] == json({{"name", "vae"}, {"class", "AutoencoderKLFlux2"}, {"dtype", "fp32"}, {"device", "cpu"}, {"worker", 1},
                                       {"tensors", 10}, {"bytes", 1000}, {"source_dir", "/ckpt/a/vae"}}));
 
+  // With layerwise offload: one entry per worker, sorted by worker.
+  msg::offload_info o1;
+  o1.worker = 1;
+  o1.blocks = 25;
+  o1.prefetch_size = 1;
+  o1.resident_blocks = {0, 1};
+  o1.host_bytes = 7000;
+  o1.spare_host_bytes = 7000;
+  o1.device_bytes = 900;
+  o1.prefetches = 50;
+  o1.refreshes = 2;
+  msg::offload_info o0 = o1;
+  o0.worker = 0;
+  info.offload = {o1, o0};
+  const json io = json::parse(net::model_info_json(info));
+  BOOST_TEST(io["layerwise_offload"].size() == 2u);
+  BOOST_TEST(io["layerwise_offload"][0]["worker"] == 0);
+  BOOST_TEST(io["layerwise_offload"][1] == json::parse(R"({"worker": 1, "blocks": 25, "prefetch_size": 1, "resident_blocks": [0, 1],
+      "host_bytes": 7000, "spare_host_bytes": 7000, "device_bytes": 900, "prefetches": 50, "refreshes": 2})"));
+
   const json l = json::parse(net::models_list_json("/ckpt/a"));
   BOOST_TEST(l == json::parse(R"({"object": "list", "data": [{"id": "/ckpt/a", "object": "model", "owned_by": "refit"}]})"));
   BOOST_TEST(json::parse(net::health_json()) == json({{"status", "ok"}}));
@@ -346,6 +371,28 @@ BOOST_AUTO_TEST_CASE(metrics_text_has_the_contract_names_and_values) {
   BOOST_TEST(has(R"(refit_model_info{model_path="/ckpt/\"a\"\\b",weight_version="step-1"} 1)"));
   BOOST_TEST(has("# TYPE refit_generation_latency_seconds histogram"));
   BOOST_TEST(has("# TYPE refit_updates_total counter"));
+  BOOST_TEST(t.find("refit_offload_") == std::string::npos);  // only servers with layerwise offload report it
+
+  s.teacache = {{2, 10, 6, 1}};
+  msg::offload_info o;
+  o.worker = 0;
+  o.resident_blocks = {3, 4};
+  o.host_bytes = 7000;
+  o.device_bytes = 900;
+  o.prefetches = 50;
+  o.refreshes = 2;
+  s.offload = {o};
+  const std::string u = net::prometheus_text(s, "/ckpt", "1");
+  auto has_u = [&u](const std::string& line) { return u.find("\n" + line + "\n") != std::string::npos; };
+  BOOST_TEST(has_u("refit_teacache_requests_total{worker=\"0\"} 2"));
+  BOOST_TEST(has_u("refit_teacache_steps_total{worker=\"0\",result=\"computed\"} 10"));
+  BOOST_TEST(has_u("refit_teacache_steps_total{worker=\"0\",result=\"skipped\"} 6"));
+  BOOST_TEST(has_u("refit_teacache_resets_total{worker=\"0\"} 1"));
+  BOOST_TEST(has_u("refit_offload_host_bytes{worker=\"0\"} 7000"));
+  BOOST_TEST(has_u("refit_offload_device_bytes{worker=\"0\"} 900"));
+  BOOST_TEST(has_u("refit_offload_resident_blocks{worker=\"0\"} 2"));
+  BOOST_TEST(has_u("refit_offload_prefetches_total{worker=\"0\"} 50"));
+  BOOST_TEST(has_u("refit_offload_refreshes_total{worker=\"0\"} 2"));
 }
 
 BOOST_AUTO_TEST_CASE(allowed_roots_resolve_symlinks_and_dotdot) {
