@@ -158,58 +158,81 @@ void resume_and_reply(self_ptr self) {
       });
 }
 
-// A participant failed during commit: undo every sibling that committed, let the worker replace any
-// module actor that died (the replacement undoes its own unfinished commit), then resume and reply.
+// Settles participants whose phase failed: each one's worker answers with the module's actor once it
+// is settled (recover_atom) — the same actor if it is alive, else a replacement whose start-up has
+// already undone its predecessor's unfinished commit. `next` gets the participants that were replaced.
+void settle(self_ptr self, const std::vector<size_t>& which, std::function<void(std::set<size_t>)> next) {
+  auto replaced = std::make_shared<std::set<size_t>>();
+  if (which.empty()) return next(*replaced);
+  auto& st = self->state;
+  auto pending = std::make_shared<size_t>(which.size());
+  auto one = [pending, replaced, next] {
+    if (--*pending == 0) next(*replaced);
+  };
+  for (size_t i : which) {
+    auto& p = st.parts[i];
+    self->request(st.ctx.workers[p.worker], phase_timeout, msg::recover_atom::value, p.module)
+        .then(
+            [self, i, one, replaced](msg::module_actor& settled) {
+              auto& p = self->state.parts[i];
+              if (settled != p.handle) {
+                p.handle = settled;
+                p.committed = false;  // the replacement restored the module on start
+                replaced->insert(i);
+              }
+              one();
+            },
+            [one](caf::error&) { one(); });
+  }
+}
+
+// A participant failed during commit: settle the failed ones (a dead one is replaced, and the
+// replacement undoes its commit), roll back every other participant (committed ones undo their commit;
+// failed ones that live restore whatever they half did), settle any that fail to roll back, then
+// resume generation and reply.
 void compensate(self_ptr self, std::shared_ptr<gather> commit) {
   auto& st = self->state;
   st.result.success = false;
-  std::vector<size_t> undo, dead;
+  std::vector<size_t> failed_commit;
   for (size_t i = 0; i < st.parts.size(); ++i) {
-    auto& p = st.parts[i];
-    if (commit->ok[i]) p.committed = true;
-    if (!commit->ok[i] && (commit->receiver_down[i] || p.down)) dead.push_back(i);
-    else undo.push_back(i);  // committed ones roll back; failed ones that live restore whatever they half did
+    if (commit->ok[i]) st.parts[i].committed = true;
+    else failed_commit.push_back(i);
   }
-  auto recovered = std::make_shared<size_t>(dead.size());
-  auto after_recovery = [self, undo] {
+  settle(self, failed_commit, [self](std::set<size_t> replaced) {
+    std::vector<size_t> undo;
+    for (size_t i = 0; i < self->state.parts.size(); ++i)
+      if (!replaced.count(i)) undo.push_back(i);
     fan_out(self, undo, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::rollback_atom::value); },
             [self, undo](std::shared_ptr<gather> g) {
               auto& st = self->state;
-              std::string rolled, failed;
+              std::vector<size_t> unsure;  // committed, and the rollback did not answer success
               for (size_t i : undo) {
-                auto& p = st.parts[i];
-                if (!p.committed) continue;
-                if (g->ok[i]) rolled += (rolled.empty() ? "" : ", ") + p.module + " (worker " + std::to_string(p.worker) + ")";
-                else failed += (failed.empty() ? "" : "; ") + who(p) + ": " + g->errors[i];
+                if (!st.parts[i].committed) continue;
+                if (g->ok[i]) st.result.modules.push_back(g->reports[i]);
+                else unsure.push_back(i);
               }
-              st.result.message = st.failure + ". ";
-              if (!rolled.empty()) st.result.message += "Rolled back " + rolled + ". ";
-              if (failed.empty())
-                st.result.message += "No weights were changed: every module holds the weights it had before the update.";
-              else
-                st.result.message += "ROLLBACK FAILED for " + failed + ".";
-              for (size_t i : undo)
-                if (st.parts[i].committed && g->ok[i]) st.result.modules.push_back(g->reports[i]);
-              record_phase(self, "rollback");
-              resume_and_reply(self);
-            });
-  };
-  if (dead.empty()) {
-    after_recovery();
-    return;
-  }
-  for (size_t i : dead) {
-    auto& p = st.parts[i];
-    self->request(st.ctx.workers[p.worker], phase_timeout, msg::recover_atom::value, p.module)
-        .then([self, i, recovered, after_recovery](msg::module_actor& fresh) {
-                self->state.parts[i].handle = fresh;
-                self->state.parts[i].committed = false;  // the fresh actor restored its module on start
-                if (--*recovered == 0) after_recovery();
-              },
-              [recovered, after_recovery](caf::error&) {
-                if (--*recovered == 0) after_recovery();
+              settle(self, unsure, [self, undo, g](std::set<size_t> replaced) {
+                auto& st = self->state;
+                std::string rolled, failed;
+                for (size_t i : undo) {
+                  auto& p = st.parts[i];
+                  const std::string where = p.module + " (worker " + std::to_string(p.worker);
+                  if (replaced.count(i)) rolled += (rolled.empty() ? "" : ", ") + where + ", by a replacement actor)";
+                  else if (!p.committed) continue;
+                  else if (g->ok[i]) rolled += (rolled.empty() ? "" : ", ") + where + ")";
+                  else failed += (failed.empty() ? "" : "; ") + who(p) + ": " + g->errors[i];
+                }
+                st.result.message = st.failure + ". ";
+                if (!rolled.empty()) st.result.message += "Rolled back " + rolled + ". ";
+                if (failed.empty())
+                  st.result.message += "No weights were changed: every module holds the weights it had before the update.";
+                else
+                  st.result.message += "ROLLBACK FAILED for " + failed + ".";
+                record_phase(self, "rollback");
+                resume_and_reply(self);
               });
-  }
+            });
+  });
 }
 
 void finish(self_ptr self) {

@@ -92,10 +92,29 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
     });
     return {
         [st](msg::modules_atom) -> std::map<std::string, msg::module_actor> { return st->modules; },
-        [st](msg::recover_atom, const std::string& module) -> caf::result<msg::module_actor> {
+        // The module's actor once it is settled: the same one if it answers, else a replacement (spawned here
+        // if the down message has not arrived yet) after it has answered, i.e. after its start-up has undone
+        // whatever commit its predecessor left unfinished.
+        [self, st](msg::recover_atom, const std::string& module) -> caf::result<msg::module_actor> {
           auto it = st->modules.find(module);
           if (it == st->modules.end()) return msg::make_error(refit_errc::module_not_found, "no module '" + module + "'");
-          return it->second;
+          auto promise = self->make_response_promise<msg::module_actor>();
+          const msg::module_actor old = it->second;
+          self->request(old, std::chrono::seconds(600), msg::info_atom::value)
+              .then([promise, old](msg::module_info&) mutable { promise.deliver(old); },
+                    [self, st, module, old, promise](caf::error&) mutable {
+                      auto& handle = st->modules[module];
+                      if (handle == old) {
+                        spdlog::warn("worker {}: module actor {} does not answer; respawning it", st->index, module);
+                        handle = spawn_module_actor(self->system(), st->states[module]);
+                        self->monitor(handle);
+                      }
+                      const msg::module_actor fresh = handle;
+                      self->request(fresh, std::chrono::seconds(600), msg::info_atom::value)
+                          .then([promise, fresh](msg::module_info&) mutable { promise.deliver(fresh); },
+                                [promise](caf::error& e) mutable { promise.deliver(std::move(e)); });
+                    });
+          return promise;
         },
     };
   });

@@ -292,6 +292,8 @@ using worker_actor = caf::typed_actor<caf::replies_to<generate_atom, generation_
 // dies is respawned on the same module state and first undoes any change it inherits.
 using module_supervisor_actor = caf::typed_actor<
     caf::replies_to<modules_atom>::with<std::map<std::string, module_actor>>,
+    // The module's actor after it settled: the same one if it is alive, else its replacement once that
+    // has started (and undone any unfinished commit of its predecessor).
     caf::replies_to<recover_atom, std::string /*module*/>::with<module_actor>>;
 
 // The server's entry point (published remotely with --actor-port).

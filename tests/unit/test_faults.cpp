@@ -103,3 +103,23 @@ BOOST_DATA_TEST_CASE(after_every_failure_a_clean_update_still_succeeds_on_every_
   req.model_path = w().a.string();  // back, for any later case
   BOOST_TEST(e.update(req).success);
 }
+
+// A double fault: one module fails its commit and another's actor dies while rolling back. The worker
+// replaces the dead actor, whose start-up undoes its commit; the transaction waits for that before
+// generation resumes, so the update still changes nothing.
+BOOST_DATA_TEST_CASE(an_actor_dying_during_rollback_is_replaced_and_its_commit_undone, bdata::make({false, true}), offload) {
+  engine_client& e = w().engine(1, offload);
+  const auto before = e.checksums();
+  const auto image = e.generate(4);
+  BOOST_REQUIRE(e.fault("vae", 0, {"commit", "error"}));
+  BOOST_REQUIRE(e.fault("transformer", 0, {"rollback", "die"}));
+  msg::update_request req;
+  req.model_path = w().b.string();
+  req.mode = "staged";
+  auto r = e.update(req);
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
+  BOOST_TEST(r.message.find("transformer (worker 0, by a replacement actor)") != std::string::npos, r.message);
+  BOOST_TEST(e.checksums() == before);
+  BOOST_TEST(e.generate(4).second == image.second);
+}
