@@ -194,11 +194,16 @@ const char* restore(module_state& st) {
     } else {
       if (off) off->quiesce();
       const std::vector<at::Tensor> live = live_tensors(st);
-      if (st.undo_by_reread) {
-        read_weights(st, st.source_dir, live);
-        how = "reread";
-      } else {
-        for (size_t i = 0; i < slots.size(); ++i) live[i].copy_(st.undo[i]);
+      try {
+        if (st.undo_by_reread) {
+          read_weights(st, st.source_dir, live);
+          how = "reread";
+        } else {
+          for (size_t i = 0; i < slots.size(); ++i) live[i].copy_(st.undo[i]);
+        }
+      } catch (...) {
+        if (off) off->refresh_resident();  // the device copies follow the host store, whatever it now holds
+        throw;
       }
       if (off) off->refresh_resident();
     }
@@ -279,7 +284,6 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             // Offloaded blocks are staged into the offload's second host store (kept for later updates
             // once allocated), the rest into fresh shadows on the device.
             auto* off = st.offload();
-            if (off) off->quiesce();  // the second store may still feed the copies of the last commit
             uint64_t shadow_bytes = 0;
             for (size_t i = 0; i < live.size(); ++i)
               if (!st.offloaded(i)) shadow_bytes += live[i].nbytes();
@@ -310,15 +314,14 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
               if (st.shadows.size() != slots.size()) throw std::logic_error("commit without staged weights");
               st.undo.clear();
               auto* off = st.offload();
-              for (size_t i = 0; i < slots.size(); ++i) {
-                if (st.offloaded(i)) {
-                  st.undo.push_back(off->host_tensor(i));  // becomes the second store at the swap below
-                  continue;
-                }
-                st.undo.push_back(*slots[i].tensor);
-                *slots[i].tensor = st.shadows[i];  // a swap of storage, not a copy
-              }
+              std::vector<at::Tensor> undo;
+              for (size_t i = 0; i < slots.size(); ++i)  // offloaded: the live store, second store after the swap
+                undo.push_back(st.offloaded(i) ? off->host_tensor(i) : *slots[i].tensor);
+              // The one step that can fail comes first and is all or nothing; the rest cannot fail.
               if (off) off->swap_stores();  // the staged host store goes live; resident blocks are rewritten
+              for (size_t i = 0; i < slots.size(); ++i)
+                if (!st.offloaded(i)) *slots[i].tensor = st.shadows[i];  // a swap of storage, not a copy
+              st.undo = std::move(undo);
               st.shadows.clear();
               st.committed = true;
               return report(st, "staged", st.update_bytes, since(t0), st.pending_dir);

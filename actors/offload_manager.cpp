@@ -21,6 +21,7 @@ msg::offload_manager_actor spawn_offload_manager(caf::actor_system& sys, int32_t
           out.spare_host_bytes = i.spare_host_bytes;
           out.device_bytes = i.device_bytes;
           out.prefetches = i.prefetches;
+          out.prefetched_bytes = i.prefetched_bytes;
           out.refreshes = i.refreshes;
           return out;
         },

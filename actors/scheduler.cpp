@@ -316,7 +316,10 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
               [self, s, promise]() mutable {
                 ask_all<msg::offload_info>(
                     self, self->state.offloads, msg::info_atom::value, [s](size_t, msg::offload_info& o) { s->offload.push_back(o); },
-                    [s, promise]() mutable { promise.deliver(*s); });
+                    [s, promise]() mutable {
+                      std::sort(s->offload.begin(), s->offload.end(), [](const auto& a, const auto& b) { return a.worker < b.worker; });
+                      promise.deliver(*s);
+                    });
               });
           return promise;
         },

@@ -50,6 +50,7 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
     uint64_t seed = 0;
     unsigned threads = 0;
     bool base = false;
+    int64_t double_blocks = -1, single_blocks = -1;
   };
   auto ma = std::make_shared<make_args>();
   auto* make = app.add_subcommand("make-model", "Write a FLUX.2-klein checkpoint with random weights in the real Diffusers layout");
@@ -58,8 +59,12 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
   make->add_option("--out", ma->out, "Output directory; must not exist or be empty")->required();
   make->add_option("--threads", ma->threads, "Generator threads (default: all cores)");
   make->add_flag("--base", ma->base, "Write an undistilled (base) checkpoint, sampled with classifier-free guidance");
+  make->add_option("--double-blocks", ma->double_blocks, "Double-stream transformer blocks (default: the preset's)")
+      ->check(CLI::Range(0, 1000));
+  make->add_option("--single-blocks", ma->single_blocks, "Single-stream transformer blocks (default: the preset's)")
+      ->check(CLI::Range(0, 1000));
   commands.emplace_back(make, [ma] {
-    pipeline::make_model_options o{ma->preset, ma->seed, ma->out, ma->threads, !ma->base, {}};
+    pipeline::make_model_options o{ma->preset, ma->seed, ma->out, ma->threads, !ma->base, {}, ma->double_blocks, ma->single_blocks};
     auto last = std::chrono::steady_clock::now();
     o.progress = [&last](const std::string& module, const std::string&, uint64_t done, uint64_t total) {
       auto now = std::chrono::steady_clock::now();

@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <functional>
 #include <string>
 #include <utility>
@@ -20,8 +21,9 @@ std::string build_info();
 
 // --dit-layerwise-offload and --dit-offload-prefetch-size, shared by serve and generate.
 inline void add_offload_options(CLI::App& cmd, bool& offload, double& prefetch) {
-  cmd.add_flag("--dit-layerwise-offload", offload,
-               "Keep the transformer's blocks in (pinned) host memory and copy each to the device just before it runs");
+  auto* flag = cmd.add_flag("--dit-layerwise-offload", offload,
+                            "Keep the transformer's blocks in (pinned) host memory and copy each to the device shortly "
+                            "before it runs");
   cmd.add_option("--dit-offload-prefetch-size", prefetch,
                  "With --dit-layerwise-offload: blocks copied ahead of the running one (a whole number >= 1), or a fraction "
                  "(0, 1) of all blocks; device memory holds prefetch + 1 blocks")
@@ -34,9 +36,11 @@ inline void add_offload_options(CLI::App& cmd, bool& offload, double& prefetch) 
           return "must be a number";
         }
         if (!(x > 0)) return "must be greater than 0";
-        if (x >= 1 && x != static_cast<double>(static_cast<long long>(x))) return "must be a whole number when 1 or more";
+        if (!std::isfinite(x) || x > 1e6) return "must be a finite number of blocks (at most 1000000)";
+        if (x >= 1 && x != std::floor(x)) return "must be a whole number when 1 or more";
         return {};
-      });
+      })
+      ->needs(flag);
 }
 
 }  // namespace refit::apps

@@ -184,15 +184,16 @@ struct offload_info {
   std::vector<int64_t> resident_blocks;  // in a device slot now
   uint64_t host_bytes = 0;               // the live host store
   uint64_t spare_host_bytes = 0;         // the second host store staged updates write (0 until the first)
-  uint64_t device_bytes = 0;             // the device slots (prefetch_size + 1 blocks)
+  uint64_t device_bytes = 0;             // the device slots (prefetch_size + 1 of the largest block)
   uint64_t prefetches = 0;               // block copies to the device for compute since start
+  uint64_t prefetched_bytes = 0;         // their bytes
   uint64_t refreshes = 0;                // resident blocks rewritten by weight updates since start
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, offload_info& x) {
   return f(caf::meta::type_name("offload_info"), x.worker, x.blocks, x.prefetch_size, x.resident_blocks, x.host_bytes,
-           x.spare_host_bytes, x.device_bytes, x.prefetches, x.refreshes);
+           x.spare_host_bytes, x.device_bytes, x.prefetches, x.prefetched_bytes, x.refreshes);
 }
 
 struct model_info {

@@ -211,7 +211,8 @@ std::string model_info_json(const msg::model_info& info) {
     for (const auto& o : offload)
       list.push_back({{"worker", o.worker}, {"blocks", o.blocks}, {"prefetch_size", o.prefetch_size},
                       {"resident_blocks", o.resident_blocks}, {"host_bytes", o.host_bytes}, {"spare_host_bytes", o.spare_host_bytes},
-                      {"device_bytes", o.device_bytes}, {"prefetches", o.prefetches}, {"refreshes", o.refreshes}});
+                      {"device_bytes", o.device_bytes}, {"prefetches", o.prefetches}, {"prefetched_bytes", o.prefetched_bytes},
+                      {"refreshes", o.refreshes}});
     out["layerwise_offload"] = std::move(list);
   }
   return out.dump();

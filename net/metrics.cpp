@@ -101,6 +101,8 @@ std::string prometheus_text(const msg::scheduler_stats& s, const std::string& mo
     each("refit_offload_resident_blocks", [](const msg::offload_info& o) { return o.resident_blocks.size(); });
     header(out, "refit_offload_prefetches_total", "counter", "Layerwise offload: block copies to the device for compute.");
     each("refit_offload_prefetches_total", [](const msg::offload_info& o) { return o.prefetches; });
+    header(out, "refit_offload_prefetched_bytes_total", "counter", "Layerwise offload: bytes of those block copies.");
+    each("refit_offload_prefetched_bytes_total", [](const msg::offload_info& o) { return o.prefetched_bytes; });
     header(out, "refit_offload_refreshes_total", "counter", "Layerwise offload: resident blocks rewritten by weight updates.");
     each("refit_offload_refreshes_total", [](const msg::offload_info& o) { return o.refreshes; });
   }

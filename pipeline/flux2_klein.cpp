@@ -90,12 +90,14 @@ models::tensor_registry& flux2_klein_pipeline::registry(const std::string& modul
 
 void flux2_klein_pipeline::load_weights(const std::optional<fs::path>& from, weights::device_loader* loader) {
   const weights::model_layout layout = from ? weights::read_model_layout(*from) : layout_;
+  if (offload_) offload_->quiesce();  // a reload rewrites the host store: no copy may be reading it
   for (const auto& name : module_names()) {
     const weights::component_info* c = layout.find(name);
     if (!c || !c->weight_bearing) throw std::runtime_error(layout.root.string() + ": no weights for module '" + name + "'");
     models::load_into(registry(name), weights::open_module_weights(*c), where_, loader,
                       name == "transformer" ? offload_.get() : nullptr);
   }
+  if (offload_) offload_->refresh_resident();  // blocks already on the device take the loaded values
 }
 
 int64_t flux2_klein_pipeline::vae_scale_factor() const {

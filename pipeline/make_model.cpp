@@ -138,7 +138,12 @@ make_model_report make_model(const make_model_options& o) {
               {"tokenizer", {"transformers", "Qwen2TokenizerFast"}}, {"transformer", {"diffusers", "Flux2Transformer2DModel"}},
               {"vae", {"diffusers", "AutoencoderKLFlux2"}}});
   write_json(o.out / "scheduler" / "scheduler_config.json", klein_scheduler_config());
-  write_json(o.out / "transformer" / "config.json", p.transformer);
+  json transformer_config = p.transformer;
+  for (auto [value, key] : {std::pair{o.double_blocks, "num_layers"}, std::pair{o.single_blocks, "num_single_layers"}}) {
+    if (value < -1 || value > 1000) throw std::invalid_argument(std::string(key) + " must be between 0 and 1000");
+    if (value >= 0) transformer_config[key] = value;
+  }
+  write_json(o.out / "transformer" / "config.json", transformer_config);
   write_json(o.out / "vae" / "config.json", p.vae);
   write_json(o.out / "text_encoder" / "config.json", p.text_encoder);
   models::write_tokenizer_files(o.out / "tokenizer");

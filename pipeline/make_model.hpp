@@ -18,6 +18,8 @@ struct make_model_options {
   bool distilled = true;       // false: a "base" checkpoint sampled with classifier-free guidance
   // Called after each tensor is written: (module, tensor, bytes written so far, total bytes).
   std::function<void(const std::string&, const std::string&, uint64_t, uint64_t)> progress;
+  // Transformer depth instead of the preset's: double-stream and single-stream blocks (-1: the preset's).
+  int64_t double_blocks = -1, single_blocks = -1;
 };
 
 std::vector<std::string> make_model_presets();

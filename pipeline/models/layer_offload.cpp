@@ -54,11 +54,12 @@ layer_offload::layer_offload(tensor_registry& registry, const std::vector<std::s
   if (prefixes.empty()) throw std::invalid_argument("layer offload: the model has no blocks to offload");
   if (!(prefetch_size > 0) || !std::isfinite(prefetch_size))
     throw std::invalid_argument("layer offload: the prefetch size must be a positive number of blocks or a fraction of them");
-  const auto n = static_cast<int64_t>(prefixes.size());
-  prefetch_ = prefetch_size < 1 ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(prefetch_size * static_cast<double>(n))))
-                                : static_cast<int64_t>(prefetch_size);
-  if (static_cast<double>(prefetch_) != std::ceil(prefetch_size) && prefetch_size >= 1)
+  if (prefetch_size >= 1 && prefetch_size != std::floor(prefetch_size))
     throw std::invalid_argument("layer offload: a prefetch size of 1 or more must be a whole number of blocks");
+  const auto n = static_cast<int64_t>(prefixes.size());
+  // More than n - 1 blocks ahead is every block: one device slot each, nothing moves after the first call.
+  const double blocks = prefetch_size < 1 ? std::ceil(prefetch_size * static_cast<double>(n)) : prefetch_size;
+  prefetch_ = std::max<int64_t>(1, static_cast<int64_t>(std::min(blocks, static_cast<double>(std::max<int64_t>(1, n - 1)))));
 
   layers_.resize(prefixes.size());
   slot_layer_.assign(registry.slots().size(), -1);
@@ -125,10 +126,34 @@ layer_offload::~layer_offload() {
 }
 
 layer_offload::store layer_offload::make_store(bool pinned) const {
+  // One allocation per dtype for all blocks, each block a slice. Pinned memory comes from cudaHostAlloc
+  // of the exact size: torch's pinned allocator rounds every allocation up to a power of two.
+  std::map<c10::ScalarType, int64_t> total;
+  for (const auto& L : layers_)
+    for (const auto& [dt, numel] : L.numel) total[dt] += numel;
+  std::map<c10::ScalarType, at::Tensor> bases;
+  for (const auto& [dt, numel] : total) {
+    const auto options = at::TensorOptions().dtype(dt);
+#ifdef REFIT_TORCH_CUDA
+    if (pinned) {
+      void* p = nullptr;
+      const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dt);
+      check(cudaHostAlloc(&p, bytes, cudaHostAllocDefault),
+            ("cudaHostAlloc of " + std::to_string(bytes) + " bytes for the offload host store").c_str());
+      bases[dt] = at::from_blob(p, {numel}, [](void* q) { cudaFreeHost(q); }, options);
+      continue;
+    }
+#endif
+    bases[dt] = at::empty({numel}, options);
+  }
   store st;
+  std::map<c10::ScalarType, int64_t> used;
   for (const auto& L : layers_) {
     std::map<c10::ScalarType, at::Tensor> bufs;
-    for (const auto& [dt, numel] : L.numel) bufs[dt] = at::empty({numel}, at::TensorOptions().dtype(dt).pinned_memory(pinned));
+    for (const auto& [dt, numel] : L.numel) {
+      bufs[dt] = bases.at(dt).narrow(0, used[dt], numel);
+      used[dt] += numel;
+    }
     st.buffers.push_back(std::move(bufs));
   }
   return st;
@@ -152,8 +177,13 @@ at::Tensor layer_offload::host_tensor(size_t slot) const {
 
 at::Tensor layer_offload::spare_tensor(size_t slot) {
   if (!offloaded(slot)) return {};
+  if (!spare_allocated()) {
+    // Pinning gigabytes takes seconds: not while holding the lock the compute thread takes per block.
+    store fresh = make_store(device_.is_cuda());
+    std::lock_guard lock(mu_);
+    if (spare_.buffers.empty()) spare_ = std::move(fresh);
+  }
   std::lock_guard lock(mu_);
-  if (spare_.buffers.empty()) spare_ = make_store(device_.is_cuda());
   const int l = slot_layer_[slot];
   for (const auto& m : layers_[l].members)
     if (m.slot == slot) return view_of(spare_.buffers[l], m.dtype, m.offset, m.numel, m.shape);
@@ -291,11 +321,14 @@ void layer_offload::quiesce() {
 
 void layer_offload::refresh_resident() {
   std::lock_guard lock(mu_);
+  for (size_t s = 0; s < slots_.size(); ++s)
+    if (slots_[s]->layer >= 0 && in_use_[slots_[s]->layer])
+      throw std::logic_error("layer offload: block " + std::to_string(slots_[s]->layer) +
+                             " is computing; weights may only change while generation is drained");
   for (size_t s = 0; s < slots_.size(); ++s) {
     const int64_t l = slots_[s]->layer;
     if (l < 0) continue;
     copy_into_slot_locked(l, s);
-    if (in_use_[l]) point_members_locked(l, s);
     ++refreshes_;
   }
   // Not waited for: the next acquire makes the compute stream wait for the block's new `ready`, so the
@@ -310,7 +343,24 @@ void layer_offload::swap_stores() {
     if (spare_.buffers.empty()) throw std::logic_error("layer offload: no second host store to swap in");
     std::swap(live_, spare_);
   }
-  refresh_resident();
+  try {
+    refresh_resident();
+  } catch (...) {
+    // All or nothing: the previous store is live again, and no slot keeps a half-made copy.
+    std::lock_guard lock(mu_);
+    std::swap(live_, spare_);
+    drop_resident_locked();
+    throw;
+  }
+}
+
+void layer_offload::drop_resident_locked() {
+  for (auto& s : slots_) {
+    if (s->layer < 0 || in_use_[s->layer]) continue;
+    park_members_locked(s->layer);
+    layer_slot_[s->layer] = -1;
+    s->layer = -1;
+  }
 }
 
 layer_offload_info layer_offload::info() const {

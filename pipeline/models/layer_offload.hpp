@@ -37,7 +37,8 @@ struct layer_offload_info {
 class layer_offload {
  public:
   // `layer_prefixes`: the blocks in execution order, as registry name prefixes ("transformer_blocks.0.").
-  // `prefetch_size`: blocks copied ahead of the one computing; >= 1, or a fraction (0, 1) of the blocks.
+  // `prefetch_size`: blocks copied ahead of the one computing; a whole number >= 1, or a fraction (0, 1)
+  // of the blocks (rounded up); more than blocks - 1 keeps every block resident.
   // Allocates the host store (values undefined until loaded through host_tensor) and the device slots,
   // and points every block member at an empty placeholder.
   layer_offload(tensor_registry& registry, const std::vector<std::string>& layer_prefixes, at::Device device,
@@ -66,7 +67,8 @@ class layer_offload {
   void recover();
 
   // Update path (generation is drained). The second store becomes the live one and every resident
-  // block is re-copied from it; calling it again swaps back (rollback).
+  // block is re-copied from it; calling it again swaps back (rollback). All or nothing: when it throws,
+  // the previous store is still live.
   void swap_stores();
   // Re-copies every resident block from the live host store (after it was written in place). The copies
   // are queued, not waited for: compute waits for them per block.
@@ -98,6 +100,7 @@ class layer_offload {
   void copy_into_slot_locked(int64_t layer, size_t slot);
   void point_members_locked(int64_t layer, size_t slot);
   void park_members_locked(int64_t layer);
+  void drop_resident_locked();  // every block not computing leaves its slot
 
   mutable std::mutex mu_;
   at::Device device_;

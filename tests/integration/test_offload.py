@@ -59,6 +59,7 @@ def test_images_with_offload_equal_images_without(offload_server, plain_server, 
 def test_update_with_offload_gives_the_new_checkpoints_checksums_and_images(offload_server, plain_server, ckpt, mode):
     back_to_base(offload_server, ckpt)
     offload_server.generate(seed=8)  # blocks resident on the device when the update commits
+    refreshes = offload_server.info()["layerwise_offload"][0]["refreshes"]
     reply = offload_server.update(ckpt.seed2, weight_version="seed2", mode=mode)
     assert reply["mode"] == ("staged" if mode == "auto" else mode), reply
     assert offload_server.checksums() == ckpt.disk[str(ckpt.seed2)]
@@ -66,7 +67,7 @@ def test_update_with_offload_gives_the_new_checkpoints_checksums_and_images(offl
     assert version == "seed2"
     plain_server.update(ckpt.seed2, weight_version="seed2")
     assert png == plain_server.generate(seed=8)[0]
-    assert offload_server.info()["layerwise_offload"][0]["refreshes"] > 0
+    assert offload_server.info()["layerwise_offload"][0]["refreshes"] == refreshes + 2  # both resident blocks rewritten
 
 
 def test_corrupted_checkpoint_with_offload_fails_and_changes_nothing(offload_server, ckpt):
@@ -92,14 +93,22 @@ def test_offload_metrics(offload_server, ckpt):
     assert metric(samples, "refit_offload_host_bytes", worker="0") == info["host_bytes"]
     assert metric(samples, "refit_offload_device_bytes", worker="0") == info["device_bytes"]
     assert metric(samples, "refit_offload_resident_blocks", worker="0") == 2
-    assert metric(samples, "refit_offload_prefetches_total", worker="0") > 0
+    assert metric(samples, "refit_offload_prefetches_total", worker="0") == info["prefetches"] > 0
+    assert metric(samples, "refit_offload_prefetched_bytes_total", worker="0") == info["prefetched_bytes"] > 0
 
 
 @pytest.mark.parametrize("value, why", [("0", "greater than 0"), ("1.5", "whole number"), ("-2", "greater than 0"),
-                                        ("many", "")])
+                                        ("many", "must be a number"), ("inf", "finite"), ("1e30", "finite")])
 def test_bad_prefetch_size_is_refused_at_startup(ckpt, value, why):
     r = subprocess.run([REFIT, "serve", "--model-path", str(ckpt.base), "--port", "0", "--dit-layerwise-offload",
                         "--dit-offload-prefetch-size", value], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "--dit-offload-prefetch-size" in r.stderr + r.stdout, r.stderr
     assert why in r.stderr + r.stdout, r.stderr
+
+
+def test_prefetch_size_without_offload_is_refused(ckpt):
+    r = subprocess.run([REFIT, "serve", "--model-path", str(ckpt.base), "--port", "0", "--dit-offload-prefetch-size", "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "requires --dit-layerwise-offload" in r.stderr + r.stdout, r.stderr

@@ -1,5 +1,5 @@
 // Fault injection into the update transaction: every phase x failure kind x module, with 1 and 2
-// workers, without and with layerwise offload of the transformer's blocks. A failed update must name
+// workers, staged and in place, without and with layerwise offload of the transformer's blocks. A failed update must name
 // module and phase, leave every checksum on every worker as it was, keep the server serving, and leave
 // no undo or shadow buffers behind.
 #define BOOST_TEST_MODULE faults
@@ -54,6 +54,7 @@ world& w() { return *current; }
 const char* phases[] = {"validate", "stage", "commit"};
 const char* kinds[] = {"error", "throw", "die"};
 const char* modules[] = {"text_encoder", "transformer", "vae"};
+const char* modes[] = {"staged", "in_place"};
 
 }  // namespace
 
@@ -62,9 +63,9 @@ BOOST_TEST_GLOBAL_FIXTURE(world_fixture);
 BOOST_AUTO_TEST_CASE(fault_injection_is_compiled_into_this_test_build) { BOOST_TEST(actors::fault_injection_compiled()); }
 
 BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_keeps_serving,
-                     bdata::make({false, true}) * bdata::make({1, 2}) * bdata::make(phases) * bdata::make(kinds) *
-                         bdata::make(modules),
-                     offload, workers, phase, kind, module) {
+                     bdata::make({false, true}) * bdata::make(modes) * bdata::make({1, 2}) * bdata::make(phases) *
+                         bdata::make(kinds) * bdata::make(modules),
+                     offload, mode, workers, phase, kind, module) {
   engine_client& e = w().engine(static_cast<size_t>(workers), offload);
   const int32_t victim = workers - 1;
   std::vector<std::map<std::string, std::string>> before;
@@ -73,7 +74,7 @@ BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_ke
 
   msg::update_request req;
   req.model_path = w().b.string();
-  req.mode = "staged";
+  req.mode = mode;
   auto r = e.update(req);
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("module '" + std::string(module) + "' (worker " + std::to_string(victim) + ")") != std::string::npos, r.message);

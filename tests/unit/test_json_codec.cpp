@@ -288,6 +288,7 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   o1.spare_host_bytes = 7000;
   o1.device_bytes = 900;
   o1.prefetches = 50;
+  o1.prefetched_bytes = 45000;
   o1.refreshes = 2;
   msg::offload_info o0 = o1;
   o0.worker = 0;
@@ -296,7 +297,8 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   BOOST_TEST(io["layerwise_offload"].size() == 2u);
   BOOST_TEST(io["layerwise_offload"][0]["worker"] == 0);
   BOOST_TEST(io["layerwise_offload"][1] == json::parse(R"({"worker": 1, "blocks": 25, "prefetch_size": 1, "resident_blocks": [0, 1],
-      "host_bytes": 7000, "spare_host_bytes": 7000, "device_bytes": 900, "prefetches": 50, "refreshes": 2})"));
+      "host_bytes": 7000, "spare_host_bytes": 7000, "device_bytes": 900, "prefetches": 50, "prefetched_bytes": 45000,
+      "refreshes": 2})"));
 
   const json l = json::parse(net::models_list_json("/ckpt/a"));
   BOOST_TEST(l == json::parse(R"({"object": "list", "data": [{"id": "/ckpt/a", "object": "model", "owned_by": "refit"}]})"));
@@ -380,6 +382,7 @@ BOOST_AUTO_TEST_CASE(metrics_text_has_the_contract_names_and_values) {
   o.host_bytes = 7000;
   o.device_bytes = 900;
   o.prefetches = 50;
+  o.prefetched_bytes = 45000;
   o.refreshes = 2;
   s.offload = {o};
   const std::string u = net::prometheus_text(s, "/ckpt", "1");
@@ -392,6 +395,7 @@ BOOST_AUTO_TEST_CASE(metrics_text_has_the_contract_names_and_values) {
   BOOST_TEST(has_u("refit_offload_device_bytes{worker=\"0\"} 900"));
   BOOST_TEST(has_u("refit_offload_resident_blocks{worker=\"0\"} 2"));
   BOOST_TEST(has_u("refit_offload_prefetches_total{worker=\"0\"} 50"));
+  BOOST_TEST(has_u("refit_offload_prefetched_bytes_total{worker=\"0\"} 45000"));
   BOOST_TEST(has_u("refit_offload_refreshes_total{worker=\"0\"} 2"));
 }
 

@@ -8,6 +8,12 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 
 #include "actors/module_actor.hpp"
 #include "pipeline/flux2_klein.hpp"
@@ -29,12 +35,17 @@ namespace {
 
 struct checkpoints {
   temp_dir dir;
-  fs::path a, b, base, corrupt, a_with_b_transformer;
+  fs::path a, b, base, deep, deep_base, corrupt, a_with_b_transformer;
   checkpoints() {
     a = make_tiny(dir.path() / "a", 1);
     b = make_tiny(dir.path() / "b", 2);
     base = dir.path() / "base";
     pipeline::make_model({"flux2-klein-tiny", 3, base, 2, false, {}});  // undistilled: sampled with CFG
+    // Six blocks (2 double-stream + 4 single-stream), so that every prefetch size rotates device slots.
+    deep = dir.path() / "deep";
+    pipeline::make_model({"flux2-klein-tiny", 4, deep, 2, true, {}, 2, 4});
+    deep_base = dir.path() / "deep_base";
+    pipeline::make_model({"flux2-klein-tiny", 5, deep_base, 2, false, {}, 2, 4});
     // b's transformer next to a vae shard truncated by 2 bytes: the update must fail and change nothing.
     corrupt = mix(a, b, "transformer", dir.path() / "corrupt");
     a_with_b_transformer = mix(a, b, "transformer", dir.path() / "a_with_b_transformer");
@@ -71,13 +82,14 @@ loaded load(const fs::path& model, std::optional<double> prefetch) {
 }
 
 // The sampler's float output before 8-bit rounding (which can hide a tiny model's differences), on the CPU.
-at::Tensor sample(const pipeline::flux2_klein_pipeline& pipe, uint64_t seed = 7, std::optional<double> teacache = std::nullopt) {
+at::Tensor sample(const pipeline::flux2_klein_pipeline& pipe, uint64_t seed = 7, std::optional<double> teacache = std::nullopt,
+                  pipeline::generation_stats* stats = nullptr) {
   c10::InferenceMode inference;
   const at::Tensor embeds = pipe.encode_prompts({"a red fox"});
   std::optional<at::Tensor> negative;
   if (!pipe.is_distilled()) negative = pipe.encode_prompts({"blurry"});
   const at::Tensor noise = pipe.initial_noise(1, 32, 32, seed);
-  return pipe.sample(noise, embeds, negative, 6, 4.0, nullptr, {teacache.has_value(), teacache}).to(at::kCPU);
+  return pipe.sample(noise, embeds, negative, 6, 4.0, nullptr, {teacache.has_value(), teacache}, stats).to(at::kCPU);
 }
 
 // Bytes the caching allocator has handed out on the test device (0 on the CPU).
@@ -99,15 +111,24 @@ bool bitwise_equal(const at::Tensor& x, const at::Tensor& y) {
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(sampling_is_bitwise_identical_with_and_without_offload) {
-  for (const fs::path& model : {ckpts().a, ckpts().base}) {
+  for (const fs::path& model : {ckpts().a, ckpts().deep, ckpts().deep_base}) {
     const at::Tensor reference = sample(*load(model, std::nullopt).pipe);
-    const at::Tensor reference_tc = sample(*load(model, std::nullopt).pipe, 7, 0.6);
-    for (double prefetch : {1.0, 2.0, 0.3, 64.0}) {
+    pipeline::generation_stats plain_tc;
+    const at::Tensor reference_tc = sample(*load(model, std::nullopt).pipe, 7, 0.6, &plain_tc);
+    BOOST_TEST(plain_tc.blocks_skipped > 0, model.filename() << ": the TeaCache case must skip blocks");
+    // Six blocks: prefetch 1, 2, 3 (0.5 of them) use 2, 3, 4 slots and rotate; 64 keeps all six resident.
+    for (double prefetch : {1.0, 2.0, 0.5, 64.0}) {
       auto l = load(model, prefetch);
+      const int64_t blocks = l.pipe->transformer_offload()->layers();
+      BOOST_TEST(l.pipe->transformer_offload()->prefetch_size() ==
+                 std::min<int64_t>(prefetch < 1 ? static_cast<int64_t>(std::ceil(prefetch * blocks)) : static_cast<int64_t>(prefetch),
+                                   blocks - 1));
       BOOST_TEST(bitwise_equal(sample(*l.pipe), reference), model.filename() << " prefetch " << prefetch);
       // Twice: the second request starts from the blocks the first one prefetched around the wrap.
       BOOST_TEST(bitwise_equal(sample(*l.pipe), reference), model.filename() << " prefetch " << prefetch << ", second request");
-      BOOST_TEST(bitwise_equal(sample(*l.pipe, 7, 0.6), reference_tc), model.filename() << " prefetch " << prefetch << ", TeaCache");
+      pipeline::generation_stats tc;
+      BOOST_TEST(bitwise_equal(sample(*l.pipe, 7, 0.6, &tc), reference_tc), model.filename() << " prefetch " << prefetch << ", TeaCache");
+      BOOST_TEST(tc.blocks_skipped == plain_tc.blocks_skipped);
     }
   }
 }
@@ -167,7 +188,8 @@ BOOST_AUTO_TEST_CASE(blocks_hold_no_device_weights_between_uses_and_the_host_sto
 }
 
 BOOST_AUTO_TEST_CASE(bad_prefetch_sizes_are_refused) {
-  for (double p : {0.0, -1.0, 1.5}) BOOST_CHECK_THROW(load(ckpts().a, p), std::invalid_argument);
+  for (double p : {0.0, -1.0, 1.5, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()})
+    BOOST_CHECK_THROW(load(ckpts().a, p), std::invalid_argument);
 }
 
 namespace {
@@ -234,14 +256,15 @@ BOOST_AUTO_TEST_CASE(staged_update_swaps_host_stores_rewrites_resident_blocks_an
   uint64_t resident_bytes = 0;
   for (size_t i = 0; i < l.pipe->registry("transformer").slots().size(); ++i)
     if (!off->offloaded(i)) resident_bytes += l.pipe->registry("transformer").slots()[i].tensor->nbytes();
-  BOOST_TEST(device_allocated() - device_before <= static_cast<int64_t>(resident_bytes + 64 * 512));
+  if (test_placement().device.is_cuda())  // (the CPU run has no device allocator to ask)
+    BOOST_TEST(device_allocated() - device_before <= static_cast<int64_t>(resident_bytes + 64 * 512));
   BOOST_TEST(off->info().spare_host_bytes == off->host_bytes());
   BOOST_TEST(checksum() == sum_a);  // staging writes the second store only
   const uint64_t refreshes = off->info().refreshes;
   const int64_t device_staged = device_allocated();
   auto [committed, e2] = ask(msg::commit_atom::value);
   BOOST_TEST(e2.empty(), e2);
-  BOOST_TEST(device_allocated() == device_staged, "a commit allocates no device memory");
+  if (test_placement().device.is_cuda()) BOOST_TEST(device_allocated() == device_staged, "a commit allocates no device memory");
   BOOST_TEST(checksum() == sum_b);
   BOOST_TEST(off->info().refreshes == refreshes + 2, "both resident blocks rewritten");
   BOOST_TEST(bitwise_equal(sample(*l.pipe), image_b), "after commit the images are the new checkpoint's");
@@ -273,6 +296,20 @@ BOOST_AUTO_TEST_CASE(in_place_update_writes_the_live_host_store_and_rolls_back_f
   BOOST_TEST(checksum() == sum_b);
   BOOST_TEST(bitwise_equal(sample(*l.pipe), image_b));
   BOOST_TEST(ask(msg::rollback_atom::value).second.empty());
+  BOOST_TEST(checksum() == sum_a);
+  BOOST_TEST(bitwise_equal(sample(*l.pipe), image_a));
+}
+
+BOOST_AUTO_TEST_CASE(a_replacement_actor_undoes_a_staged_commit_its_dead_predecessor_left) {
+  const at::Tensor image_a = sample(*l.pipe);
+  const std::string sum_a = expected_checksum(*this, ckpts().a), sum_b = expected_checksum(*this, ckpts().b);
+  BOOST_TEST(ask(msg::stage_atom::value, (ckpts().b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(ask(msg::commit_atom::value).second.empty());
+  BOOST_TEST(checksum() == sum_b);
+  self->monitor(module);
+  caf::anon_send_exit(module, caf::exit_reason::kill);
+  self->receive([](caf::down_msg&) {});
+  module = actors::spawn_module_actor(sys, state);  // its start-up swaps the host stores back
   BOOST_TEST(checksum() == sum_a);
   BOOST_TEST(bitwise_equal(sample(*l.pipe), image_a));
 }
@@ -320,6 +357,49 @@ BOOST_AUTO_TEST_CASE(engine_with_offload_updates_to_disk_checksums_and_refuses_a
     BOOST_TEST(e.client.update(to(ckpts().a, mode)).success);
     BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().a), mode);
   }
+}
+
+BOOST_AUTO_TEST_CASE(generation_continues_while_updates_alternate_and_every_image_matches_its_version) {
+  // Staging reads into the second host store while the worker fetches blocks from the live one.
+  std::map<std::string, std::vector<uint8_t>> reference;
+  reference["A"] = offload_engine(ckpts().a, false).client.generate(11).second;
+  reference["B"] = offload_engine(ckpts().b, false).client.generate(11).second;
+  BOOST_REQUIRE(reference["A"] != reference["B"]);
+  offload_engine e(ckpts().a);
+  std::atomic<bool> stop{false};
+  std::mutex mu;
+  std::condition_variable progressed;
+  std::vector<std::pair<std::string, std::vector<uint8_t>>> results;
+  std::thread client([&] {
+    engine_client c(e.sys, e.client.scheduler());
+    while (!stop.load()) {
+      auto r = c.generate(11);
+      std::lock_guard lock(mu);
+      results.push_back(std::move(r));
+      progressed.notify_all();
+    }
+  });
+  for (int i = 0; i < 8; ++i) {
+    const bool to_b = i % 2 == 0;
+    msg::update_request req = to(to_b ? ckpts().b : ckpts().a, i % 4 < 2 ? "staged" : "in_place");
+    req.weight_version = to_b ? "B" : "A";
+    auto r = e.client.update(req);
+    BOOST_TEST(r.success, r.message);
+    std::unique_lock lock(mu);
+    const size_t seen = results.size();
+    progressed.wait(lock, [&] { return results.size() > seen; });
+  }
+  stop = true;
+  client.join();
+  std::map<std::string, int> per_version;
+  for (const auto& [version, png] : results) {
+    BOOST_TEST(version.rfind("error", 0) != 0u, version);
+    const std::string weights = version == "0" ? "A" : version;
+    BOOST_TEST((png == reference[weights]), "version " << version);
+    ++per_version[weights];
+  }
+  BOOST_TEST(per_version["A"] > 0);
+  BOOST_TEST(per_version["B"] > 0);
 }
 
 BOOST_AUTO_TEST_CASE(a_commit_failure_in_another_module_rolls_the_host_store_back) {
