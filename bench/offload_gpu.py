@@ -24,14 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-
-def post(url, path, body, timeout=600):
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+from update_gpu import post  # same folder: JSON POST returning (status, reply)
 
 
 def get(url, path):

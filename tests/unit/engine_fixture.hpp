@@ -54,6 +54,35 @@ inline std::filesystem::path mix(const std::filesystem::path& base, const std::f
   return out;
 }
 
+// Blocking requests to one module actor: a phase's report or the error text, the checksum, the info.
+template <class... Ts>
+std::pair<msg::module_report, std::string> ask_module(caf::scoped_actor& self, const msg::module_actor& module, Ts... xs) {
+  std::pair<msg::module_report, std::string> out;
+  self->request(module, caf::infinite, xs...).receive([&](msg::module_report& r) { out.first = r; },
+                                                      [&](caf::error& e) { out.second = msg::describe(e); });
+  return out;
+}
+inline std::string module_checksum(caf::scoped_actor& self, const msg::module_actor& module) {
+  std::string out;
+  self->request(module, caf::infinite, msg::checksum_atom::value).receive([&](std::string& s) { out = s; }, [&](caf::error&) {});
+  return out;
+}
+inline msg::module_info module_info_of(caf::scoped_actor& self, const msg::module_actor& module) {
+  msg::module_info out;
+  self->request(module, caf::infinite, msg::info_atom::value).receive([&](msg::module_info& i) { out = i; }, [&](caf::error&) {});
+  return out;
+}
+
+// An update request to `path` (targets: empty for every module).
+inline msg::update_request update_to(const std::filesystem::path& path, std::vector<std::string> targets = {},
+                                     std::string mode = "auto") {
+  msg::update_request r;
+  r.model_path = path.string();
+  r.target_modules = std::move(targets);
+  r.mode = std::move(mode);
+  return r;
+}
+
 class engine_client {
  public:
   engine_client(caf::actor_system& sys, msg::scheduler_actor scheduler) : self_(sys), scheduler_(std::move(scheduler)) {}
@@ -102,6 +131,16 @@ class engine_client {
  private:
   caf::scoped_actor self_;
   msg::scheduler_actor scheduler_;
+};
+
+// A whole engine on `model` (scheduler, workers on the test device, fp32), shut down with the object.
+struct engine {
+  engine_system_config cfg;
+  caf::actor_system sys{cfg};
+  engine_client client;
+  explicit engine(const std::filesystem::path& model, size_t workers = 1, bool offload = false, double prefetch = 1)
+      : client(sys, actors::spawn_engine(sys, {model, std::vector<std::string>(workers, test_device()), "fp32", offload, prefetch})) {}
+  ~engine() { caf::anon_send_exit(client.scheduler(), caf::exit_reason::user_shutdown); }
 };
 
 }  // namespace refit::test

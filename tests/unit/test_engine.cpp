@@ -35,22 +35,6 @@ checkpoints& ckpts() {
   return c;
 }
 
-struct engine {
-  engine_system_config cfg;
-  caf::actor_system sys{cfg};
-  engine_client client;
-  explicit engine(const fs::path& model, size_t workers = 1)
-      : client(sys, actors::spawn_engine(sys, {model, std::vector<std::string>(workers, test_device()), "fp32"})) {}
-  ~engine() { caf::anon_send_exit(client.scheduler(), caf::exit_reason::user_shutdown); }
-};
-
-msg::update_request to(const fs::path& p, std::vector<std::string> targets = {}) {
-  msg::update_request r;
-  r.model_path = p.string();
-  r.target_modules = std::move(targets);
-  return r;
-}
-
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(server_checksums_equal_disk_checksums_of_the_loaded_checkpoint) {
@@ -65,7 +49,7 @@ BOOST_AUTO_TEST_CASE(same_model_reload_leaves_checksums_and_images_identical) {
   engine e(ckpts().a);
   const auto before = e.client.checksums();
   const auto image = e.client.generate(5);
-  auto r = e.client.update(to(ckpts().a));
+  auto r = e.client.update(update_to(ckpts().a));
   BOOST_TEST(r.success, r.message);
   BOOST_TEST(r.weight_version == "1");
   BOOST_TEST(r.modules.size() == 3u);
@@ -77,7 +61,7 @@ BOOST_AUTO_TEST_CASE(same_model_reload_leaves_checksums_and_images_identical) {
 
 BOOST_AUTO_TEST_CASE(update_to_a_second_checkpoint_matches_its_disk_checksum_and_a_fresh_server) {
   engine e(ckpts().a);
-  msg::update_request req = to(ckpts().b);
+  msg::update_request req = update_to(ckpts().b);
   req.weight_version = "step-100";
   auto r = e.client.update(req);
   BOOST_TEST(r.success, r.message);
@@ -102,7 +86,7 @@ BOOST_AUTO_TEST_CASE(update_to_a_second_checkpoint_matches_its_disk_checksum_and
 BOOST_AUTO_TEST_CASE(target_modules_subset_changes_only_those_modules) {
   engine e(ckpts().a);
   const auto before = e.client.checksums();
-  auto r = e.client.update(to(ckpts().b, {"transformer"}));
+  auto r = e.client.update(update_to(ckpts().b, {"transformer"}));
   BOOST_TEST(r.success, r.message);
   auto after = e.client.checksums();
   BOOST_TEST(after["transformer"] == disk_checksums(ckpts().b)["transformer"]);
@@ -112,7 +96,7 @@ BOOST_AUTO_TEST_CASE(target_modules_subset_changes_only_those_modules) {
 
 BOOST_AUTO_TEST_CASE(in_place_mode_gives_the_same_weights_and_says_so) {
   engine e(ckpts().a);
-  msg::update_request req = to(ckpts().b);
+  msg::update_request req = update_to(ckpts().b);
   req.mode = "in_place";
   auto r = e.client.update(req);
   BOOST_TEST(r.success, r.message);
@@ -124,16 +108,16 @@ BOOST_AUTO_TEST_CASE(in_place_mode_gives_the_same_weights_and_says_so) {
 BOOST_AUTO_TEST_CASE(bad_requests_fail_and_change_nothing) {
   engine e(ckpts().a);
   const auto before = e.client.checksums();
-  auto r = e.client.update(to("/nonexistent/path/to/model"));
+  auto r = e.client.update(update_to("/nonexistent/path/to/model"));
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("/nonexistent/path/to/model") != std::string::npos, r.message);
-  r = e.client.update(to(""));
+  r = e.client.update(update_to(""));
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("model_path is required") != std::string::npos, r.message);
-  r = e.client.update(to(ckpts().b, {"nonexistent_module"}));
+  r = e.client.update(update_to(ckpts().b, {"nonexistent_module"}));
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("not found in pipeline") != std::string::npos, r.message);
-  msg::update_request bad_mode = to(ckpts().b);
+  msg::update_request bad_mode = update_to(ckpts().b);
   bad_mode.mode = "sideways";
   r = e.client.update(bad_mode);
   BOOST_TEST(!r.success);
@@ -145,7 +129,7 @@ BOOST_AUTO_TEST_CASE(bad_requests_fail_and_change_nothing) {
 BOOST_AUTO_TEST_CASE(corrupted_checkpoint_fails_naming_module_and_file_and_changes_nothing) {
   engine e(ckpts().a);
   const auto before = e.client.checksums();
-  auto r = e.client.update(to(ckpts().corrupt, {"transformer", "vae"}));
+  auto r = e.client.update(update_to(ckpts().corrupt, {"transformer", "vae"}));
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("module 'vae'") != std::string::npos, r.message);
   BOOST_TEST(r.message.find("diffusion_pytorch_model.safetensors") != std::string::npos, r.message);
@@ -169,7 +153,7 @@ BOOST_AUTO_TEST_CASE(abort_all_requests_cancels_in_flight_generation_with_a_clea
     self->request(e.client.scheduler(), caf::infinite, msg::stats_atom::value)
         .receive([&](msg::scheduler_stats& s) { in_flight = s.in_flight; }, [&](caf::error&) {});
   BOOST_REQUIRE(in_flight == 1u);
-  msg::update_request req = to(ckpts().b);
+  msg::update_request req = update_to(ckpts().b);
   req.abort_all_requests = true;
   auto r = e.client.update(req);
   BOOST_TEST(r.success, r.message);
@@ -209,7 +193,7 @@ BOOST_AUTO_TEST_CASE(generation_continues_while_20_updates_alternate_and_every_i
   std::vector<double> pauses;
   for (int i = 0; i < 20; ++i) {
     const bool to_b = i % 2 == 0;
-    msg::update_request req = to(to_b ? ckpts().b : ckpts().a);
+    msg::update_request req = update_to(to_b ? ckpts().b : ckpts().a);
     req.weight_version = to_b ? "B" : "A";
     req.mode = "staged";
     auto r = e.client.update(req);
@@ -240,7 +224,7 @@ BOOST_AUTO_TEST_CASE(generation_continues_while_20_updates_alternate_and_every_i
 
 BOOST_AUTO_TEST_CASE(flush_cache_false_keeps_the_cache_and_says_so) {
   engine e(ckpts().a);
-  msg::update_request req = to(ckpts().b);
+  msg::update_request req = update_to(ckpts().b);
   req.flush_cache = false;
   auto r = e.client.update(req);
   BOOST_TEST(r.success, r.message);
@@ -256,7 +240,7 @@ BOOST_AUTO_TEST_CASE(in_place_commit_without_room_for_a_snapshot_rolls_back_by_r
   const auto before = e.client.checksums();
   BOOST_REQUIRE(e.client.fault("transformer", 0, {"snapshot", "nomem"}));
   BOOST_REQUIRE(e.client.fault("vae", 0, {"commit", "error"}));
-  msg::update_request req = to(ckpts().b, {"transformer", "vae"});
+  msg::update_request req = update_to(ckpts().b, {"transformer", "vae"});
   req.mode = "in_place";
   auto r = e.client.update(req);
   BOOST_TEST(!r.success);

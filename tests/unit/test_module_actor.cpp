@@ -41,21 +41,10 @@ struct fixture {
 
   template <class... Ts>
   std::pair<msg::module_report, std::string> ask(Ts... xs) {
-    std::pair<msg::module_report, std::string> out;
-    self->request(module, caf::infinite, xs...).receive([&](msg::module_report& r) { out.first = r; },
-                                                        [&](caf::error& e) { out.second = msg::describe(e); });
-    return out;
+    return ask_module(self, module, xs...);
   }
-  std::string checksum() {
-    std::string out;
-    self->request(module, caf::infinite, msg::checksum_atom::value).receive([&](std::string& s) { out = s; }, [&](caf::error&) {});
-    return out;
-  }
-  msg::module_info info() {
-    msg::module_info out;
-    self->request(module, caf::infinite, msg::info_atom::value).receive([&](msg::module_info& i) { out = i; }, [&](caf::error&) {});
-    return out;
-  }
+  std::string checksum() { return module_checksum(self, module); }
+  msg::module_info info() { return module_info_of(self, module); }
 };
 
 }  // namespace

@@ -209,16 +209,9 @@ struct offloaded_module {
 
   template <class... Ts>
   std::pair<msg::module_report, std::string> ask(Ts... xs) {
-    std::pair<msg::module_report, std::string> out;
-    self->request(module, caf::infinite, xs...).receive([&](msg::module_report& r) { out.first = r; },
-                                                        [&](caf::error& e) { out.second = msg::describe(e); });
-    return out;
+    return ask_module(self, module, xs...);
   }
-  std::string checksum() {
-    std::string out;
-    self->request(module, caf::infinite, msg::checksum_atom::value).receive([&](std::string& s) { out = s; }, [&](caf::error&) {});
-    return out;
-  }
+  std::string checksum() { return module_checksum(self, module); }
 };
 
 // Checkpoint checksums are of fp32 values; on the GPU the module holds bf16, so compare with a fresh
@@ -231,8 +224,7 @@ std::string expected_checksum(offloaded_module& m, const fs::path& model) {
   caf::scoped_actor self{sys};
   auto st = actors::make_module_state(fresh.pipe, "transformer", 0, "Flux2Transformer2DModel", (model / "transformer").string(), fresh.loader);
   auto actor = actors::spawn_module_actor(sys, st);
-  std::string out;
-  self->request(actor, caf::infinite, msg::checksum_atom::value).receive([&](std::string& s) { out = s; }, [&](caf::error&) {});
+  const std::string out = module_checksum(self, actor);
   caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
   return out;
 }
@@ -318,21 +310,10 @@ BOOST_AUTO_TEST_SUITE_END()
 
 namespace {
 
-struct offload_engine {
-  engine_system_config cfg;
-  caf::actor_system sys{cfg};
-  engine_client client;
-  explicit offload_engine(const fs::path& model, bool offload = true, double prefetch = 1)
-      : client(sys, actors::spawn_engine(sys, {model, {test_device()}, "fp32", offload, prefetch})) {}
-  ~offload_engine() { caf::anon_send_exit(client.scheduler(), caf::exit_reason::user_shutdown); }
+// The engine with layerwise offload (prefetch 1), or without for references.
+struct offload_engine : engine {
+  explicit offload_engine(const fs::path& model, bool offload = true) : engine(model, 1, offload, 1) {}
 };
-
-msg::update_request to(const fs::path& p, std::string mode = "auto") {
-  msg::update_request r;
-  r.model_path = p.string();
-  r.mode = std::move(mode);
-  return r;
-}
 
 }  // namespace
 
@@ -341,20 +322,20 @@ BOOST_AUTO_TEST_CASE(engine_with_offload_updates_to_disk_checksums_and_refuses_a
   BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().a));
   const auto image_a = e.client.generate(5);
 
-  auto bad = e.client.update(to(ckpts().corrupt));
+  auto bad = e.client.update(update_to(ckpts().corrupt));
   BOOST_TEST(!bad.success);
   BOOST_TEST(bad.message.find("vae") != std::string::npos, bad.message);
   BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().a));
   BOOST_TEST(e.client.generate(5).second == image_a.second);
 
   for (const char* mode : {"staged", "in_place"}) {
-    auto r = e.client.update(to(ckpts().b, mode));
+    auto r = e.client.update(update_to(ckpts().b, {}, mode));
     BOOST_TEST(r.success, r.message);
     BOOST_TEST(r.mode == mode);
     BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().b), mode);
     offload_engine fresh(ckpts().b, false);
     BOOST_TEST(e.client.generate(9).second == fresh.client.generate(9).second, mode);
-    BOOST_TEST(e.client.update(to(ckpts().a, mode)).success);
+    BOOST_TEST(e.client.update(update_to(ckpts().a, {}, mode)).success);
     BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().a), mode);
   }
 }
@@ -381,7 +362,7 @@ BOOST_AUTO_TEST_CASE(generation_continues_while_updates_alternate_and_every_imag
   });
   for (int i = 0; i < 8; ++i) {
     const bool to_b = i % 2 == 0;
-    msg::update_request req = to(to_b ? ckpts().b : ckpts().a, i % 4 < 2 ? "staged" : "in_place");
+    msg::update_request req = update_to(to_b ? ckpts().b : ckpts().a, {}, i % 4 < 2 ? "staged" : "in_place");
     req.weight_version = to_b ? "B" : "A";
     auto r = e.client.update(req);
     BOOST_TEST(r.success, r.message);
@@ -408,7 +389,7 @@ BOOST_AUTO_TEST_CASE(a_commit_failure_in_another_module_rolls_the_host_store_bac
   if (!actors::fault_injection_compiled()) return;
   for (const char* module : {"text_encoder", "vae"}) {
     BOOST_REQUIRE(e.client.fault(module, 0, {"commit", "error"}));
-    auto r = e.client.update(to(ckpts().b));
+    auto r = e.client.update(update_to(ckpts().b));
     BOOST_TEST(!r.success, module);
     BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().a), module);
     BOOST_TEST(e.client.generate(5).second == image_a.second, module);
