@@ -101,6 +101,27 @@ uint64_t tensors_bytes(const std::vector<at::Tensor>& ts) {
   return b;
 }
 
+// Host tensors shaped like `like`, for undo snapshots: device tensors get page-locked memory (one
+// exact-size allocation per dtype, sliced), host tensors (offloaded blocks) plain memory.
+std::vector<at::Tensor> make_undo_arena(const std::vector<at::Tensor>& like) {
+  std::map<c10::ScalarType, int64_t> total, used;
+  for (const auto& t : like)
+    if (t.is_cuda()) total[t.scalar_type()] += t.numel();
+  std::map<c10::ScalarType, at::Tensor> base;
+  for (const auto& [dt, numel] : total) base[dt] = weights::pinned_host_tensor(numel, dt);
+  std::vector<at::Tensor> out;
+  for (const auto& t : like) {
+    if (!t.is_cuda()) {
+      out.push_back(at::empty(t.sizes(), t.options().device(at::kCPU)));
+      continue;
+    }
+    int64_t& offset = used[t.scalar_type()];
+    out.push_back(base.at(t.scalar_type()).narrow(0, offset, t.numel()).view(t.sizes()));
+    offset += t.numel();
+  }
+  return out;
+}
+
 // Host memory that can still be allocated without swapping.
 uint64_t available_host_bytes() {
   std::ifstream in("/proc/meminfo");
@@ -336,11 +357,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             st.undo_by_reread = st.force_reread_undo || bytes + (1ull << 30) > available_host_bytes();
             if (!st.undo_by_reread) {
               const bool on_gpu = !st.pipe->placement().device.is_cpu();
-              if (on_gpu && st.undo_arena.size() != slots.size()) {
-                st.undo_arena.clear();
-                for (const auto& t : live)
-                  st.undo_arena.push_back(at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(t.is_cuda())));
-              }
+              if (on_gpu && st.undo_arena.size() != slots.size()) st.undo_arena = make_undo_arena(live);
               for (size_t i = 0; i < slots.size(); ++i) {
                 at::Tensor host = on_gpu ? st.undo_arena[i] : at::empty_like(live[i]);
                 host.copy_(live[i]);

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "pipeline/weights/device_loader.hpp"
+
 #ifdef REFIT_TORCH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -126,26 +128,13 @@ layer_offload::~layer_offload() {
 }
 
 layer_offload::store layer_offload::make_store(bool pinned) const {
-  // One allocation per dtype for all blocks, each block a slice. Pinned memory comes from cudaHostAlloc
-  // of the exact size: torch's pinned allocator rounds every allocation up to a power of two.
+  // One allocation per dtype for all blocks, each block a slice; pinned ones of the exact size.
   std::map<c10::ScalarType, int64_t> total;
   for (const auto& L : layers_)
     for (const auto& [dt, numel] : L.numel) total[dt] += numel;
   std::map<c10::ScalarType, at::Tensor> bases;
-  for (const auto& [dt, numel] : total) {
-    const auto options = at::TensorOptions().dtype(dt);
-#ifdef REFIT_TORCH_CUDA
-    if (pinned) {
-      void* p = nullptr;
-      const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dt);
-      check(cudaHostAlloc(&p, bytes, cudaHostAllocDefault),
-            ("cudaHostAlloc of " + std::to_string(bytes) + " bytes for the offload host store").c_str());
-      bases[dt] = at::from_blob(p, {numel}, [](void* q) { cudaFreeHost(q); }, options);
-      continue;
-    }
-#endif
-    bases[dt] = at::empty({numel}, options);
-  }
+  for (const auto& [dt, numel] : total)
+    bases[dt] = pinned ? weights::pinned_host_tensor(numel, dt) : at::empty({numel}, at::TensorOptions().dtype(dt));
   store st;
   std::map<c10::ScalarType, int64_t> used;
   for (const auto& L : layers_) {

@@ -169,7 +169,20 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
   return st;
 }
 
+at::Tensor pinned_host_tensor(int64_t numel, c10::ScalarType dtype) {
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  void* p = nullptr;
+  if (bytes > 0) {
+    const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
+    if (e != cudaSuccess)
+      throw std::runtime_error("cannot pin " + std::to_string(bytes) + " bytes of host memory: " + cudaGetErrorString(e));
+  }
+  return at::from_blob(p, {numel}, [](void* q) { if (q) cudaFreeHost(q); }, at::TensorOptions().dtype(dtype));
+}
+
 #else  // no CUDA in this build
+
+at::Tensor pinned_host_tensor(int64_t, c10::ScalarType) { throw std::runtime_error("refit was built without CUDA"); }
 
 struct device_loader::impl {};
 device_loader::device_loader(int, uint64_t, unsigned, unsigned) { throw std::runtime_error("refit was built without CUDA"); }
