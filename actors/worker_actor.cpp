@@ -60,8 +60,7 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
       const auto i = off->info();
       spdlog::info("worker {}: layerwise offload of {} transformer blocks: {:.1f} MB in host memory{}, {} device slots of {:.1f} MB (prefetch {})",
                    config.index, i.layers, i.host_bytes / 1e6, where.device.is_cuda() ? " (pinned)" : "",
-                   std::min<int64_t>(i.prefetch_size + 1, i.layers), i.device_bytes / 1e6 / std::min<int64_t>(i.prefetch_size + 1, i.layers),
-                   i.prefetch_size);
+                   i.slots, i.device_bytes / 1e6 / i.slots, i.prefetch_size);
     }
     const auto& layout = st->pipe->layout();
     for (const auto& m : st->pipe->module_names()) {

@@ -357,6 +357,7 @@ layer_offload_info layer_offload::info() const {
   layer_offload_info i;
   i.layers = layers();
   i.prefetch_size = prefetch_;
+  i.slots = static_cast<int64_t>(slots_.size());
   for (const auto& s : slots_)
     if (s->layer >= 0) i.resident.push_back(s->layer);
   i.host_bytes = host_bytes_;

@@ -25,6 +25,7 @@ namespace refit::models {
 struct layer_offload_info {
   int64_t layers = 0;
   int64_t prefetch_size = 0;
+  int64_t slots = 0;              // device slots: prefetch_size + 1, at most one per block
   std::vector<int64_t> resident;  // blocks now in a device slot, in slot order
   uint64_t host_bytes = 0;        // the live host store
   uint64_t spare_host_bytes = 0;  // the second host store (0 until the first staged update)

@@ -83,6 +83,16 @@ inline msg::update_request update_to(const std::filesystem::path& path, std::vec
   return r;
 }
 
+// `base` with `other`'s transformer and a VAE shard truncated by 2 bytes: an update to it must fail in
+// validation (naming the VAE) and change nothing, although its transformer alone would load.
+inline std::filesystem::path make_corrupt(const std::filesystem::path& base, const std::filesystem::path& other,
+                                          const std::filesystem::path& out) {
+  mix(base, other, "transformer", out);
+  const std::filesystem::path vae = out / "vae" / "diffusion_pytorch_model.safetensors";
+  std::filesystem::resize_file(vae, std::filesystem::file_size(vae) - 2);
+  return out;
+}
+
 class engine_client {
  public:
   engine_client(caf::actor_system& sys, msg::scheduler_actor scheduler) : self_(sys), scheduler_(std::move(scheduler)) {}

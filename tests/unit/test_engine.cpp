@@ -23,10 +23,7 @@ struct checkpoints {
     a = make_tiny(dir.path() / "a", 1);
     b = make_tiny(dir.path() / "b", 2);
     b_transformer_only = mix(a, b, "transformer", dir.path() / "a_with_b_transformer");
-    // b's transformer, and a vae shard truncated by 2 bytes
-    corrupt = mix(a, b, "transformer", dir.path() / "corrupt");
-    fs::path vae = corrupt / "vae" / "diffusion_pytorch_model.safetensors";
-    fs::resize_file(vae, fs::file_size(vae) - 2);
+    corrupt = make_corrupt(a, b, dir.path() / "corrupt");
   }
 };
 

@@ -247,6 +247,24 @@ BOOST_AUTO_TEST_CASE(failed_update_reply_shape) {
   BOOST_TEST(e["message"] == "no \"key\"");
 }
 
+namespace {
+// One worker's layerwise-offload state, the same values for every worker but its index.
+msg::offload_info offload_of_worker(int32_t worker) {
+  msg::offload_info o;
+  o.worker = worker;
+  o.blocks = 25;
+  o.prefetch_size = 1;
+  o.resident_blocks = {0, 1};
+  o.host_bytes = 7000;
+  o.spare_host_bytes = 7000;
+  o.device_bytes = 900;
+  o.prefetches = 50;
+  o.prefetched_bytes = 45000;
+  o.refreshes = 2;
+  return o;
+}
+}  // namespace
+
 BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   const json c = json::parse(net::checksums_json({{"transformer", "ab12"}, {"bogus", "not_found"}}));
   BOOST_TEST(c == json({{"transformer", "ab12"}, {"bogus", "not_found"}}));
@@ -279,20 +297,7 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
                                       {"tensors", 10}, {"bytes", 1000}, {"source_dir", "/ckpt/a/vae"}}));
 
   // With layerwise offload: one entry per worker, sorted by worker.
-  msg::offload_info o1;
-  o1.worker = 1;
-  o1.blocks = 25;
-  o1.prefetch_size = 1;
-  o1.resident_blocks = {0, 1};
-  o1.host_bytes = 7000;
-  o1.spare_host_bytes = 7000;
-  o1.device_bytes = 900;
-  o1.prefetches = 50;
-  o1.prefetched_bytes = 45000;
-  o1.refreshes = 2;
-  msg::offload_info o0 = o1;
-  o0.worker = 0;
-  info.offload = {o1, o0};
+  info.offload = {offload_of_worker(1), offload_of_worker(0)};
   const json io = json::parse(net::model_info_json(info));
   BOOST_TEST(io["layerwise_offload"].size() == 2u);
   BOOST_TEST(io["layerwise_offload"][0]["worker"] == 0);
@@ -376,15 +381,7 @@ BOOST_AUTO_TEST_CASE(metrics_text_has_the_contract_names_and_values) {
   BOOST_TEST(t.find("refit_offload_") == std::string::npos);  // only servers with layerwise offload report it
 
   s.teacache = {{2, 10, 6, 1}};
-  msg::offload_info o;
-  o.worker = 0;
-  o.resident_blocks = {3, 4};
-  o.host_bytes = 7000;
-  o.device_bytes = 900;
-  o.prefetches = 50;
-  o.prefetched_bytes = 45000;
-  o.refreshes = 2;
-  s.offload = {o};
+  s.offload = {offload_of_worker(0)};
   const std::string u = net::prometheus_text(s, "/ckpt", "1");
   auto has_u = [&u](const std::string& line) { return u.find("\n" + line + "\n") != std::string::npos; };
   BOOST_TEST(has_u("refit_teacache_requests_total{worker=\"0\"} 2"));
