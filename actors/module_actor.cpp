@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <thread>
 
 #include "pipeline/flux2_klein.hpp"
 #include "pipeline/models/layer_offload.hpp"
@@ -246,6 +247,9 @@ caf::error maybe_fault(module_state& st, const char* phase, caf::scheduled_actor
   const std::string what = "injected fault (" + kind + ") in module '" + st.module + "' phase '" + phase + "'";
   if (kind == "throw") throw std::runtime_error(what);
   if (kind == "die") {
+    // The reply goes out before the actor's down message: widen that window as a loaded machine may,
+    // so that nothing can rely on the down message arriving first.
+    self->attach_functor([](const caf::error&) { std::this_thread::sleep_for(std::chrono::milliseconds(30)); });
     self->quit(msg::make_error(refit_errc::phase_failed, what));
     return msg::make_error(refit_errc::phase_failed, what);
   }

@@ -114,7 +114,41 @@ void reply(self_ptr self) {
   self->quit();
 }
 
+// Settles participants: each one's worker answers with the module's actor once it
+// is settled (recover_atom) — the same actor if it is alive, else a replacement whose start-up has
+// already undone its predecessor's unfinished commit. `next` gets the participants that were replaced.
+void settle(self_ptr self, const std::vector<size_t>& which, std::function<void(std::set<size_t>)> next) {
+  auto replaced = std::make_shared<std::set<size_t>>();
+  if (which.empty()) return next(*replaced);
+  auto& st = self->state;
+  auto pending = std::make_shared<size_t>(which.size());
+  auto one = [pending, replaced, next] {
+    if (--*pending == 0) next(*replaced);
+  };
+  for (size_t i : which) {
+    auto& p = st.parts[i];
+    self->request(st.ctx.workers[p.worker], phase_timeout, msg::recover_atom::value, p.module)
+        .then(
+            [self, i, one, replaced](msg::module_actor& settled) {
+              auto& p = self->state.parts[i];
+              if (settled != p.handle) {
+                p.handle = settled;
+                p.committed = false;  // the replacement restored the module on start
+                replaced->insert(i);
+              }
+              one();
+            },
+            [one](caf::error&) { one(); });
+  }
+}
+
+void say_replaced(self_ptr self, const std::set<size_t>& replaced) {
+  for (size_t i : replaced) self->state.result.message += " The actor of " + who(self->state.parts[i]) + " died and was replaced.";
+}
+
 // Ends the update before anything was committed: frees shadows, leaves every live weight as it was.
+// Every participant is settled before the reply (an actor that died is replaced first), so a client
+// that asks right after the reply never reaches a dead actor.
 void fail_before_commit(self_ptr self, const std::string& why) {
   auto& st = self->state;
   st.result.success = false;
@@ -123,7 +157,12 @@ void fail_before_commit(self_ptr self, const std::string& why) {
   for (size_t i = 0; i < st.parts.size(); ++i)
     if (st.parts[i].staged) staged.push_back(i);
   fan_out(self, staged, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::discard_atom::value); },
-          [self](std::shared_ptr<gather>) { reply(self); });
+          [self](std::shared_ptr<gather>) {
+            settle(self, all(self), [self](std::set<size_t> replaced) {
+              say_replaced(self, replaced);
+              reply(self);
+            });
+          });
 }
 
 std::string first_failure(self_ptr self, const gather& g, const char* phase) {
@@ -158,34 +197,6 @@ void resume_and_reply(self_ptr self) {
       });
 }
 
-// Settles participants whose phase failed: each one's worker answers with the module's actor once it
-// is settled (recover_atom) — the same actor if it is alive, else a replacement whose start-up has
-// already undone its predecessor's unfinished commit. `next` gets the participants that were replaced.
-void settle(self_ptr self, const std::vector<size_t>& which, std::function<void(std::set<size_t>)> next) {
-  auto replaced = std::make_shared<std::set<size_t>>();
-  if (which.empty()) return next(*replaced);
-  auto& st = self->state;
-  auto pending = std::make_shared<size_t>(which.size());
-  auto one = [pending, replaced, next] {
-    if (--*pending == 0) next(*replaced);
-  };
-  for (size_t i : which) {
-    auto& p = st.parts[i];
-    self->request(st.ctx.workers[p.worker], phase_timeout, msg::recover_atom::value, p.module)
-        .then(
-            [self, i, one, replaced](msg::module_actor& settled) {
-              auto& p = self->state.parts[i];
-              if (settled != p.handle) {
-                p.handle = settled;
-                p.committed = false;  // the replacement restored the module on start
-                replaced->insert(i);
-              }
-              one();
-            },
-            [one](caf::error&) { one(); });
-  }
-}
-
 // A participant failed during commit: settle the failed ones (a dead one is replaced, and the
 // replacement undoes its commit), roll back every other participant (committed ones undo their commit;
 // failed ones that live restore whatever they half did), settle any that fail to roll back, then
@@ -198,12 +209,12 @@ void compensate(self_ptr self, std::shared_ptr<gather> commit) {
     if (commit->ok[i]) st.parts[i].committed = true;
     else failed_commit.push_back(i);
   }
-  settle(self, failed_commit, [self](std::set<size_t> replaced) {
+  settle(self, failed_commit, [self](std::set<size_t> failed_replaced) {
     std::vector<size_t> undo;
     for (size_t i = 0; i < self->state.parts.size(); ++i)
-      if (!replaced.count(i)) undo.push_back(i);
+      if (!failed_replaced.count(i)) undo.push_back(i);
     fan_out(self, undo, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::rollback_atom::value); },
-            [self, undo](std::shared_ptr<gather> g) {
+            [self, undo, failed_replaced](std::shared_ptr<gather> g) {
               auto& st = self->state;
               std::vector<size_t> unsure;  // committed, and the rollback did not answer success
               for (size_t i : undo) {
@@ -211,7 +222,7 @@ void compensate(self_ptr self, std::shared_ptr<gather> commit) {
                 if (g->ok[i]) st.result.modules.push_back(g->reports[i]);
                 else unsure.push_back(i);
               }
-              settle(self, unsure, [self, undo, g](std::set<size_t> replaced) {
+              settle(self, unsure, [self, undo, g, failed_replaced](std::set<size_t> replaced) {
                 auto& st = self->state;
                 std::string rolled, failed;
                 for (size_t i : undo) {
@@ -228,6 +239,7 @@ void compensate(self_ptr self, std::shared_ptr<gather> commit) {
                   st.result.message += "No weights were changed: every module holds the weights it had before the update.";
                 else
                   st.result.message += "ROLLBACK FAILED for " + failed + ".";
+                say_replaced(self, failed_replaced);
                 record_phase(self, "rollback");
                 resume_and_reply(self);
               });

@@ -80,6 +80,10 @@ BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_ke
   BOOST_TEST(r.message.find("module '" + std::string(module) + "' (worker " + std::to_string(victim) + ")") != std::string::npos, r.message);
   BOOST_TEST(r.message.find("in phase '" + std::string(phase) + "'") != std::string::npos, r.message);
   BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
+  const bool replaced = r.message.find("The actor of module '" + std::string(module) + "' (worker " + std::to_string(victim) +
+                                       ") died and was replaced.") != std::string::npos;
+  BOOST_TEST(replaced == (std::string(kind) == "die"), r.message);
+  // Asked right after the reply: every module answers (a dead actor was replaced before the reply).
   for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == before[k], "worker " << k);
 
   auto info = e.info();
