@@ -22,9 +22,10 @@ struct device_read_stats {
   uint64_t direct_bytes = 0;  // read with O_DIRECT, from files that were not in the page cache
 };
 
-// A 1-D CPU tensor of `numel` elements in page-locked memory of exactly that size (cudaHostAlloc, freed
-// with the tensor): torch's pinned allocator rounds every allocation up to a power of two, up to twice the
-// memory for large weights. Throws when this build has no CUDA or the allocation fails.
+// A 1-D CPU tensor of `numel` elements in page-locked memory of exactly that size, freed with the tensor:
+// torch's pinned allocator rounds every allocation up to a power of two, up to twice the memory for large
+// weights. Huge-page memory touched in parallel and registered with CUDA (8x faster to pin than
+// cudaHostAlloc, which is the fallback). Throws when this build has no CUDA or the allocation fails.
 at::Tensor pinned_host_tensor(int64_t numel, c10::ScalarType dtype);
 
 class device_loader {
