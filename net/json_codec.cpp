@@ -13,6 +13,10 @@ using json = nlohmann::json;
 
 namespace {
 
+// Replies carry text that did not come from refit: parser messages quoting the request's bytes, file
+// names. Bytes that are not UTF-8 become U+FFFD instead of failing the reply.
+std::string text(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 json parse_object(std::string_view body) {
   json j;
   try {
@@ -165,32 +169,32 @@ image_request parse_image_request(std::string_view body) {
 }
 
 std::string update_result_json(const msg::update_result& r) {
-  if (!r.success) return json{{"success", false}, {"message", r.message}, {"weight_version", r.weight_version}}.dump();
+  if (!r.success) return text(json{{"success", false}, {"message", r.message}, {"weight_version", r.weight_version}});
   json modules = json::array();
   for (const auto& m : r.modules)
     modules.push_back({{"name", m.module}, {"worker", m.worker}, {"tensors", m.tensors}, {"bytes", m.bytes},
                        {"seconds", m.seconds}, {"path", m.path}, {"source_dir", m.source_dir}});
   json timings = json::object();
   for (const auto& [phase, s] : r.timings) timings[phase] = s;
-  return json{{"success", true},
-              {"message", r.message},
-              {"weight_version", r.weight_version},
-              {"modules", std::move(modules)},
-              {"timings", std::move(timings)},
-              {"mode", r.mode},
-              {"mode_reason", r.mode_reason},
-              {"cache_flushed", r.cache_flushed},
-              {"aborted_requests", r.aborted_requests}}
-      .dump();
+  const json out{{"success", true},
+                 {"message", r.message},
+                 {"weight_version", r.weight_version},
+                 {"modules", std::move(modules)},
+                 {"timings", std::move(timings)},
+                 {"mode", r.mode},
+                 {"mode_reason", r.mode_reason},
+                 {"cache_flushed", r.cache_flushed},
+                 {"aborted_requests", r.aborted_requests}};
+  return text(out);
 }
 
-std::string error_json(std::string_view message) { return json{{"success", false}, {"message", message}}.dump(); }
+std::string error_json(std::string_view message) { return text(json{{"success", false}, {"message", message}}); }
 
 std::string openai_error_json(std::string_view message, std::string_view type) {
-  return json{{"success", false}, {"message", message}, {"error", {{"message", message}, {"type", type}}}}.dump();
+  return text(json{{"success", false}, {"message", message}, {"error", {{"message", message}, {"type", type}}}});
 }
 
-std::string checksums_json(const std::map<std::string, std::string>& checksums) { return json(checksums).dump(); }
+std::string checksums_json(const std::map<std::string, std::string>& checksums) { return text(json(checksums)); }
 
 std::string model_info_json(const msg::model_info& info) {
   // Replies arrive in whatever order the module actors answer; sort so the output is stable.
@@ -215,11 +219,11 @@ std::string model_info_json(const msg::model_info& info) {
                       {"refreshes", o.refreshes}});
     out["layerwise_offload"] = std::move(list);
   }
-  return out.dump();
+  return text(out);
 }
 
 std::string models_list_json(std::string_view model_path) {
-  return json{{"object", "list"}, {"data", json::array({{{"id", model_path}, {"object", "model"}, {"owned_by", "refit"}}})}}.dump();
+  return text(json{{"object", "list"}, {"data", json::array({{{"id", model_path}, {"object", "model"}, {"owned_by", "refit"}}})}});
 }
 
 std::string image_result_json(const msg::generation_result& r, int64_t created_unix_s) {
@@ -228,7 +232,7 @@ std::string image_result_json(const msg::generation_result& r, int64_t created_u
   json out{{"created", created_unix_s}, {"data", std::move(data)}, {"weight_version", r.weight_version},
            {"inference_time_s", r.inference_time_s}};
   if (r.teacache_calls) out["teacache"] = {{"transformer_calls", r.teacache_calls}, {"skipped", r.teacache_skipped}};
-  return out.dump();
+  return text(out);
 }
 
 std::string health_json() { return R"({"status":"ok"})"; }

@@ -54,6 +54,23 @@ BOOST_AUTO_TEST_CASE(malformed_json_and_non_objects_are_bad_requests) {
   }
 }
 
+// The parser quotes what it read last, bytes that are not UTF-8 included; a file name may not be UTF-8
+// either. Replies replace such bytes with U+FFFD instead of failing (the server answered 500 before).
+BOOST_AUTO_TEST_CASE(replies_quoting_bytes_that_are_not_utf8_stay_valid_json) {
+  const std::string body = "{\"module_names\": [\"vae\xc3r\"]}";
+  const std::string why = checksum_rejection(body);
+  BOOST_TEST(why.find("request body is not valid JSON") == 0, why);
+  const std::string bad = "no module 'vae\xc3r' in \xff/tmp";
+  for (const std::string& reply : {net::error_json(why), net::error_json(bad), net::openai_error_json(bad, "invalid_request_error"),
+                                   net::checksums_json({{"vae\xc3r", "not_found"}})}) {
+    const json j = json::parse(reply);  // throws on invalid UTF-8
+    BOOST_TEST(j.dump().find("\xef\xbf\xbd") != std::string::npos, reply);  // U+FFFD
+  }
+  msg::update_result r;
+  r.message = bad;
+  BOOST_TEST(json::parse(net::update_result_json(r))["message"] == "no module 'vae\xef\xbf\xbdr' in \xef\xbf\xbd/tmp");
+}
+
 BOOST_AUTO_TEST_CASE(update_request_needs_a_non_empty_model_path) {
   for (const std::string body : {"{}", R"({"model_path": null})", R"({"model_path": ""})", R"({"flush_cache": true})"})
     BOOST_TEST(update_rejection(body) == "model_path is required", "body: " << body);

@@ -1,0 +1,89 @@
+"""Seeded random requests against every POST endpoint of the real server: valid bodies with one field replaced by a
+hostile value, fields dropped or added, other top-level types, and byte-level damage (truncation, flipped bytes,
+invalid UTF-8). Every reply must be a 2xx or a 4xx with a JSON message — never a 5xx, never a dropped connection —
+and afterwards the server must be healthy, hold the weights it had, and generate the image it generated before."""
+import json
+import random
+
+import pytest
+
+from harness import GEN
+
+SEED = 20261129
+ROUNDS = 300
+
+# Values that are wrong for (almost) every field, or right but cheap: nothing here asks for a large image or many
+# steps, so an accidentally valid generation stays fast on the CPU.
+HOSTILE = [None, True, False, 0, -1, 1.5, -0.0, 2**31, 2**63, -(2**63) - 1, 2**64, 10**40, 1e308, -1e308,
+           "", " ", "x" * 5000, "\u0000", "caf\u00e9 \u6f22\u5b57", "\ud83d\ude00", "NaN", "Infinity", "-1", "1e400",
+           "../../etc/passwd", "/", "/nonexistent/model", "64x", "x64", "0x0", "-8x-8", "99999999999999999999x4",
+           "8192x8192", "4x4", [], {}, [1, "a", None], {"a": {"b": [1.5]}}, [[[[[[[[[[[]]]]]]]]]]], ["transformer"] * 50,
+           ["no_such_module"], ["transformer", 5], {"model_path": "/"}]
+
+
+def generation_body():
+    return {"prompt": "a red fox", "seed": 3, "n": 1, "response_format": "b64_json", "guidance_scale": 4.0,
+            "negative_prompt": "", "enable_teacache": False, "teacache_threshold": 0.0, **GEN}
+
+
+def update_body(ckpt):
+    # Never a checkpoint with other weights: a fuzzed update may only fail, or reload what is served.
+    return {"model_path": str(random.choice([ckpt.base, ckpt.corrupted, ckpt.allowed / "missing"])),
+            "target_modules": ["vae"], "mode": "staged", "flush_cache": True, "abort_all_requests": False,
+            "weight_version": "fuzz"}
+
+
+def checksum_body():
+    return {"module_names": ["transformer", "vae"], "worker": 0}
+
+
+def mutate(body: dict) -> bytes:
+    op = random.randrange(9)
+    body = dict(body)
+    if op <= 2:  # one field gets a hostile value (most common: it reaches the field validators)
+        body[random.choice(list(body))] = random.choice(HOSTILE)
+    elif op == 3:
+        body.pop(random.choice(list(body)))
+    elif op == 4:
+        body[random.choice(["extra", "", "\u0000", "prompt2", "x" * 300])] = random.choice(HOSTILE)
+    elif op == 5:  # not an object at all
+        return json.dumps(random.choice(HOSTILE + [[body], str(body)])).encode()
+    raw = json.dumps(body, ensure_ascii=random.random() < 0.5).encode()
+    if op == 6:  # truncated
+        return raw[:random.randrange(len(raw))]
+    if op == 7:  # a few bytes replaced, sometimes by bytes that are not UTF-8
+        raw = bytearray(raw)
+        for _ in range(random.randint(1, 4)):
+            raw[random.randrange(len(raw))] = random.choice([random.randrange(32, 127), 0xFF, 0xC3, 0x00, 0x80])
+        return bytes(raw)
+    if op == 8:  # duplicated keys, trailing garbage or comments
+        return raw[:-1] + random.choice([b', "seed": 1, "seed": "x"}', b"}}", b"} trailing", b"/* c */}", b",}"])
+    return raw
+
+
+def test_random_bad_requests_get_4xx_and_change_nothing(server, ckpt):
+    server.update(ckpt.base, weight_version="pre-fuzz")
+    before = server.checksums()
+    image_before, _ = server.generate(seed=11)
+    random.seed(SEED)
+    seen = {}
+    for i in range(ROUNDS):
+        path, body = random.choice([("/v1/images/generations", generation_body()),
+                                    ("/update_weights_from_disk", update_body(ckpt)),
+                                    ("/get_weights_checksum", checksum_body())])
+        data = mutate(body)
+        try:
+            r = server.post(path, data=data, timeout=120)
+        except Exception as e:
+            pytest.fail(f"round {i}: {path} with {data[:300]!r}: no reply ({e!r})\n{server.log()[-3000:]}")
+        assert r.status_code < 500, f"round {i}: {path} with {data[:300]!r}: {r.status_code} {r.text[:500]}"
+        if r.status_code >= 400:
+            assert isinstance(r.json().get("message"), str) and r.json()["message"], (path, data[:300], r.text[:300])
+        seen[(path, r.status_code)] = seen.get((path, r.status_code), 0) + 1
+    # The generator reached both the validators and the happy paths of every endpoint.
+    for path in ("/v1/images/generations", "/update_weights_from_disk", "/get_weights_checksum"):
+        assert seen.get((path, 400), 0) >= 20, seen
+        assert seen.get((path, 200), 0) >= 3, seen
+    assert server.get("/health").status_code == 200
+    assert server.checksums() == before == ckpt.disk[str(ckpt.base)]
+    assert server.generate(seed=11)[0] == image_before
