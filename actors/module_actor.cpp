@@ -390,17 +390,20 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             return report(st, how, bytes, since(t0), st.source_dir);
           });
         },
-        [state](msg::finalize_atom) -> caf::result<msg::module_report> {
+        [self, state](msg::finalize_atom) -> caf::result<msg::module_report> {
           module_state& st = *state;
-          auto t0 = clock::now();
-          const std::string path = st.path;
-          st.source_dir = st.pending_dir.empty() ? st.source_dir : st.pending_dir;
-          st.undo.clear();
-          st.shadows.clear();
-          st.committed = false;
-          st.undo_by_reread = false;
-          st.pending_dir.clear();
-          return report(st, path.c_str(), st.update_bytes, since(t0), st.source_dir);
+          return guarded(st, "finalize", [&]() -> caf::result<msg::module_report> {
+            if (auto err = maybe_fault(st, "finalize", self)) return err;
+            auto t0 = clock::now();
+            const std::string path = st.path;
+            st.source_dir = st.pending_dir.empty() ? st.source_dir : st.pending_dir;
+            st.undo.clear();
+            st.shadows.clear();
+            st.committed = false;
+            st.undo_by_reread = false;
+            st.pending_dir.clear();
+            return report(st, path.c_str(), st.update_bytes, since(t0), st.source_dir);
+          });
         },
         [state](msg::discard_atom) -> caf::result<msg::module_report> {
           module_state& st = *state;

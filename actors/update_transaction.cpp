@@ -247,38 +247,103 @@ void compensate(self_ptr self, std::shared_ptr<gather> commit) {
   });
 }
 
+// Once every commit succeeded the update is decided. A participant whose actor died before it finalized
+// was replaced, and the replacement's start-up undid its commit (an actor cannot know the outcome), so
+// the update is applied to it again while generation is still paused, instead of leaving that module on
+// the old weights. `which` holds such participants; `next` runs after the last.
+void reapply(self_ptr self, std::vector<size_t> which, std::function<void()> next) {
+  if (which.empty()) return next();
+  const size_t i = which.back();
+  which.pop_back();
+  auto failed = [self, i, which, next](const char* phase, caf::error& e) {
+    auto& st = self->state;
+    st.result.success = false;
+    st.failure += (st.failure.empty() ? "" : "; ") + who(st.parts[i]) + " could not be updated again in phase '" + phase +
+                  "' after its actor died: " + msg::describe(e);
+    reapply(self, which, next);
+  };
+  auto& p = self->state.parts[i];
+  self->request(p.handle, phase_timeout, msg::stage_atom::value, p.dir, p.path)
+      .then(
+          [self, i, which, next, failed](msg::module_report&) {
+            self->request(self->state.parts[i].handle, phase_timeout, msg::commit_atom::value)
+                .then(
+                    [self, i, which, next, failed](msg::module_report&) {
+                      self->request(self->state.parts[i].handle, phase_timeout, msg::finalize_atom::value)
+                          .then(
+                              [self, i, which, next](msg::module_report&) {
+                                spdlog::warn("update: {} died before it finalized; its replacement applied the update again",
+                                             who(self->state.parts[i]));
+                                reapply(self, which, next);
+                              },
+                              [failed](caf::error& e) { failed("finalize", e); });
+                    },
+                    [failed](caf::error& e) { failed("commit", e); });
+          },
+          [failed](caf::error& e) { failed("stage", e); });
+}
+
+// The reply of a decided update, after every participant finalized (or was updated again).
+void report_committed(self_ptr self, const std::set<size_t>& replaced) {
+  auto& st = self->state;
+  std::set<std::string> modules;
+  for (auto& p : st.parts) modules.insert(p.module);
+  std::string names;
+  for (auto& m : modules) names += (names.empty() ? "" : ", ") + m;
+  if (st.result.success) {
+    st.result.message = "Updated " + names + " from " + st.req.model_path + " on " + std::to_string(st.ctx.workers.size()) + " worker(s) (" +
+                        st.result.mode + ")";
+    for (size_t i : replaced)
+      st.result.message += ". The actor of " + who(st.parts[i]) + " died after its commit and was replaced; the update was applied to it again";
+  } else {
+    st.result.message = "Update committed, but " + st.failure + ". THE PIPELINE IS MIXED: every other module holds the new weights.";
+  }
+  record_phase(self, "finish");
+  resume_and_reply(self);
+}
+
+// Finalizing drops each participant's undo record. One that did not answer is settled: an actor that is
+// alive holds the new weights and is asked once more; a replaced one gets the update again (reapply).
+void finalize(self_ptr self) {
+  fan_out(self, all(self), [self](participant& p) { return self->request(p.handle, phase_timeout, msg::finalize_atom::value); },
+          [self](std::shared_ptr<gather> g) {
+            std::vector<size_t> unfinished;
+            for (size_t i = 0; i < self->state.parts.size(); ++i)
+              if (!g->ok[i]) unfinished.push_back(i);
+            settle(self, unfinished, [self, unfinished](std::set<size_t> replaced) {
+              self->state.result.success = true;
+              std::vector<size_t> again;
+              for (size_t i : unfinished)
+                if (!replaced.count(i)) again.push_back(i);
+              fan_out(self, again, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::finalize_atom::value); },
+                      [self, again, replaced](std::shared_ptr<gather> g2) {
+                        for (size_t i : again)
+                          if (!g2->ok[i])
+                            spdlog::warn("update: {} did not finalize ({}); it keeps its undo record", who(self->state.parts[i]), g2->errors[i]);
+                        reapply(self, std::vector<size_t>(replaced.begin(), replaced.end()),
+                                [self, replaced] { report_committed(self, replaced); });
+                      });
+            });
+          });
+}
+
 void finish(self_ptr self) {
   auto& st = self->state;
   record_phase(self, "commit");
-  auto after_cache = [self] {
-    fan_out(self, all(self), [self](participant& p) { return self->request(p.handle, phase_timeout, msg::finalize_atom::value); },
-            [self](std::shared_ptr<gather>) {
-              auto& st = self->state;
-              st.result.success = true;
-              std::set<std::string> modules;
-              for (auto& p : st.parts) modules.insert(p.module);
-              std::string names;
-              for (auto& m : modules) names += (names.empty() ? "" : ", ") + m;
-              st.result.message = "Updated " + names + " from " + st.req.model_path + " on " + std::to_string(st.ctx.workers.size()) +
-                                  " worker(s) (" + st.result.mode + ")";
-              record_phase(self, "finish");
-              resume_and_reply(self);
-            });
-  };
   if (!st.req.flush_cache || st.ctx.caches.empty()) {
     st.result.cache_flushed = false;
-    after_cache();
+    finalize(self);
     return;
   }
   auto pending = std::make_shared<size_t>(st.ctx.caches.size());
   for (auto& c : st.ctx.caches)
     self->request(c, phase_timeout, msg::reset_atom::value).then(
-        [self, pending, after_cache](uint64_t) {
+        [self, pending](uint64_t) {
           self->state.result.cache_flushed = true;
-          if (--*pending == 0) after_cache();
+          if (--*pending == 0) finalize(self);
         },
-        [pending, after_cache](caf::error&) {
-          if (--*pending == 0) after_cache();
+        [self, pending](caf::error&) {
+          if (--*pending == 0) finalize(self);
         });
 }
 

@@ -1,4 +1,4 @@
-// Fault injection into the update transaction: every phase x failure kind x module, with 1 and 2
+// Fault injection into the update transaction: every phase (and finalize, after the decision) x failure kind x module, with 1 and 2
 // workers, staged and in place, without and with layerwise offload of the transformer's blocks. A failed update must name
 // module and phase, leave every checksum on every worker as it was, keep the server serving, and leave
 // no undo or shadow buffers behind.
@@ -94,6 +94,35 @@ BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_ke
   }
   auto g = e.generate(4);
   BOOST_TEST(g.first.rfind("error", 0) != 0u, g.first);
+}
+
+// After every commit succeeded the update is decided: a participant that fails to finalize must not take
+// its module back to the old weights. A dead one's replacement undoes its commit on start, so the
+// transaction applies the update to it again before generation resumes.
+BOOST_DATA_TEST_CASE(a_failure_after_the_last_commit_still_leaves_every_module_updated,
+                     bdata::make({false, true}) * bdata::make(modes) * bdata::make({1, 2}) * bdata::make(kinds) * bdata::make(modules),
+                     offload, mode, workers, kind, module) {
+  engine_client& e = w().engine(static_cast<size_t>(workers), offload);
+  const int32_t victim = workers - 1;
+  BOOST_REQUIRE(e.fault(module, victim, {"finalize", kind}));
+  msg::update_request req;
+  req.model_path = w().b.string();
+  req.mode = mode;
+  auto r = e.update(req);
+  BOOST_TEST(r.success, r.message);
+  const bool replaced = r.message.find("The actor of module '" + std::string(module) + "' (worker " + std::to_string(victim) +
+                                       ") died after its commit and was replaced; the update was applied to it again") != std::string::npos;
+  BOOST_TEST(replaced == (std::string(kind) == "die"), r.message);
+  const auto disk = disk_checksums(w().b);
+  for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk, "worker " << k);
+  for (const auto& m : e.info().modules) {
+    BOOST_TEST(m.undo_bytes == 0u, m.name << " worker " << m.worker);
+    BOOST_TEST(m.shadow_bytes == 0u, m.name << " worker " << m.worker);
+  }
+  req.model_path = w().a.string();  // back, for the next case
+  req.mode = "auto";
+  BOOST_TEST(e.update(req).success);
+  for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk_checksums(w().a), "worker " << k);
 }
 
 BOOST_DATA_TEST_CASE(after_every_failure_a_clean_update_still_succeeds_on_every_worker,
