@@ -105,6 +105,7 @@ std::string module_checksum(const module_weights& weights, const checksum_option
     const dtype held = held_dtype(t.type, options.float_dtype);
     records[i] = {name, held, t.shape, hash_tensor(weights.shards[loc.shard].bytes(t), t.type, held)};
   });
+  for (const auto& shard : weights.shards) shard.check_unchanged();
   return combine_module_checksum(std::move(records));
 }
 

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -96,8 +97,14 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
         if (fd >= 0) ::close(fd);
     }
   } closer{direct};
-  for (const auto& shard : w.shards)
-    direct[&shard] = shard.resident_fraction() < kColdResidency ? ::open(shard.path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC) : -1;
+  for (const auto& shard : w.shards) {
+    int fd = shard.resident_fraction() < kColdResidency ? ::open(shard.path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC) : -1;
+    if (fd >= 0 && !shard.same_file(fd)) {  // the path now names another file (renamed into place): read the opened one
+      ::close(fd);
+      fd = -1;
+    }
+    direct[&shard] = fd;
+  }
   std::vector<target> targets;
   struct chunk {
     size_t target;
@@ -161,6 +168,8 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
   for (auto& tg : targets)
     if (tg.raw.defined()) const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the loader's stream
   check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  for (const auto& [file, fd] : direct)
+    if (std::any_of(targets.begin(), targets.end(), [f = file](const target& tg) { return tg.file == f; })) file->check_unchanged();
 
   device_read_stats st;
   for (auto& tg : targets) st.bytes += tg.entry->nbytes();

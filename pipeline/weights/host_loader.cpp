@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <memory>
+#include <set>
 
 #include <cerrno>
 #include <cstring>
@@ -131,6 +132,9 @@ void read_into(const module_weights& weights, const named_tensors& out, const ho
       convert_elements(t.type, buf.data(), held, dst_bytes, c.elems);
     }
   });
+  std::set<size_t> shards;
+  for (const auto* loc : locs) shards.insert(loc->shard);
+  for (size_t s : shards) weights.shards[s].check_unchanged();
 }
 
 named_tensors load_to_host(const module_weights& weights, const host_load_options& options) {

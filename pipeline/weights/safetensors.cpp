@@ -49,6 +49,7 @@ std::string_view to_string(weight_errc code) {
     case weight_errc::no_weights: return "no_weights";
     case weight_errc::unknown_module: return "unknown_module";
     case weight_errc::unconvertible_dtype: return "unconvertible_dtype";
+    case weight_errc::file_changed: return "file_changed";
   }
   return "unknown";
 }
@@ -286,6 +287,9 @@ safetensors_file safetensors_file::open(const std::filesystem::path& path) {
   if (::fstat(f.fd_, &st) != 0) fail(weight_errc::io_error, label, std::string("cannot stat: ") + std::strerror(errno));
   if (!S_ISREG(st.st_mode)) fail(weight_errc::io_error, label, "not a regular file");
   f.file_size_ = static_cast<uint64_t>(st.st_size);
+  f.mtime_ns_ = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  f.dev_ = static_cast<uint64_t>(st.st_dev);
+  f.ino_ = static_cast<uint64_t>(st.st_ino);
 
   std::vector<std::byte> prefix(8);
   auto read_at = [&](std::byte* dst, size_t len, uint64_t at) {
@@ -319,7 +323,14 @@ safetensors_file safetensors_file::open(const std::filesystem::path& path) {
 }
 
 safetensors_file::safetensors_file(safetensors_file&& o) noexcept
-    : path_(std::move(o.path_)), header_(std::move(o.header_)), file_size_(o.file_size_), fd_(o.fd_), map_(o.map_) {
+    : path_(std::move(o.path_)),
+      header_(std::move(o.header_)),
+      file_size_(o.file_size_),
+      mtime_ns_(o.mtime_ns_),
+      dev_(o.dev_),
+      ino_(o.ino_),
+      fd_(o.fd_),
+      map_(o.map_) {
   o.fd_ = -1;
   o.map_ = nullptr;
 }
@@ -335,6 +346,22 @@ safetensors_file& safetensors_file::operator=(safetensors_file&& o) noexcept {
 safetensors_file::~safetensors_file() {
   if (map_) ::munmap(const_cast<std::byte*>(map_), file_size_);
   if (fd_ >= 0) ::close(fd_);
+}
+
+void safetensors_file::check_unchanged() const {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) fail(weight_errc::io_error, path_.string(), std::string("cannot stat: ") + std::strerror(errno));
+  const int64_t mtime = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  if (static_cast<uint64_t>(st.st_size) != file_size_ || mtime != mtime_ns_)
+    fail(weight_errc::file_changed, path_.string(),
+         "the file was written while it was read (size " + std::to_string(file_size_) + " -> " + std::to_string(st.st_size) +
+             " bytes, modification time changed " + std::to_string(mtime != mtime_ns_ ? (mtime - mtime_ns_) / 1000000 : 0) +
+             " ms); what was read may mix old and new bytes. Write a checkpoint to new files and rename them into place");
+}
+
+bool safetensors_file::same_file(int fd) const {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_dev) == dev_ && static_cast<uint64_t>(st.st_ino) == ino_;
 }
 
 double safetensors_file::resident_fraction() const {

@@ -68,12 +68,20 @@ class safetensors_file {
   uint64_t file_offset(const tensor_entry& t) const { return header_.data_offset + t.begin; }
   // Share of the file's pages in the page cache (mincore over the mapping): near 0 means a cold read.
   double resident_fraction() const;
+  // Throws when the file's size or modification time differs from when it was opened: someone wrote it
+  // while it was read (a trainer saving over the checkpoint in place), so what was read may be torn.
+  // Reads go through the descriptor opened here, so a file replaced by a rename is never a problem.
+  void check_unchanged() const;
+  // Whether `fd` refers to this very file (the same inode), e.g. a second descriptor opened by path.
+  bool same_file(int fd) const;
 
  private:
   safetensors_file() = default;
   std::filesystem::path path_;
   safetensors_header header_;
   uint64_t file_size_ = 0;
+  int64_t mtime_ns_ = 0;
+  uint64_t dev_ = 0, ino_ = 0;
   int fd_ = -1;
   const std::byte* map_ = nullptr;
 };

@@ -41,6 +41,7 @@ enum class weight_errc : uint8_t {
   no_weights,
   unknown_module,
   unconvertible_dtype,
+  file_changed,             // written while it was read
 };
 
 std::string_view to_string(weight_errc code);

@@ -2,12 +2,16 @@
 #define BOOST_TEST_MODULE layout_checksum
 #include <boost/test/unit_test.hpp>
 
+#include <chrono>
+#include <functional>
+#include <map>
 #include <cstring>
 #include <fstream>
 
 #include "pipeline/weights/checksum.hpp"
 #include "pipeline/weights/convert.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
+#include "pipeline/weights/host_loader.hpp"
 #include "tests/unit/temp_dir.hpp"
 
 using namespace refit::weights;
@@ -240,4 +244,73 @@ BOOST_AUTO_TEST_CASE(checksum_with_dtype_equals_checksum_of_the_converted_file) 
   auto bf_w = open_module_dir("m", tmp.path() / "bf");
   BOOST_TEST(module_checksum(bf_w, {dtype::F32, 2}) == module_checksum(open_module_dir("m", tmp.path() / "f32")));
   BOOST_TEST(module_checksum(bf_w, {dtype::F32, 2}) != module_checksum(bf_w));
+}
+
+namespace {
+// Every tensor's bytes as load_to_host read them, by name.
+std::map<std::string, std::vector<std::byte>> read_bytes(const module_weights& w) {
+  std::map<std::string, std::vector<std::byte>> out;
+  for (const auto& [name, t] : load_to_host(w)) {
+    const auto* p = static_cast<const std::byte*>(t.data_ptr());
+    out[name].assign(p, p + t.nbytes());
+  }
+  return out;
+}
+
+std::string file_changed_error(const std::function<void()>& read) {
+  try {
+    read();
+  } catch (const weight_error& e) {
+    BOOST_TEST(e.code() == weight_errc::file_changed);
+    return e.what();
+  }
+  BOOST_FAIL("the read did not notice the file changing");
+  return {};
+}
+}  // namespace
+
+// A trainer saving over a checkpoint in place while refit reads it: the read (and the checksum) fails
+// instead of returning a mix of old and new bytes. A file replaced by a rename is read whole from the file
+// that was opened.
+BOOST_AUTO_TEST_CASE(a_shard_written_while_it_is_read_is_refused_and_a_renamed_one_is_read_whole) {
+  refit::test::temp_dir tmp;
+  const auto ts = sample_tensors();
+  const fs::path dir = tmp.path() / "m", shard = dir / "model-00001-of-00002.safetensors";
+  write_sharded(dir, ts);
+  std::map<std::string, std::vector<std::byte>> original;
+  for (const auto& t : ts) original[t.name] = t.bytes;
+
+  {  // same size, one byte rewritten; the write lands a moment after the open (the clock is coarse)
+    const auto w = open_module_dir("m", dir);
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-1, std::ios::end);
+    f.put('\x01');
+    f.close();
+    fs::last_write_time(shard, fs::last_write_time(shard) + std::chrono::seconds(1));
+    const std::string why = file_changed_error([&] { read_bytes(w); });
+    BOOST_TEST(why.find(shard.string()) != std::string::npos, why);
+    BOOST_TEST(why.find("written while it was read") != std::string::npos, why);
+    file_changed_error([&] { module_checksum(w); });
+  }
+  write_sharded(dir, ts);
+  {  // grown, with the modification time put back: the size gives it away
+    const auto w = open_module_dir("m", dir);
+    const auto mtime = fs::last_write_time(shard);
+    std::ofstream(shard, std::ios::app | std::ios::binary) << "trailing";
+    fs::last_write_time(shard, mtime);
+    const std::string why = file_changed_error([&] { read_bytes(w); });
+    BOOST_TEST(why.find("bytes") != std::string::npos, why);
+  }
+  write_sharded(dir, ts);
+  {  // the checkpoint is rewritten the safe way, a new file renamed over the old: the open one is read
+    const auto w = open_module_dir("m", dir);
+    const std::string before = module_checksum(w);
+    auto changed = ts;
+    for (auto& t : changed) t.bytes.assign(t.bytes.size(), std::byte{0x11});
+    write_sharded(tmp.path() / "next", changed);
+    fs::rename(tmp.path() / "next" / shard.filename(), shard);
+    BOOST_TEST((read_bytes(w) == original));
+    BOOST_TEST(module_checksum(w) == before);
+    BOOST_TEST(module_checksum(open_module_dir("m", dir)) != before);  // the path now names the new file
+  }
 }
