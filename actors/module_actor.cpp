@@ -302,6 +302,17 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             if (auto err = maybe_fault(st, "stage", self)) return err;
             c10::InferenceMode inference;
             auto t0 = clock::now();
+            if (st.committed) {
+              // An earlier update committed here and was decided, but its finalize never arrived: its weights
+              // are what this module serves, so its undo record goes (a rollback of this update must not
+              // reach back past it).
+              spdlog::warn("module {} (worker {}): an earlier update from {} was committed but not finalized; keeping its weights",
+                           st.module, st.worker, st.pending_dir);
+              st.source_dir = st.pending_dir.empty() ? st.source_dir : st.pending_dir;
+              st.undo.clear();
+              st.committed = false;
+              st.undo_by_reread = false;
+            }
             st.shadows.clear();
             st.pending_dir = dir;
             const std::vector<at::Tensor> live = live_tensors(st);

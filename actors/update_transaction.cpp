@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include "pipeline/weights/diffusers_layout.hpp"
@@ -31,6 +32,7 @@ struct participant {
   std::string path;
   msg::module_report stage_report;  // reading into shadows happens here; commit may be only a swap
   bool down = false;                // its actor died during the update
+  bool reapplied = false;           // its actor died after the decision; the replacement got the update again
 };
 
 // Collects one reply (or error) per participant of a phase, then runs `done` once.
@@ -114,36 +116,48 @@ void reply(self_ptr self) {
   self->quit();
 }
 
-// Settles participants: each one's worker answers with the module's actor once it
-// is settled (recover_atom) — the same actor if it is alive, else a replacement whose start-up has
-// already undone its predecessor's unfinished commit. `next` gets the participants that were replaced.
-void settle(self_ptr self, const std::vector<size_t>& which, std::function<void(std::set<size_t>)> next) {
-  auto replaced = std::make_shared<std::set<size_t>>();
-  if (which.empty()) return next(*replaced);
+// What settling a set of participants found: who was replaced, and who could not be settled (the
+// worker did not answer, or the actor is alive but does not answer) with why.
+struct settled {
+  std::set<size_t> replaced;
+  std::map<size_t, std::string> unrecovered;
+};
+
+// Settles participants: each one's worker answers with the module's actor once it is settled
+// (recover_atom) — the same actor if it is alive, else a replacement whose start-up has already undone
+// its predecessor's unfinished commit.
+void settle(self_ptr self, const std::vector<size_t>& which, std::function<void(settled)> next) {
+  auto out = std::make_shared<settled>();
+  if (which.empty()) return next(*out);
   auto& st = self->state;
   auto pending = std::make_shared<size_t>(which.size());
-  auto one = [pending, replaced, next] {
-    if (--*pending == 0) next(*replaced);
+  auto one = [pending, out, next] {
+    if (--*pending == 0) next(*out);
   };
   for (size_t i : which) {
     auto& p = st.parts[i];
     self->request(st.ctx.workers[p.worker], phase_timeout, msg::recover_atom::value, p.module)
         .then(
-            [self, i, one, replaced](msg::module_actor& settled) {
+            [self, i, one, out](msg::module_actor& actor) {
               auto& p = self->state.parts[i];
-              if (settled != p.handle) {
-                p.handle = settled;
+              if (actor != p.handle) {
+                p.handle = actor;
                 p.committed = false;  // the replacement restored the module on start
-                replaced->insert(i);
+                out->replaced.insert(i);
               }
               one();
             },
-            [one](caf::error&) { one(); });
+            [i, one, out](caf::error& e) {
+              out->unrecovered[i] = msg::describe(e);
+              one();
+            });
   }
 }
 
-void say_replaced(self_ptr self, const std::set<size_t>& replaced) {
-  for (size_t i : replaced) self->state.result.message += " The actor of " + who(self->state.parts[i]) + " died and was replaced.";
+void say_settled(self_ptr self, const settled& s) {
+  auto& st = self->state;
+  for (size_t i : s.replaced) st.result.message += " The actor of " + who(st.parts[i]) + " died and was replaced.";
+  for (const auto& [i, why] : s.unrecovered) st.result.message += " The actor of " + who(st.parts[i]) + " could not be recovered: " + why + ".";
 }
 
 // Ends the update before anything was committed: frees shadows, leaves every live weight as it was.
@@ -158,8 +172,8 @@ void fail_before_commit(self_ptr self, const std::string& why) {
     if (st.parts[i].staged) staged.push_back(i);
   fan_out(self, staged, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::discard_atom::value); },
           [self](std::shared_ptr<gather>) {
-            settle(self, all(self), [self](std::set<size_t> replaced) {
-              say_replaced(self, replaced);
+            settle(self, all(self), [self](settled s) {
+              say_settled(self, s);
               reply(self);
             });
           });
@@ -178,13 +192,15 @@ std::string first_failure(self_ptr self, const gather& g, const char* phase) {
   return {};
 }
 
-void resume_and_reply(self_ptr self) {
+// Generation resumes on the new weights (and the served weight_version advances) once the update is
+// decided, i.e. every commit succeeded, even when a participant failed after that.
+void resume_and_reply(self_ptr self, bool decided) {
   auto& st = self->state;
   if (!st.paused) {
     reply(self);
     return;
   }
-  self->request(st.ctx.scheduler, phase_timeout, msg::resume_atom::value, st.result.success).then(
+  self->request(st.ctx.scheduler, phase_timeout, msg::resume_atom::value, decided).then(
       [self](std::string& version) {
         self->state.paused = false;
         self->state.result.weight_version = version;
@@ -199,7 +215,7 @@ void resume_and_reply(self_ptr self) {
 
 // A participant failed during commit: settle the failed ones (a dead one is replaced, and the
 // replacement undoes its commit), roll back every other participant (committed ones undo their commit;
-// failed ones that live restore whatever they half did), settle any that fail to roll back, then
+// failed ones that live restore whatever they half did), settle every one whose rollback failed, then
 // resume generation and reply.
 void compensate(self_ptr self, std::shared_ptr<gather> commit) {
   auto& st = self->state;
@@ -209,27 +225,39 @@ void compensate(self_ptr self, std::shared_ptr<gather> commit) {
     if (commit->ok[i]) st.parts[i].committed = true;
     else failed_commit.push_back(i);
   }
-  settle(self, failed_commit, [self](std::set<size_t> failed_replaced) {
+  settle(self, failed_commit, [self](settled first) {
     std::vector<size_t> undo;
     for (size_t i = 0; i < self->state.parts.size(); ++i)
-      if (!failed_replaced.count(i)) undo.push_back(i);
+      if (!first.replaced.count(i) && !first.unrecovered.count(i)) undo.push_back(i);
     fan_out(self, undo, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::rollback_atom::value); },
-            [self, undo, failed_replaced](std::shared_ptr<gather> g) {
+            [self, undo, first](std::shared_ptr<gather> g) {
               auto& st = self->state;
-              std::vector<size_t> unsure;  // committed, and the rollback did not answer success
+              std::vector<size_t> unsure;  // the rollback did not answer success
               for (size_t i : undo) {
-                if (!st.parts[i].committed) continue;
-                if (g->ok[i]) st.result.modules.push_back(g->reports[i]);
-                else unsure.push_back(i);
+                if (g->ok[i]) {
+                  if (st.parts[i].committed) st.result.modules.push_back(g->reports[i]);
+                } else {
+                  unsure.push_back(i);
+                }
               }
-              settle(self, unsure, [self, undo, g, failed_replaced](std::set<size_t> replaced) {
+              // Whether each was committed, before settling clears it for replaced ones.
+              std::set<size_t> was_committed;
+              for (size_t i : undo)
+                if (st.parts[i].committed) was_committed.insert(i);
+              settle(self, unsure, [self, undo, g, first, was_committed](settled second) {
                 auto& st = self->state;
                 std::string rolled, failed;
+                settled lost = first;  // replaced or unreachable, not otherwise named below
                 for (size_t i : undo) {
                   auto& p = st.parts[i];
                   const std::string where = p.module + " (worker " + std::to_string(p.worker);
-                  if (replaced.count(i)) rolled += (rolled.empty() ? "" : ", ") + where + ", by a replacement actor)";
-                  else if (!p.committed) continue;
+                  const bool committed = was_committed.count(i) > 0;
+                  if (second.replaced.count(i) && committed) rolled += (rolled.empty() ? "" : ", ") + where + ", by a replacement actor)";
+                  else if (second.replaced.count(i)) lost.replaced.insert(i);
+                  else if (second.unrecovered.count(i) && committed)
+                    failed += (failed.empty() ? "" : "; ") + who(p) + ": " + g->errors[i] + " (" + second.unrecovered.at(i) + ")";
+                  else if (second.unrecovered.count(i)) lost.unrecovered[i] = second.unrecovered.at(i);
+                  else if (!committed) continue;
                   else if (g->ok[i]) rolled += (rolled.empty() ? "" : ", ") + where + ")";
                   else failed += (failed.empty() ? "" : "; ") + who(p) + ": " + g->errors[i];
                 }
@@ -239,52 +267,24 @@ void compensate(self_ptr self, std::shared_ptr<gather> commit) {
                   st.result.message += "No weights were changed: every module holds the weights it had before the update.";
                 else
                   st.result.message += "ROLLBACK FAILED for " + failed + ".";
-                say_replaced(self, failed_replaced);
+                say_settled(self, lost);
                 record_phase(self, "rollback");
-                resume_and_reply(self);
+                resume_and_reply(self, false);
               });
             });
   });
 }
 
-// Once every commit succeeded the update is decided. A participant whose actor died before it finalized
-// was replaced, and the replacement's start-up undid its commit (an actor cannot know the outcome), so
-// the update is applied to it again while generation is still paused, instead of leaving that module on
-// the old weights. `which` holds such participants; `next` runs after the last.
-void reapply(self_ptr self, std::vector<size_t> which, std::function<void()> next) {
-  if (which.empty()) return next();
-  const size_t i = which.back();
-  which.pop_back();
-  auto failed = [self, i, which, next](const char* phase, caf::error& e) {
-    auto& st = self->state;
-    st.result.success = false;
-    st.failure += (st.failure.empty() ? "" : "; ") + who(st.parts[i]) + " could not be updated again in phase '" + phase +
-                  "' after its actor died: " + msg::describe(e);
-    reapply(self, which, next);
-  };
-  auto& p = self->state.parts[i];
-  self->request(p.handle, phase_timeout, msg::stage_atom::value, p.dir, p.path)
-      .then(
-          [self, i, which, next, failed](msg::module_report&) {
-            self->request(self->state.parts[i].handle, phase_timeout, msg::commit_atom::value)
-                .then(
-                    [self, i, which, next, failed](msg::module_report&) {
-                      self->request(self->state.parts[i].handle, phase_timeout, msg::finalize_atom::value)
-                          .then(
-                              [self, i, which, next](msg::module_report&) {
-                                spdlog::warn("update: {} died before it finalized; its replacement applied the update again",
-                                             who(self->state.parts[i]));
-                                reapply(self, which, next);
-                              },
-                              [failed](caf::error& e) { failed("finalize", e); });
-                    },
-                    [failed](caf::error& e) { failed("commit", e); });
-          },
-          [failed](caf::error& e) { failed("stage", e); });
+// After the decision: a participant that fails from here on is not rolled back (the others keep the new
+// weights); it is brought to the new weights too, or named in the reply.
+void fail_after_decision(self_ptr self, size_t i, const std::string& what) {
+  auto& st = self->state;
+  st.result.success = false;
+  st.failure += (st.failure.empty() ? "" : "; ") + who(st.parts[i]) + " " + what;
 }
 
 // The reply of a decided update, after every participant finalized (or was updated again).
-void report_committed(self_ptr self, const std::set<size_t>& replaced) {
+void report_committed(self_ptr self) {
   auto& st = self->state;
   std::set<std::string> modules;
   for (auto& p : st.parts) modules.insert(p.module);
@@ -293,46 +293,85 @@ void report_committed(self_ptr self, const std::set<size_t>& replaced) {
   if (st.result.success) {
     st.result.message = "Updated " + names + " from " + st.req.model_path + " on " + std::to_string(st.ctx.workers.size()) + " worker(s) (" +
                         st.result.mode + ")";
-    for (size_t i : replaced)
-      st.result.message += ". The actor of " + who(st.parts[i]) + " died after its commit and was replaced; the update was applied to it again";
+    for (size_t i = 0; i < st.parts.size(); ++i)
+      if (st.parts[i].reapplied)
+        st.result.message += ". The actor of " + who(st.parts[i]) + " died after its commit and was replaced; the update was applied to it again";
   } else {
     st.result.message = "Update committed, but " + st.failure + ". THE PIPELINE IS MIXED: every other module holds the new weights.";
   }
   record_phase(self, "finish");
-  resume_and_reply(self);
+  resume_and_reply(self, true);
 }
 
-// Finalizing drops each participant's undo record. One that did not answer is settled: an actor that is
-// alive holds the new weights and is asked once more; a replaced one gets the update again (reapply).
-void finalize(self_ptr self) {
-  fan_out(self, all(self), [self](participant& p) { return self->request(p.handle, phase_timeout, msg::finalize_atom::value); },
-          [self](std::shared_ptr<gather> g) {
-            std::vector<size_t> unfinished;
-            for (size_t i = 0; i < self->state.parts.size(); ++i)
-              if (!g->ok[i]) unfinished.push_back(i);
-            settle(self, unfinished, [self, unfinished](std::set<size_t> replaced) {
-              self->state.result.success = true;
-              std::vector<size_t> again;
-              for (size_t i : unfinished)
-                if (!replaced.count(i)) again.push_back(i);
-              fan_out(self, again, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::finalize_atom::value); },
-                      [self, again, replaced](std::shared_ptr<gather> g2) {
-                        for (size_t i : again)
-                          if (!g2->ok[i])
-                            spdlog::warn("update: {} did not finalize ({}); it keeps its undo record", who(self->state.parts[i]), g2->errors[i]);
-                        reapply(self, std::vector<size_t>(replaced.begin(), replaced.end()),
-                                [self, replaced] { report_committed(self, replaced); });
-                      });
-            });
+// Stages and commits again on replacements whose start-up undid the commit of their dead predecessor.
+// `next` gets those that committed and those that failed (a failed one that lives has discarded).
+void recommit(self_ptr self, const std::vector<size_t>& which, std::function<void(std::vector<size_t>, std::vector<size_t>)> next) {
+  fan_out(self, which,
+          [self](participant& p) { return self->request(p.handle, phase_timeout, msg::stage_atom::value, p.dir, p.path); },
+          [self, which, next](std::shared_ptr<gather> staged) {
+            std::vector<size_t> ready, failed;
+            for (size_t i : which) (staged->ok[i] ? ready : failed).push_back(i);
+            fan_out(self, ready, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::commit_atom::value); },
+                    [self, ready, failed, next](std::shared_ptr<gather> committed) mutable {
+                      std::vector<size_t> done;
+                      for (size_t i : ready) {
+                        if (committed->ok[i]) {
+                          self->state.parts[i].reapplied = true;
+                          spdlog::warn("update: {} died before it finalized; its replacement applied the update again",
+                                       who(self->state.parts[i]));
+                          done.push_back(i);
+                        } else {
+                          failed.push_back(i);
+                        }
+                      }
+                      fan_out(self, failed, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::discard_atom::value); },
+                              [done, failed, next](std::shared_ptr<gather>) { next(done, failed); });
+                    });
           });
+}
+
+constexpr int conclude_rounds = 3;
+
+// Once every commit succeeded the update is decided. Finalizing drops each participant's undo record.
+// One that does not finalize is settled: one that lives is asked again; a replaced one — whose start-up
+// undid its commit, as an actor cannot know the outcome — is staged and committed again (`redo`), still
+// inside the pause, instead of being left on the old weights. At most conclude_rounds rounds; whatever
+// is left then is named in the reply.
+void conclude(self_ptr self, std::vector<size_t> redo, std::vector<size_t> fin, int round) {
+  if (redo.empty() && fin.empty()) return report_committed(self);
+  if (round == conclude_rounds) {
+    for (size_t i : redo) fail_after_decision(self, i, "was replaced and could not be given the new weights");
+    for (size_t i : fin) fail_after_decision(self, i, "did not finalize (it holds the new weights and keeps its undo record)");
+    return report_committed(self);
+  }
+  recommit(self, redo, [self, fin, round](std::vector<size_t> recommitted, std::vector<size_t> failed_redo) mutable {
+    fin.insert(fin.end(), recommitted.begin(), recommitted.end());
+    fan_out(self, fin, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::finalize_atom::value); },
+            [self, fin, failed_redo, round](std::shared_ptr<gather> g) {
+              std::vector<size_t> failed = failed_redo;
+              for (size_t i : fin)
+                if (!g->ok[i]) failed.push_back(i);
+              const std::set<size_t> redo_failed(failed_redo.begin(), failed_redo.end());
+              settle(self, failed, [self, failed, redo_failed, round](settled s) {
+                std::vector<size_t> next_redo, next_fin;
+                for (size_t i : failed) {
+                  if (s.unrecovered.count(i)) fail_after_decision(self, i, "could not be recovered: " + s.unrecovered.at(i));
+                  else if (s.replaced.count(i) || redo_failed.count(i)) next_redo.push_back(i);
+                  else next_fin.push_back(i);
+                }
+                conclude(self, next_redo, next_fin, round + 1);
+              });
+            });
+  });
 }
 
 void finish(self_ptr self) {
   auto& st = self->state;
   record_phase(self, "commit");
+  st.result.success = true;
   if (!st.req.flush_cache || st.ctx.caches.empty()) {
     st.result.cache_flushed = false;
-    finalize(self);
+    conclude(self, {}, all(self), 0);
     return;
   }
   auto pending = std::make_shared<size_t>(st.ctx.caches.size());
@@ -340,10 +379,10 @@ void finish(self_ptr self) {
     self->request(c, phase_timeout, msg::reset_atom::value).then(
         [self, pending](uint64_t) {
           self->state.result.cache_flushed = true;
-          if (--*pending == 0) finalize(self);
+          if (--*pending == 0) conclude(self, {}, all(self), 0);
         },
         [self, pending](caf::error&) {
-          if (--*pending == 0) finalize(self);
+          if (--*pending == 0) conclude(self, {}, all(self), 0);
         });
 }
 

@@ -91,9 +91,9 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
     });
     return {
         [st](msg::modules_atom) -> std::map<std::string, msg::module_actor> { return st->modules; },
-        // The module's actor once it is settled: the same one if it answers, else a replacement (spawned here
-        // if the down message has not arrived yet) after it has answered, i.e. after its start-up has undone
-        // whatever commit its predecessor left unfinished.
+        // The module's actor once it is settled: the same one if it answers, else, when it is dead, a
+        // replacement (spawned here if the down message has not arrived yet) after it has answered, i.e.
+        // after its start-up has undone whatever commit its predecessor left unfinished.
         [self, st](msg::recover_atom, const std::string& module) -> caf::result<msg::module_actor> {
           auto it = st->modules.find(module);
           if (it == st->modules.end()) return msg::make_error(refit_errc::module_not_found, "no module '" + module + "'");
@@ -101,10 +101,18 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
           const msg::module_actor old = it->second;
           self->request(old, std::chrono::seconds(600), msg::info_atom::value)
               .then([promise, old](msg::module_info&) mutable { promise.deliver(old); },
-                    [self, st, module, old, promise](caf::error&) mutable {
+                    [self, st, module, old, promise](caf::error& e) mutable {
+                      // A live actor that does not answer may still be running on the module's state; a
+                      // second actor on that state would race it. Only a dead one is replaced.
+                      if (e == caf::sec::request_timeout) {
+                        promise.deliver(msg::make_error(refit_errc::phase_failed, "module actor " + module + " of worker " +
+                                                                                      std::to_string(st->index) +
+                                                                                      " does not answer; it is not replaced while it may still run"));
+                        return;
+                      }
                       auto& handle = st->modules[module];
                       if (handle == old) {
-                        spdlog::warn("worker {}: module actor {} does not answer; respawning it", st->index, module);
+                        spdlog::warn("worker {}: module actor {} is gone; respawning it", st->index, module);
                         handle = spawn_module_actor(self->system(), st->states[module]);
                         self->monitor(handle);
                       }

@@ -180,19 +180,34 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
 }
 
 namespace {
+constexpr size_t huge_page = 2ull << 20;
+
 // Anonymous memory, asked for huge pages, first touched by every core (the kernel zeroes pages on first
 // touch: one thread does ~2-3 GB/s), then registered with CUDA. On the H200 host this pins 8 GB in 0.35 s
 // against 2.8-3.7 s for cudaHostAlloc, with the same host-to-device copy rate (bench_pin, bench/RESULTS.md).
-// Returns nullptr when any step fails; the caller falls back to cudaHostAlloc.
+// The block starts on a huge-page boundary and is not inherited by a child process. Returns nullptr when
+// any step fails; the caller falls back to cudaHostAlloc.
 void* map_and_register(size_t bytes) {
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return nullptr;
+  const size_t mapped = bytes + huge_page;
+  void* raw = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  // Keep [p, p + bytes) with p aligned; give back the rest on both sides.
+  auto* base = static_cast<char*>(raw);
+  char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + huge_page - 1) / huge_page * huge_page);
+  if (p > base) munmap(base, static_cast<size_t>(p - base));
+  if (char* end = base + mapped; end > p + bytes) munmap(p + bytes, static_cast<size_t>(end - (p + bytes)));
   madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without transparent huge pages it changes nothing
+  madvise(p, bytes, MADV_DONTFORK);
   constexpr size_t chunk = 64ull << 20;
-  parallel_for_each((bytes + chunk - 1) / chunk, 0, [&](size_t i) {
-    const size_t begin = i * chunk;
-    std::memset(static_cast<char*>(p) + begin, 0, std::min(chunk, bytes - begin));
-  });
+  try {
+    parallel_for_each((bytes + chunk - 1) / chunk, 0, [&](size_t i) {
+      const size_t begin = i * chunk;
+      std::memset(p + begin, 0, std::min(chunk, bytes - begin));
+    });
+  } catch (...) {  // no threads to be had
+    munmap(p, bytes);
+    return nullptr;
+  }
   if (cudaHostRegister(p, bytes, cudaHostRegisterDefault) != cudaSuccess) {
     cudaGetLastError();  // clear it: the fallback reports its own
     munmap(p, bytes);

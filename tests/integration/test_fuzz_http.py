@@ -87,10 +87,12 @@ def test_random_bad_requests_get_4xx_and_change_nothing(server, ckpt, tmp_path):
         if r.status_code >= 400:
             assert isinstance(r.json().get("message"), str) and r.json()["message"], (path, data[:300], r.text[:300])
         seen[(path, r.status_code)] = seen.get((path, r.status_code), 0) + 1
-    # The generator reached both the validators and the happy paths of every endpoint.
+    # The generator reached both the validators and the happy paths of every endpoint (a third of the rounds
+    # go to each; most of them are refused, about one in ten is valid).
     for path in ("/v1/images/generations", "/update_weights_from_disk", "/get_weights_checksum"):
-        assert seen.get((path, 400), 0) >= 20, seen
-        assert seen.get((path, 200), 0) >= 3, seen
+        assert seen.get((path, 400), 0) >= ROUNDS // 30, seen
+        assert seen.get((path, 200), 0) >= ROUNDS // 200, seen
     assert server.get("/health").status_code == 200
     assert server.checksums() == before == ckpt.disk[str(ckpt.base)]
     assert server.generate(seed=11)[0] == image_before
+    server.update(ckpt.base, weight_version="base")  # a fuzzed update may have set any weight_version

@@ -108,8 +108,10 @@ BOOST_DATA_TEST_CASE(a_failure_after_the_last_commit_still_leaves_every_module_u
   msg::update_request req;
   req.model_path = w().b.string();
   req.mode = mode;
+  req.weight_version = std::string("finalize-") + kind;
   auto r = e.update(req);
   BOOST_TEST(r.success, r.message);
+  BOOST_TEST(r.weight_version == req.weight_version);  // generation resumed on the decided update's version
   const bool replaced = r.message.find("The actor of module '" + std::string(module) + "' (worker " + std::to_string(victim) +
                                        ") died after its commit and was replaced; the update was applied to it again") != std::string::npos;
   BOOST_TEST(replaced == (std::string(kind) == "die"), r.message);
