@@ -74,7 +74,7 @@ void fan_out(self_ptr self, const std::vector<size_t>& which, Make make, std::fu
   g->receiver_down.assign(n, false);
   g->reports.assign(n, {});
   g->pending = which.size();
-  g->done = [g, done] { done(g); };
+  g->done = [weak = std::weak_ptr<gather>(g), done] { done(weak.lock()); };  // the pending requests own g
   if (which.empty()) {
     done(g);
     return;
