@@ -44,6 +44,8 @@ struct module_state {
   std::vector<at::Tensor> undo_arena;
   bool committed = false;
   bool undo_by_reread = false;       // in place without a snapshot: roll back by re-reading source_dir
+  bool rollback_owed = false;        // a rollback of the committed update failed: the next stage finishes it
+  std::string problem;               // a replacement could not undo its predecessor's update: weights unknown
   uint64_t update_bytes = 0;
 
   msg::fault_spec fault;             // test builds: fires once in its phase
@@ -234,6 +236,8 @@ const char* restore(module_state& st) {
   st.shadows.clear();
   st.committed = false;
   st.undo_by_reread = false;
+  st.rollback_owed = false;
+  st.problem.clear();
   st.pending_dir.clear();
   return how;
 }
@@ -282,6 +286,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
         const char* how = restore(st);
         spdlog::warn("module {} (worker {}): respawned actor undid an unfinished update ({})", st.module, st.worker, how);
       } catch (const std::exception& e) {
+        st.problem = std::string("its actor died during an update and the replacement could not undo it: ") + e.what();
         spdlog::error("module {} (worker {}): respawned actor could not undo an unfinished update: {}", st.module, st.worker, e.what());
       }
     }
@@ -302,7 +307,11 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             if (auto err = maybe_fault(st, "stage", self)) return err;
             c10::InferenceMode inference;
             auto t0 = clock::now();
-            if (st.committed) {
+            if (st.committed && st.rollback_owed) {
+              // An earlier update was rolled back everywhere but here: finish that rollback first.
+              const char* how = restore(st);
+              spdlog::warn("module {} (worker {}): finished the rollback of an earlier update ({})", st.module, st.worker, how);
+            } else if (st.committed) {
               // An earlier update committed here and was decided, but its finalize never arrived: its weights
               // are what this module serves, so its undo record goes (a rollback of this update must not
               // reach back past it).
@@ -392,6 +401,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
         },
         [self, state](msg::rollback_atom) -> caf::result<msg::module_report> {
           module_state& st = *state;
+          st.rollback_owed = st.committed;  // cleared by restore() when it succeeds
           return guarded(st, "rollback", [&]() -> caf::result<msg::module_report> {
             if (auto err = maybe_fault(st, "rollback", self)) return err;
             c10::InferenceMode inference;
@@ -407,7 +417,10 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             if (auto err = maybe_fault(st, "finalize", self)) return err;
             auto t0 = clock::now();
             const std::string path = st.path;
-            st.source_dir = st.pending_dir.empty() ? st.source_dir : st.pending_dir;
+            if (st.committed) {
+              if (!st.pending_dir.empty()) st.source_dir = st.pending_dir;
+              st.problem.clear();  // every weight was just written from a known checkpoint
+            }
             st.undo.clear();
             st.shadows.clear();
             st.committed = false;
@@ -418,9 +431,12 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
         },
         [state](msg::discard_atom) -> caf::result<msg::module_report> {
           module_state& st = *state;
-          auto t0 = clock::now();
-          const char* how = restore(st);
-          return report(st, how, 0, since(t0), st.source_dir);
+          return guarded(st, "discard", [&]() -> caf::result<msg::module_report> {
+            c10::InferenceMode inference;
+            auto t0 = clock::now();
+            const char* how = restore(st);
+            return report(st, how, 0, since(t0), st.source_dir);
+          });
         },
         [state](msg::checksum_atom) -> caf::result<std::string> {
           module_state& st = *state;
@@ -454,6 +470,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           i.source_dir = st.source_dir;
           i.undo_bytes = tensors_bytes(st.undo);
           i.shadow_bytes = tensors_bytes(st.shadows);
+          i.problem = st.problem;
           return i;
         },
         [state](msg::fault_atom, const msg::fault_spec& f) -> caf::result<bool> {

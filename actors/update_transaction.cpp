@@ -160,38 +160,6 @@ void say_settled(self_ptr self, const settled& s) {
   for (const auto& [i, why] : s.unrecovered) st.result.message += " The actor of " + who(st.parts[i]) + " could not be recovered: " + why + ".";
 }
 
-// Ends the update before anything was committed: frees shadows, leaves every live weight as it was.
-// Every participant is settled before the reply (an actor that died is replaced first), so a client
-// that asks right after the reply never reaches a dead actor.
-void fail_before_commit(self_ptr self, const std::string& why) {
-  auto& st = self->state;
-  st.result.success = false;
-  st.result.message = why + ". No weights were changed (the update stopped before commit).";
-  std::vector<size_t> staged;
-  for (size_t i = 0; i < st.parts.size(); ++i)
-    if (st.parts[i].staged) staged.push_back(i);
-  fan_out(self, staged, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::discard_atom::value); },
-          [self](std::shared_ptr<gather>) {
-            settle(self, all(self), [self](settled s) {
-              say_settled(self, s);
-              reply(self);
-            });
-          });
-}
-
-std::string first_failure(self_ptr self, const gather& g, const char* phase) {
-  for (size_t i = 0; i < self->state.parts.size(); ++i) {
-    if (g.ok[i]) continue;
-    const auto& p = self->state.parts[i];
-    // Module actors name themselves and the phase in their errors; say it once.
-    std::string cause = g.errors[i];
-    const std::string own = who(p) + " phase '" + phase + "': ";
-    if (cause.rfind(own, 0) == 0) cause.erase(0, own.size());
-    return "Failed to update " + who(p) + " in phase '" + phase + "': " + cause;
-  }
-  return {};
-}
-
 // Generation resumes on the new weights (and the served weight_version advances) once the update is
 // decided, i.e. every commit succeeded, even when a participant failed after that.
 void resume_and_reply(self_ptr self, bool decided) {
@@ -211,6 +179,38 @@ void resume_and_reply(self_ptr self, bool decided) {
         self->state.result.message += " (resuming generation failed: " + msg::describe(e) + ")";
         reply(self);
       });
+}
+
+// Ends the update before anything was committed: frees shadows, leaves every live weight as it was.
+// Every participant is settled before the reply (an actor that died is replaced first), so a client
+// that asks right after the reply never reaches a dead actor.
+void fail_before_commit(self_ptr self, const std::string& why) {
+  auto& st = self->state;
+  st.result.success = false;
+  st.result.message = why + ". No weights were changed (the update stopped before commit).";
+  std::vector<size_t> staged;
+  for (size_t i = 0; i < st.parts.size(); ++i)
+    if (st.parts[i].staged) staged.push_back(i);
+  fan_out(self, staged, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::discard_atom::value); },
+          [self](std::shared_ptr<gather>) {
+            settle(self, all(self), [self](settled s) {
+              say_settled(self, s);
+              resume_and_reply(self, false);  // replies at once when generation was never paused
+            });
+          });
+}
+
+std::string first_failure(self_ptr self, const gather& g, const char* phase) {
+  for (size_t i = 0; i < self->state.parts.size(); ++i) {
+    if (g.ok[i]) continue;
+    const auto& p = self->state.parts[i];
+    // Module actors name themselves and the phase in their errors; say it once.
+    std::string cause = g.errors[i];
+    const std::string own = who(p) + " phase '" + phase + "': ";
+    if (cause.rfind(own, 0) == 0) cause.erase(0, own.size());
+    return "Failed to update " + who(p) + " in phase '" + phase + "': " + cause;
+  }
+  return {};
 }
 
 // A participant failed during commit: settle the failed ones (a dead one is replaced, and the
@@ -257,9 +257,8 @@ void compensate(self_ptr self, std::shared_ptr<gather> commit) {
                   else if (second.unrecovered.count(i) && committed)
                     failed += (failed.empty() ? "" : "; ") + who(p) + ": " + g->errors[i] + " (" + second.unrecovered.at(i) + ")";
                   else if (second.unrecovered.count(i)) lost.unrecovered[i] = second.unrecovered.at(i);
-                  else if (!committed) continue;
-                  else if (g->ok[i]) rolled += (rolled.empty() ? "" : ", ") + where + ")";
-                  else failed += (failed.empty() ? "" : "; ") + who(p) + ": " + g->errors[i];
+                  else if (!g->ok[i]) failed += (failed.empty() ? "" : "; ") + who(p) + ": " + g->errors[i];
+                  else if (committed) rolled += (rolled.empty() ? "" : ", ") + where + ")";
                 }
                 st.result.message = st.failure + ". ";
                 if (!rolled.empty()) st.result.message += "Rolled back " + rolled + ". ";
@@ -340,7 +339,7 @@ constexpr int conclude_rounds = 3;
 void conclude(self_ptr self, std::vector<size_t> redo, std::vector<size_t> fin, int round) {
   if (redo.empty() && fin.empty()) return report_committed(self);
   if (round == conclude_rounds) {
-    for (size_t i : redo) fail_after_decision(self, i, "was replaced and could not be given the new weights");
+    for (size_t i : redo) fail_after_decision(self, i, "could not be given the new weights again after its actor died");
     for (size_t i : fin) fail_after_decision(self, i, "did not finalize (it holds the new weights and keeps its undo record)");
     return report_committed(self);
   }
@@ -415,11 +414,11 @@ void commit(self_ptr self) {
 void pause_and_commit(self_ptr self) {
   auto& st = self->state;
   st.pause_start = clock::now();
+  st.paused = true;  // from the request on: the scheduler holds generation back even when its answer is lost
   self->request(st.ctx.scheduler, phase_timeout, msg::pause_atom::value, st.req.abort_all_requests)
       .then(
           [self](uint64_t cancelled) {
             auto& st = self->state;
-            st.paused = true;
             st.result.aborted_requests = cancelled;
             st.result.timings["drain"] = since(st.pause_start);
             // From here on nothing generates: the pause that clients see lasts until resume.

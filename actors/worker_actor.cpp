@@ -118,8 +118,12 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
                       }
                       const msg::module_actor fresh = handle;
                       self->request(fresh, std::chrono::seconds(600), msg::info_atom::value)
-                          .then([promise, fresh](msg::module_info&) mutable { promise.deliver(fresh); },
-                                [promise](caf::error& e) mutable { promise.deliver(std::move(e)); });
+                          .then(
+                              [promise, fresh](msg::module_info& i) mutable {
+                                if (i.problem.empty()) promise.deliver(fresh);
+                                else promise.deliver(msg::make_error(refit_errc::phase_failed, i.problem));
+                              },
+                              [promise](caf::error& e) mutable { promise.deliver(std::move(e)); });
                     });
           return promise;
         },

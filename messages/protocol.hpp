@@ -168,12 +168,13 @@ struct module_info {
   std::string source_dir;
   uint64_t undo_bytes = 0;    // held only during an update; 0 otherwise
   uint64_t shadow_bytes = 0;  // likewise
+  std::string problem;        // empty, or why the weights this module holds are not known (see module_actor)
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, module_info& x) {
   return f(caf::meta::type_name("module_info"), x.name, x.class_name, x.dtype, x.device, x.worker, x.tensors, x.bytes,
-           x.source_dir, x.undo_bytes, x.shadow_bytes);
+           x.source_dir, x.undo_bytes, x.shadow_bytes, x.problem);
 }
 
 // One worker's layerwise offload of the transformer's blocks (refit serve --dit-layerwise-offload).

@@ -204,8 +204,10 @@ std::string model_info_json(const msg::model_info& info) {
   json modules = json::array();
   for (const auto* mp : sorted) {
     const auto& m = *mp;
-    modules.push_back({{"name", m.name}, {"class", m.class_name}, {"dtype", m.dtype}, {"device", m.device}, {"worker", m.worker},
-                       {"tensors", m.tensors}, {"bytes", m.bytes}, {"source_dir", m.source_dir}});
+    json entry{{"name", m.name}, {"class", m.class_name}, {"dtype", m.dtype}, {"device", m.device}, {"worker", m.worker},
+               {"tensors", m.tensors}, {"bytes", m.bytes}, {"source_dir", m.source_dir}};
+    if (!m.problem.empty()) entry["problem"] = m.problem;  // the weights it holds are not known: update it
+    modules.push_back(std::move(entry));
   }
   json out{{"model_path", info.model_path}, {"weight_version", info.weight_version}, {"modules", std::move(modules)}};
   if (!info.offload.empty()) {

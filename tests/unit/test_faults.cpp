@@ -159,3 +159,28 @@ BOOST_DATA_TEST_CASE(an_actor_dying_during_rollback_is_replaced_and_its_commit_u
   BOOST_TEST(e.checksums() == before);
   BOOST_TEST(e.generate(4).second == image.second);
 }
+
+// A rollback that fails leaves that module on the new weights and the reply says so; the next update's
+// stage finishes the rollback before anything else, so even when that update fails too the module is
+// back on the weights every other module holds.
+BOOST_DATA_TEST_CASE(a_failed_rollback_is_finished_by_the_next_update, bdata::make({false, true}), offload) {
+  engine_client& e = w().engine(1, offload);
+  const auto a = disk_checksums(w().a), b = disk_checksums(w().b);
+  BOOST_REQUIRE(e.checksums() == a);
+  BOOST_REQUIRE(e.fault("vae", 0, {"commit", "error"}));
+  BOOST_REQUIRE(e.fault("transformer", 0, {"rollback", "error"}));
+  msg::update_request req;
+  req.model_path = w().b.string();
+  req.mode = "staged";
+  auto r = e.update(req);
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("ROLLBACK FAILED for module 'transformer' (worker 0)") != std::string::npos, r.message);
+  BOOST_TEST(e.checksums().at("transformer") == b.at("transformer"));
+
+  BOOST_REQUIRE(e.fault("vae", 0, {"stage", "error"}));
+  r = e.update(req);
+  BOOST_TEST(!r.success);
+  BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
+  BOOST_TEST(e.checksums() == a);
+  for (const auto& m : e.info().modules) BOOST_TEST(m.undo_bytes == 0u, m.name);
+}

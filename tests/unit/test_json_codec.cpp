@@ -312,6 +312,12 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   BOOST_TEST(i["modules"][1]["name"] == "transformer");
   BOOST_TEST(i["modules"][2] == json({{"name", "vae"}, {"class", "AutoencoderKLFlux2"}, {"dtype", "fp32"}, {"device", "cpu"}, {"worker", 1},
                                       {"tensors", 10}, {"bytes", 1000}, {"source_dir", "/ckpt/a/vae"}}));
+  // A module whose weights are not known says why; the others carry no such key.
+  info.modules[0].problem = "its actor died during an update and the replacement could not undo it: disk gone";
+  const json ip = json::parse(net::model_info_json(info));
+  BOOST_TEST(ip["modules"][2]["problem"] == info.modules[0].problem);
+  BOOST_TEST(!ip["modules"][0].contains("problem"));
+  info.modules[0].problem.clear();
 
   // With layerwise offload: one entry per worker, sorted by worker.
   info.offload = {offload_of_worker(1), offload_of_worker(0)};
