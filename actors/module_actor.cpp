@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
 #include <thread>
@@ -45,6 +46,8 @@ struct module_state {
   bool committed = false;
   bool undo_by_reread = false;       // in place without a snapshot: roll back by re-reading source_dir
   bool rollback_owed = false;        // a rollback of the committed update failed: the next stage finishes it
+  std::atomic<uint64_t> commits{0};  // successful commits so far
+  std::atomic<uint64_t> decided{0};  // the value of `commits` when the last decision was recorded
   std::string problem;               // a replacement could not undo its predecessor's update: weights unknown
   uint64_t update_bytes = 0;
 
@@ -72,6 +75,8 @@ std::shared_ptr<module_state> make_module_state(std::shared_ptr<pipeline::flux2_
   s->loader = std::move(loader);
   return s;
 }
+
+void mark_decided(module_state& state) { state.decided = state.commits.load(); }
 
 bool fault_injection_compiled() {
 #ifdef REFIT_FAULT_INJECTION
@@ -242,6 +247,20 @@ const char* restore(module_state& st) {
   return how;
 }
 
+// Makes the committed update permanent: the undo record goes, the new folder becomes the source.
+void finalize_state(module_state& st) {
+  if (st.committed) {
+    if (!st.pending_dir.empty()) st.source_dir = st.pending_dir;
+    st.problem.clear();  // every weight was just written from a known checkpoint
+  }
+  st.undo.clear();
+  st.shadows.clear();
+  st.committed = false;
+  st.undo_by_reread = false;
+  st.rollback_owed = false;
+  st.pending_dir.clear();
+}
+
 // Test builds: fail the phase as the fault says (once).
 caf::error maybe_fault(module_state& st, const char* phase, caf::scheduled_actor* self) {
 #ifdef REFIT_FAULT_INJECTION
@@ -280,7 +299,11 @@ caf::result<msg::module_report> guarded(module_state& st, const char* phase, F&&
 msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<module_state> state) {
   return sys.spawn<caf::detached>([state](msg::module_actor::pointer self) -> msg::module_actor::behavior_type {
     module_state& st = *state;
-    if (st.committed || !st.shadows.empty()) {
+    if (st.committed && st.commits > 0 && st.decided == st.commits) {
+      // The predecessor died after its update was decided: keep the new weights, drop the undo record.
+      spdlog::warn("module {} (worker {}): respawned actor kept the decided update from {}", st.module, st.worker, st.pending_dir);
+      finalize_state(st);
+    } else if (st.committed || !st.shadows.empty()) {
       c10::InferenceMode inference;
       try {
         const char* how = restore(st);
@@ -317,10 +340,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
               // reach back past it).
               spdlog::warn("module {} (worker {}): an earlier update from {} was committed but not finalized; keeping its weights",
                            st.module, st.worker, st.pending_dir);
-              st.source_dir = st.pending_dir.empty() ? st.source_dir : st.pending_dir;
-              st.undo.clear();
-              st.committed = false;
-              st.undo_by_reread = false;
+              finalize_state(st);
             }
             st.shadows.clear();
             st.pending_dir = dir;
@@ -369,6 +389,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
               st.undo = std::move(undo);
               st.shadows.clear();
               st.committed = true;
+              ++st.commits;
               return report(st, "staged", st.update_bytes, since(t0), st.pending_dir);
             }
             // In place: keep what is live in host memory first (or, when that does not fit, plan to
@@ -396,6 +417,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
               restore(st);  // a half-written module must not stay live
               throw;
             }
+            ++st.commits;
             return report(st, st.undo_by_reread ? "in_place(reread-undo)" : "in_place", bytes, since(t0), st.pending_dir);
           });
         },
@@ -416,17 +438,8 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           return guarded(st, "finalize", [&]() -> caf::result<msg::module_report> {
             if (auto err = maybe_fault(st, "finalize", self)) return err;
             auto t0 = clock::now();
-            const std::string path = st.path;
-            if (st.committed) {
-              if (!st.pending_dir.empty()) st.source_dir = st.pending_dir;
-              st.problem.clear();  // every weight was just written from a known checkpoint
-            }
-            st.undo.clear();
-            st.shadows.clear();
-            st.committed = false;
-            st.undo_by_reread = false;
-            st.pending_dir.clear();
-            return report(st, path.c_str(), st.update_bytes, since(t0), st.source_dir);
+            finalize_state(st);
+            return report(st, st.path.c_str(), st.update_bytes, since(t0), st.source_dir);
           });
         },
         [state](msg::discard_atom) -> caf::result<msg::module_report> {

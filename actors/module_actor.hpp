@@ -25,8 +25,13 @@ std::shared_ptr<module_state> make_module_state(std::shared_ptr<pipeline::flux2_
                                                 std::shared_ptr<weights::device_loader> loader = nullptr);
 
 // Detached: reading weights takes seconds and must not hold a scheduler thread. On start it rolls back
-// any commit its state records as unfinished (left by a predecessor that died).
+// any commit its state records as unfinished (left by a predecessor that died), unless that commit was
+// decided (mark_decided); a decided one it finalizes.
 msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<module_state> state);
+
+// Records that the module's latest commit is decided: every participant of its update committed. Safe
+// from any thread (the supervisor calls it while the module actor waits for its finalize).
+void mark_decided(module_state& state);
 
 // Whether this build honours fault injection (test builds).
 bool fault_injection_compiled();

@@ -364,25 +364,45 @@ void conclude(self_ptr self, std::vector<size_t> redo, std::vector<size_t> fin, 
   });
 }
 
+// Every commit succeeded: the update is decided. Each worker records that for its modules first, so a
+// module actor that dies from here on is replaced by one that keeps the new weights; then the caches
+// are flushed and every participant finalizes.
 void finish(self_ptr self) {
   auto& st = self->state;
   record_phase(self, "commit");
   st.result.success = true;
-  if (!st.req.flush_cache || st.ctx.caches.empty()) {
-    st.result.cache_flushed = false;
-    conclude(self, {}, all(self), 0);
-    return;
-  }
-  auto pending = std::make_shared<size_t>(st.ctx.caches.size());
-  for (auto& c : st.ctx.caches)
-    self->request(c, phase_timeout, msg::reset_atom::value).then(
-        [self, pending](uint64_t) {
-          self->state.result.cache_flushed = true;
-          if (--*pending == 0) conclude(self, {}, all(self), 0);
-        },
-        [self, pending](caf::error&) {
-          if (--*pending == 0) conclude(self, {}, all(self), 0);
-        });
+  auto flush_and_conclude = [self] {
+    auto& st = self->state;
+    if (!st.req.flush_cache || st.ctx.caches.empty()) {
+      st.result.cache_flushed = false;
+      conclude(self, {}, all(self), 0);
+      return;
+    }
+    auto pending = std::make_shared<size_t>(st.ctx.caches.size());
+    for (auto& c : st.ctx.caches)
+      self->request(c, phase_timeout, msg::reset_atom::value)
+          .then(
+              [self, pending](uint64_t) {
+                self->state.result.cache_flushed = true;
+                if (--*pending == 0) conclude(self, {}, all(self), 0);
+              },
+              [self, pending](caf::error&) {
+                if (--*pending == 0) conclude(self, {}, all(self), 0);
+              });
+  };
+  if (st.parts.empty()) return flush_and_conclude();
+  auto pending = std::make_shared<size_t>(st.parts.size());
+  for (auto& p : st.parts)
+    self->request(st.ctx.workers[p.worker], phase_timeout, msg::decide_atom::value, p.module)
+        .then(
+            [pending, flush_and_conclude](bool) {
+              if (--*pending == 0) flush_and_conclude();
+            },
+            [pending, flush_and_conclude](caf::error& e) {
+              // Not recorded: a replacement would undo this module's commit, which conclude then redoes.
+              spdlog::warn("update: a worker did not record the decision: {}", msg::describe(e));
+              if (--*pending == 0) flush_and_conclude();
+            });
 }
 
 void commit(self_ptr self) {

@@ -91,6 +91,12 @@ worker_handles spawn_worker(caf::actor_system& sys, const worker_config& config,
     });
     return {
         [st](msg::modules_atom) -> std::map<std::string, msg::module_actor> { return st->modules; },
+        [st](msg::decide_atom, const std::string& module) -> caf::result<bool> {
+          auto it = st->states.find(module);
+          if (it == st->states.end()) return msg::make_error(refit_errc::module_not_found, "no module '" + module + "'");
+          mark_decided(*it->second);
+          return true;
+        },
         // The module's actor once it is settled: the same one if it answers, else, when it is dead, a
         // replacement (spawned here if the down message has not arrived yet) after it has answered, i.e.
         // after its start-up has undone whatever commit its predecessor left unfinished.

@@ -33,6 +33,7 @@ using fault_atom = caf::atom_constant<caf::atom("fault")>;
 using done_atom = caf::atom_constant<caf::atom("done")>;
 using modules_atom = caf::atom_constant<caf::atom("modules")>;
 using recover_atom = caf::atom_constant<caf::atom("recover")>;
+using decide_atom = caf::atom_constant<caf::atom("decide")>;
 using teacache_atom = caf::atom_constant<caf::atom("teacache")>;
 
 // ---------------------------------------------------------------------------------------------
@@ -291,12 +292,15 @@ using offload_manager_actor = caf::typed_actor<caf::replies_to<info_atom>::with<
 using worker_actor = caf::typed_actor<caf::replies_to<generate_atom, generation_request>::with<generation_result>>;
 
 // Supervises one worker's module actors (and answers while the worker is busy generating): one that
-// dies is respawned on the same module state and first undoes any change it inherits.
+// dies is respawned on the same module state and first undoes any change it inherits that was not decided.
 using module_supervisor_actor = caf::typed_actor<
     caf::replies_to<modules_atom>::with<std::map<std::string, module_actor>>,
     // The module's actor after it settled: the same one if it is alive, else its replacement once that
     // has started (and undone any unfinished commit of its predecessor).
-    caf::replies_to<recover_atom, std::string /*module*/>::with<module_actor>>;
+    caf::replies_to<recover_atom, std::string /*module*/>::with<module_actor>,
+    // Every participant of the update committed: the module's last commit stands even if its actor dies
+    // before it finalizes (a replacement keeps it instead of undoing it).
+    caf::replies_to<decide_atom, std::string /*module*/>::with<bool>>;
 
 // The server's entry point (published remotely with --actor-port).
 using scheduler_actor = caf::typed_actor<

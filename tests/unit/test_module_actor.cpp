@@ -104,6 +104,31 @@ BOOST_AUTO_TEST_CASE(a_replacement_actor_undoes_the_commit_its_dead_predecessor_
   BOOST_TEST(info().undo_bytes == 0u);
 }
 
+// Once the transaction recorded its decision (every participant committed), a replacement keeps the
+// commit its dead predecessor did not finalize; a later commit that was not decided is undone again.
+BOOST_AUTO_TEST_CASE(a_replacement_actor_keeps_a_decided_commit_and_undoes_only_an_undecided_one) {
+  auto kill_and_respawn = [&] {
+    self->monitor(module);
+    caf::anon_send_exit(module, caf::exit_reason::kill);
+    self->receive([](caf::down_msg&) {});
+    module = actors::spawn_module_actor(sys, state);
+  };
+  BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(ask(msg::commit_atom::value).second.empty());
+  actors::mark_decided(*state);
+  kill_and_respawn();
+  BOOST_TEST(checksum() == disk_b["transformer"]);
+  BOOST_TEST(info().undo_bytes == 0u);
+  BOOST_TEST(info().source_dir == (b / "transformer").string());
+
+  BOOST_TEST(ask(msg::stage_atom::value, (a / "transformer").string(), std::string("in_place")).second.empty());
+  BOOST_TEST(ask(msg::commit_atom::value).second.empty());
+  BOOST_TEST(checksum() == disk_a["transformer"]);
+  kill_and_respawn();  // this commit was never decided
+  BOOST_TEST(checksum() == disk_b["transformer"]);
+  BOOST_TEST(info().source_dir == (b / "transformer").string());
+}
+
 BOOST_AUTO_TEST_CASE(discard_frees_shadows_without_touching_live_weights) {
   BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged")).second.empty());
   BOOST_TEST(info().shadow_bytes > 0u);
