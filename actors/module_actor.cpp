@@ -48,6 +48,7 @@ struct module_state {
   bool rollback_owed = false;        // a rollback of the committed update failed: the next stage finishes it
   std::atomic<uint64_t> commits{0};  // successful commits so far
   std::atomic<uint64_t> decided{0};  // the value of `commits` when the last decision was recorded
+  std::atomic<bool> lose_decision{false};  // test builds: the next decision does not reach this module
   std::string problem;               // a replacement could not undo its predecessor's update: weights unknown
   uint64_t update_bytes = 0;
 
@@ -76,7 +77,19 @@ std::shared_ptr<module_state> make_module_state(std::shared_ptr<pipeline::flux2_
   return s;
 }
 
-void mark_decided(module_state& state) { state.decided = state.commits.load(); }
+void mark_decided(module_state& state) {
+  if (state.lose_decision.exchange(false)) return;  // test builds only (fault "decide"/"lost")
+  state.decided = state.commits.load();
+}
+
+namespace {
+// Whether the committed update this state holds was decided by its transaction (every participant
+// committed) and no rollback of it is owed. Each commit gets its own number, so a later commit that was
+// not decided never matches an earlier decision.
+bool holds_decided_commit(const module_state& st) {
+  return st.committed && !st.rollback_owed && st.commits > 0 && st.decided == st.commits;
+}
+}  // namespace
 
 bool fault_injection_compiled() {
 #ifdef REFIT_FAULT_INJECTION
@@ -299,10 +312,12 @@ caf::result<msg::module_report> guarded(module_state& st, const char* phase, F&&
 msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<module_state> state) {
   return sys.spawn<caf::detached>([state](msg::module_actor::pointer self) -> msg::module_actor::behavior_type {
     module_state& st = *state;
-    if (st.committed && st.commits > 0 && st.decided == st.commits) {
+    bool kept_decided = false;  // this actor kept its predecessor's decided commit (reported by info)
+    if (holds_decided_commit(st)) {
       // The predecessor died after its update was decided: keep the new weights, drop the undo record.
       spdlog::warn("module {} (worker {}): respawned actor kept the decided update from {}", st.module, st.worker, st.pending_dir);
       finalize_state(st);
+      kept_decided = true;
     } else if (st.committed || !st.shadows.empty()) {
       c10::InferenceMode inference;
       try {
@@ -330,17 +345,18 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             if (auto err = maybe_fault(st, "stage", self)) return err;
             c10::InferenceMode inference;
             auto t0 = clock::now();
-            if (st.committed && st.rollback_owed) {
-              // An earlier update was rolled back everywhere but here: finish that rollback first.
-              const char* how = restore(st);
-              spdlog::warn("module {} (worker {}): finished the rollback of an earlier update ({})", st.module, st.worker, how);
-            } else if (st.committed) {
+            if (holds_decided_commit(st)) {
               // An earlier update committed here and was decided, but its finalize never arrived: its weights
               // are what this module serves, so its undo record goes (a rollback of this update must not
               // reach back past it).
-              spdlog::warn("module {} (worker {}): an earlier update from {} was committed but not finalized; keeping its weights",
+              spdlog::warn("module {} (worker {}): an earlier update from {} was decided but not finalized; keeping its weights",
                            st.module, st.worker, st.pending_dir);
               finalize_state(st);
+            } else if (st.committed) {
+              // An earlier update that was not decided (or whose rollback failed here) is still in place:
+              // finish undoing it first.
+              const char* how = restore(st);
+              spdlog::warn("module {} (worker {}): undid an earlier update that was never decided ({})", st.module, st.worker, how);
             }
             st.shadows.clear();
             st.pending_dir = dir;
@@ -410,6 +426,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
               }
             }
             st.committed = true;
+            ++st.commits;  // this commit's own number: a half-written one can never match an earlier decision
             try {
               read_weights(st, st.pending_dir, live);
               if (off) off->refresh_resident();
@@ -417,7 +434,6 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
               restore(st);  // a half-written module must not stay live
               throw;
             }
-            ++st.commits;
             return report(st, st.undo_by_reread ? "in_place(reread-undo)" : "in_place", bytes, since(t0), st.pending_dir);
           });
         },
@@ -469,7 +485,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             return msg::make_error(refit_errc::phase_failed, "module '" + st.module + "' checksum: " + e.what());
           }
         },
-        [state](msg::info_atom) -> msg::module_info {
+        [state, kept_decided](msg::info_atom) -> msg::module_info {
           module_state& st = *state;
           msg::module_info i;
           i.name = st.module;
@@ -484,6 +500,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           i.undo_bytes = tensors_bytes(st.undo);
           i.shadow_bytes = tensors_bytes(st.shadows);
           i.problem = st.problem;
+          i.kept_decided = kept_decided;
           return i;
         },
         [state](msg::fault_atom, const msg::fault_spec& f) -> caf::result<bool> {
@@ -491,6 +508,8 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
             return msg::make_error(refit_errc::fault_injection_unavailable, "this build does not inject faults");
           // phase "snapshot", kind "nomem": the next in-place commit finds no room for its undo snapshot.
           if (f.phase == "snapshot") state->force_reread_undo = f.kind == "nomem";
+          // phase "decide", kind "lost": the worker's record of the next decision does not reach this module.
+          else if (f.phase == "decide") state->lose_decision = f.kind == "lost";
           else state->fault = f;
           return true;
         },

@@ -33,6 +33,7 @@ struct participant {
   msg::module_report stage_report;  // reading into shadows happens here; commit may be only a swap
   bool down = false;                // its actor died during the update
   bool reapplied = false;           // its actor died after the decision; the replacement got the update again
+  bool kept = false;                // its actor died after the decision; the replacement kept the new weights
 };
 
 // Collects one reply (or error) per participant of a phase, then runs `done` once.
@@ -142,7 +143,7 @@ void settle(self_ptr self, const std::vector<size_t>& which, std::function<void(
               auto& p = self->state.parts[i];
               if (actor != p.handle) {
                 p.handle = actor;
-                p.committed = false;  // the replacement restored the module on start
+                p.committed = false;  // the replacement restored the module on start, or finalized a decided commit
                 out->replaced.insert(i);
               }
               one();
@@ -292,14 +293,55 @@ void report_committed(self_ptr self) {
   if (st.result.success) {
     st.result.message = "Updated " + names + " from " + st.req.model_path + " on " + std::to_string(st.ctx.workers.size()) + " worker(s) (" +
                         st.result.mode + ")";
-    for (size_t i = 0; i < st.parts.size(); ++i)
+    for (size_t i = 0; i < st.parts.size(); ++i) {
       if (st.parts[i].reapplied)
         st.result.message += ". The actor of " + who(st.parts[i]) + " died after its commit and was replaced; the update was applied to it again";
+      else if (st.parts[i].kept)
+        st.result.message += ". The actor of " + who(st.parts[i]) + " died after the update was decided; its replacement kept the new weights";
+    }
   } else {
     st.result.message = "Update committed, but " + st.failure + ". THE PIPELINE IS MIXED: every other module holds the new weights.";
   }
   record_phase(self, "finish");
   resume_and_reply(self, true);
+}
+
+// Records with the workers that the participants' latest commits are decided (decide_atom), so a
+// replacement of an actor that dies from here on keeps the new weights; then `next`.
+void decide(self_ptr self, const std::vector<size_t>& which, std::function<void()> next) {
+  if (which.empty()) return next();
+  auto pending = std::make_shared<size_t>(which.size());
+  for (size_t i : which) {
+    const auto& p = self->state.parts[i];
+    self->request(self->state.ctx.workers[p.worker], phase_timeout, msg::decide_atom::value, p.module)
+        .then(
+            [pending, next](bool) {
+              if (--*pending == 0) next();
+            },
+            [pending, next](caf::error& e) {
+              // Not recorded: a replacement would undo this commit, and conclude would redo it.
+              spdlog::warn("update: a worker did not record the decision: {}", msg::describe(e));
+              if (--*pending == 0) next();
+            });
+  }
+}
+
+// Which replacements kept their predecessor's decided commit (module_info.kept_decided); `next` gets
+// them. The others restored the old weights on start.
+void find_kept(self_ptr self, const std::vector<size_t>& replaced, std::function<void(std::set<size_t>)> next) {
+  auto kept = std::make_shared<std::set<size_t>>();
+  if (replaced.empty()) return next(*kept);
+  auto pending = std::make_shared<size_t>(replaced.size());
+  for (size_t i : replaced)
+    self->request(self->state.parts[i].handle, phase_timeout, msg::info_atom::value)
+        .then(
+            [i, kept, pending, next](msg::module_info& info) {
+              if (info.kept_decided) kept->insert(i);
+              if (--*pending == 0) next(*kept);
+            },
+            [kept, pending, next](caf::error&) {
+              if (--*pending == 0) next(*kept);
+            });
 }
 
 // Stages and commits again on replacements whose start-up undid the commit of their dead predecessor.
@@ -324,7 +366,9 @@ void recommit(self_ptr self, const std::vector<size_t>& which, std::function<voi
                         }
                       }
                       fan_out(self, failed, [self](participant& p) { return self->request(p.handle, phase_timeout, msg::discard_atom::value); },
-                              [done, failed, next](std::shared_ptr<gather>) { next(done, failed); });
+                              [self, done, failed, next](std::shared_ptr<gather>) {
+                                decide(self, done, [done, failed, next] { next(done, failed); });
+                              });
                     });
           });
 }
@@ -332,9 +376,9 @@ void recommit(self_ptr self, const std::vector<size_t>& which, std::function<voi
 constexpr int conclude_rounds = 3;
 
 // Once every commit succeeded the update is decided. Finalizing drops each participant's undo record.
-// One that does not finalize is settled: one that lives is asked again; a replaced one — whose start-up
-// undid its commit, as an actor cannot know the outcome — is staged and committed again (`redo`), still
-// inside the pause, instead of being left on the old weights. At most conclude_rounds rounds; whatever
+// One that does not finalize is settled: one that lives is asked again; a replacement that kept the
+// decided commit is done; one whose start-up undid it (the decision was not recorded in time) is staged
+// and committed again (`redo`), still inside the pause, instead of being left on the old weights. At most conclude_rounds rounds; whatever
 // is left then is named in the reply.
 void conclude(self_ptr self, std::vector<size_t> redo, std::vector<size_t> fin, int round) {
   if (redo.empty() && fin.empty()) return report_committed(self);
@@ -352,13 +396,16 @@ void conclude(self_ptr self, std::vector<size_t> redo, std::vector<size_t> fin, 
                 if (!g->ok[i]) failed.push_back(i);
               const std::set<size_t> redo_failed(failed_redo.begin(), failed_redo.end());
               settle(self, failed, [self, failed, redo_failed, round](settled s) {
-                std::vector<size_t> next_redo, next_fin;
-                for (size_t i : failed) {
-                  if (s.unrecovered.count(i)) fail_after_decision(self, i, "could not be recovered: " + s.unrecovered.at(i));
-                  else if (s.replaced.count(i) || redo_failed.count(i)) next_redo.push_back(i);
-                  else next_fin.push_back(i);
-                }
-                conclude(self, next_redo, next_fin, round + 1);
+                find_kept(self, std::vector<size_t>(s.replaced.begin(), s.replaced.end()), [self, failed, redo_failed, round, s](std::set<size_t> kept) {
+                  std::vector<size_t> next_redo, next_fin;
+                  for (size_t i : failed) {
+                    if (s.unrecovered.count(i)) fail_after_decision(self, i, "could not be recovered: " + s.unrecovered.at(i));
+                    else if (kept.count(i)) self->state.parts[i].kept = true;  // finalized by its replacement
+                    else if (s.replaced.count(i) || redo_failed.count(i)) next_redo.push_back(i);
+                    else next_fin.push_back(i);
+                  }
+                  conclude(self, next_redo, next_fin, round + 1);
+                });
               });
             });
   });
@@ -390,19 +437,7 @@ void finish(self_ptr self) {
                 if (--*pending == 0) conclude(self, {}, all(self), 0);
               });
   };
-  if (st.parts.empty()) return flush_and_conclude();
-  auto pending = std::make_shared<size_t>(st.parts.size());
-  for (auto& p : st.parts)
-    self->request(st.ctx.workers[p.worker], phase_timeout, msg::decide_atom::value, p.module)
-        .then(
-            [pending, flush_and_conclude](bool) {
-              if (--*pending == 0) flush_and_conclude();
-            },
-            [pending, flush_and_conclude](caf::error& e) {
-              // Not recorded: a replacement would undo this module's commit, which conclude then redoes.
-              spdlog::warn("update: a worker did not record the decision: {}", msg::describe(e));
-              if (--*pending == 0) flush_and_conclude();
-            });
+  decide(self, all(self), flush_and_conclude);
 }
 
 void commit(self_ptr self) {

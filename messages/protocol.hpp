@@ -170,12 +170,13 @@ struct module_info {
   uint64_t undo_bytes = 0;    // held only during an update; 0 otherwise
   uint64_t shadow_bytes = 0;  // likewise
   std::string problem;        // empty, or why the weights this module holds are not known (see module_actor)
+  bool kept_decided = false;  // this actor replaced a dead one and kept its decided, unfinalized commit
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, module_info& x) {
   return f(caf::meta::type_name("module_info"), x.name, x.class_name, x.dtype, x.device, x.worker, x.tensors, x.bytes,
-           x.source_dir, x.undo_bytes, x.shadow_bytes, x.problem);
+           x.source_dir, x.undo_bytes, x.shadow_bytes, x.problem, x.kept_decided);
 }
 
 // One worker's layerwise offload of the transformer's blocks (refit serve --dit-layerwise-offload).

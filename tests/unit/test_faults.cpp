@@ -112,9 +112,9 @@ BOOST_DATA_TEST_CASE(a_failure_after_the_last_commit_still_leaves_every_module_u
   auto r = e.update(req);
   BOOST_TEST(r.success, r.message);
   BOOST_TEST(r.weight_version == req.weight_version);  // generation resumed on the decided update's version
-  const bool replaced = r.message.find("The actor of module '" + std::string(module) + "' (worker " + std::to_string(victim) +
-                                       ") died after its commit and was replaced; the update was applied to it again") != std::string::npos;
-  BOOST_TEST(replaced == (std::string(kind) == "die"), r.message);
+  const bool kept = r.message.find("The actor of module '" + std::string(module) + "' (worker " + std::to_string(victim) +
+                                   ") died after the update was decided; its replacement kept the new weights") != std::string::npos;
+  BOOST_TEST(kept == (std::string(kind) == "die"), r.message);
   const auto disk = disk_checksums(w().b);
   for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk, "worker " << k);
   for (const auto& m : e.info().modules) {
@@ -122,6 +122,32 @@ BOOST_DATA_TEST_CASE(a_failure_after_the_last_commit_still_leaves_every_module_u
     BOOST_TEST(m.shadow_bytes == 0u, m.name << " worker " << m.worker);
   }
   req.model_path = w().a.string();  // back, for the next case
+  req.mode = "auto";
+  BOOST_TEST(e.update(req).success);
+  for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk_checksums(w().a), "worker " << k);
+}
+
+// The same death, but the worker's record of the decision did not reach the module first: its
+// replacement undoes the commit on start, and the transaction applies the update to it again.
+BOOST_DATA_TEST_CASE(a_module_that_missed_the_decision_is_updated_again,
+                     bdata::make({false, true}) * bdata::make(modes) * bdata::make({1, 2}) * bdata::make(modules), offload, mode, workers,
+                     module) {
+  engine_client& e = w().engine(static_cast<size_t>(workers), offload);
+  const int32_t victim = workers - 1;
+  BOOST_REQUIRE(e.fault(module, victim, {"decide", "lost"}));
+  BOOST_REQUIRE(e.fault(module, victim, {"finalize", "die"}));
+  msg::update_request req;
+  req.model_path = w().b.string();
+  req.mode = mode;
+  auto r = e.update(req);
+  BOOST_TEST(r.success, r.message);
+  BOOST_TEST(r.message.find("The actor of module '" + std::string(module) + "' (worker " + std::to_string(victim) +
+                            ") died after its commit and was replaced; the update was applied to it again") != std::string::npos,
+             r.message);
+  const auto disk = disk_checksums(w().b);
+  for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk, "worker " << k);
+  for (const auto& m : e.info().modules) BOOST_TEST(m.undo_bytes + m.shadow_bytes == 0u, m.name << " worker " << m.worker);
+  req.model_path = w().a.string();
   req.mode = "auto";
   BOOST_TEST(e.update(req).success);
   for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk_checksums(w().a), "worker " << k);
