@@ -223,6 +223,16 @@ msg::module_report report(const module_state& st, const char* path, uint64_t byt
   return r;
 }
 
+// Forgets the update in progress: shadows, undo record, commit flags, its folder.
+void end_update(module_state& st) {
+  st.undo.clear();
+  st.shadows.clear();
+  st.committed = false;
+  st.undo_by_reread = false;
+  st.rollback_owed = false;
+  st.pending_dir.clear();
+}
+
 // Puts back what was live before commit. Returns how it was done.
 const char* restore(module_state& st) {
   auto& slots = st.registry().slots();
@@ -250,13 +260,8 @@ const char* restore(module_state& st) {
       if (off) off->refresh_resident();
     }
   }
-  st.undo.clear();
-  st.shadows.clear();
-  st.committed = false;
-  st.undo_by_reread = false;
-  st.rollback_owed = false;
   st.problem.clear();
-  st.pending_dir.clear();
+  end_update(st);
   return how;
 }
 
@@ -266,12 +271,7 @@ void finalize_state(module_state& st) {
     if (!st.pending_dir.empty()) st.source_dir = st.pending_dir;
     st.problem.clear();  // every weight was just written from a known checkpoint
   }
-  st.undo.clear();
-  st.shadows.clear();
-  st.committed = false;
-  st.undo_by_reread = false;
-  st.rollback_owed = false;
-  st.pending_dir.clear();
+  end_update(st);
 }
 
 // Test builds: fail the phase as the fault says (once).

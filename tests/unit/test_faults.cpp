@@ -166,6 +166,19 @@ BOOST_DATA_TEST_CASE(after_every_failure_a_clean_update_still_succeeds_on_every_
   BOOST_TEST(e.update(req).success);
 }
 
+namespace {
+// A staged update to b in which the VAE fails its commit and the transformer then fails its rollback as
+// `kind` says (a double fault).
+msg::update_result update_with_failing_rollback(engine_client& e, const char* kind) {
+  BOOST_REQUIRE(e.fault("vae", 0, {"commit", "error"}));
+  BOOST_REQUIRE(e.fault("transformer", 0, {"rollback", kind}));
+  msg::update_request req;
+  req.model_path = w().b.string();
+  req.mode = "staged";
+  return e.update(req);
+}
+}  // namespace
+
 // A double fault: one module fails its commit and another's actor dies while rolling back. The worker
 // replaces the dead actor, whose start-up undoes its commit; the transaction waits for that before
 // generation resumes, so the update still changes nothing.
@@ -173,12 +186,7 @@ BOOST_DATA_TEST_CASE(an_actor_dying_during_rollback_is_replaced_and_its_commit_u
   engine_client& e = w().engine(1, offload);
   const auto before = e.checksums();
   const auto image = e.generate(4);
-  BOOST_REQUIRE(e.fault("vae", 0, {"commit", "error"}));
-  BOOST_REQUIRE(e.fault("transformer", 0, {"rollback", "die"}));
-  msg::update_request req;
-  req.model_path = w().b.string();
-  req.mode = "staged";
-  auto r = e.update(req);
+  auto r = update_with_failing_rollback(e, "die");
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
   BOOST_TEST(r.message.find("transformer (worker 0, by a replacement actor)") != std::string::npos, r.message);
@@ -193,17 +201,14 @@ BOOST_DATA_TEST_CASE(a_failed_rollback_is_finished_by_the_next_update, bdata::ma
   engine_client& e = w().engine(1, offload);
   const auto a = disk_checksums(w().a), b = disk_checksums(w().b);
   BOOST_REQUIRE(e.checksums() == a);
-  BOOST_REQUIRE(e.fault("vae", 0, {"commit", "error"}));
-  BOOST_REQUIRE(e.fault("transformer", 0, {"rollback", "error"}));
-  msg::update_request req;
-  req.model_path = w().b.string();
-  req.mode = "staged";
-  auto r = e.update(req);
+  auto r = update_with_failing_rollback(e, "error");
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("ROLLBACK FAILED for module 'transformer' (worker 0)") != std::string::npos, r.message);
   BOOST_TEST(e.checksums().at("transformer") == b.at("transformer"));
 
   BOOST_REQUIRE(e.fault("vae", 0, {"stage", "error"}));
+  msg::update_request req;
+  req.model_path = w().b.string();
   r = e.update(req);
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
