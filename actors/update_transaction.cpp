@@ -31,7 +31,6 @@ struct participant {
   bool committed = false;
   std::string path;
   msg::module_report stage_report;  // reading into shadows happens here; commit may be only a swap
-  bool down = false;                // its actor died during the update
   bool reapplied = false;           // its actor died after the decision; the replacement got the update again
   bool kept = false;                // its actor died after the decision; the replacement kept the new weights
 };
@@ -41,7 +40,6 @@ struct gather {
   size_t pending = 0;
   std::vector<bool> ok;
   std::vector<std::string> errors;
-  std::vector<bool> receiver_down;  // the participant died instead of answering
   std::vector<msg::module_report> reports;
   std::function<void()> done;
   void one() {
@@ -72,7 +70,6 @@ void fan_out(self_ptr self, const std::vector<size_t>& which, Make make, std::fu
   const size_t n = self->state.parts.size();
   g->ok.assign(n, false);
   g->errors.assign(n, "");
-  g->receiver_down.assign(n, false);
   g->reports.assign(n, {});
   g->pending = which.size();
   g->done = [weak = std::weak_ptr<gather>(g), done] { done(weak.lock()); };  // the pending requests own g
@@ -89,7 +86,6 @@ void fan_out(self_ptr self, const std::vector<size_t>& which, Make make, std::fu
         },
         [g, i](caf::error& e) {
           g->errors[i] = msg::describe(e);
-          g->receiver_down[i] = e == caf::sec::request_receiver_down;
           g->one();
         });
 }
@@ -562,10 +558,7 @@ transaction_actor spawn_update_transaction(caf::actor_system& sys, transaction_c
     self->state.ctx = context;
     self->set_down_handler([self](caf::down_msg& dm) {
       for (auto& p : self->state.parts)
-        if (p.handle.address() == dm.source) {
-          p.down = true;
-          spdlog::warn("update: {} went down during the update ({})", who(p), caf::to_string(dm.reason));
-        }
+        if (p.handle.address() == dm.source) spdlog::warn("update: {} went down during the update ({})", who(p), caf::to_string(dm.reason));
     });
     return {
         [self](msg::update_atom, const msg::update_request& req) -> caf::result<msg::update_result> {
