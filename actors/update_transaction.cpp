@@ -139,6 +139,7 @@ void settle(self_ptr self, const std::vector<size_t>& which, std::function<void(
               auto& p = self->state.parts[i];
               if (actor != p.handle) {
                 p.handle = actor;
+                self->monitor(actor);
                 p.committed = false;  // the replacement restored the module on start, or finalized a decided commit
                 out->replaced.insert(i);
               }
