@@ -113,6 +113,25 @@ void reply(self_ptr self) {
   self->quit();
 }
 
+// Issues one request per index in `which` (`make(i)` sends it); `on_reply(i, reply)` or `on_error(i, error)`
+// sees each answer, and `done` runs once after the last.
+template <class Reply, class Make>
+void ask_each(const std::vector<size_t>& which, Make make, std::function<void(size_t, Reply&)> on_reply,
+              std::function<void(size_t, caf::error&)> on_error, std::function<void()> done) {
+  if (which.empty()) return done();
+  auto pending = std::make_shared<size_t>(which.size());
+  for (size_t i : which)
+    make(i).then(
+        [i, pending, on_reply, done](Reply& r) {
+          on_reply(i, r);
+          if (--*pending == 0) done();
+        },
+        [i, pending, on_error, done](caf::error& e) {
+          on_error(i, e);
+          if (--*pending == 0) done();
+        });
+}
+
 // What settling a set of participants found: who was replaced, and who could not be settled (the
 // worker did not answer, or the actor is alive but does not answer) with why.
 struct settled {
@@ -125,31 +144,22 @@ struct settled {
 // its predecessor's unfinished commit.
 void settle(self_ptr self, const std::vector<size_t>& which, std::function<void(settled)> next) {
   auto out = std::make_shared<settled>();
-  if (which.empty()) return next(*out);
-  auto& st = self->state;
-  auto pending = std::make_shared<size_t>(which.size());
-  auto one = [pending, out, next] {
-    if (--*pending == 0) next(*out);
-  };
-  for (size_t i : which) {
-    auto& p = st.parts[i];
-    self->request(st.ctx.workers[p.worker], phase_timeout, msg::recover_atom::value, p.module)
-        .then(
-            [self, i, one, out](msg::module_actor& actor) {
-              auto& p = self->state.parts[i];
-              if (actor != p.handle) {
-                p.handle = actor;
-                self->monitor(actor);
-                p.committed = false;  // the replacement restored the module on start, or finalized a decided commit
-                out->replaced.insert(i);
-              }
-              one();
-            },
-            [i, one, out](caf::error& e) {
-              out->unrecovered[i] = msg::describe(e);
-              one();
-            });
-  }
+  ask_each<msg::module_actor>(
+      which,
+      [self](size_t i) {
+        const auto& p = self->state.parts[i];
+        return self->request(self->state.ctx.workers[p.worker], phase_timeout, msg::recover_atom::value, p.module);
+      },
+      [self, out](size_t i, msg::module_actor& actor) {
+        auto& p = self->state.parts[i];
+        if (actor != p.handle) {
+          p.handle = actor;
+          self->monitor(actor);
+          p.committed = false;  // the replacement restored the module on start, or finalized a decided commit
+          out->replaced.insert(i);
+        }
+      },
+      [out](size_t i, caf::error& e) { out->unrecovered[i] = msg::describe(e); }, [out, next] { next(*out); });
 }
 
 void say_settled(self_ptr self, const settled& s) {
@@ -306,39 +316,30 @@ void report_committed(self_ptr self) {
 // Records with the workers that the participants' latest commits are decided (decide_atom), so a
 // replacement of an actor that dies from here on keeps the new weights; then `next`.
 void decide(self_ptr self, const std::vector<size_t>& which, std::function<void()> next) {
-  if (which.empty()) return next();
-  auto pending = std::make_shared<size_t>(which.size());
-  for (size_t i : which) {
-    const auto& p = self->state.parts[i];
-    self->request(self->state.ctx.workers[p.worker], phase_timeout, msg::decide_atom::value, p.module)
-        .then(
-            [pending, next](bool) {
-              if (--*pending == 0) next();
-            },
-            [pending, next](caf::error& e) {
-              // Not recorded: a replacement would undo this commit, and conclude would redo it.
-              spdlog::warn("update: a worker did not record the decision: {}", msg::describe(e));
-              if (--*pending == 0) next();
-            });
-  }
+  ask_each<bool>(
+      which,
+      [self](size_t i) {
+        const auto& p = self->state.parts[i];
+        return self->request(self->state.ctx.workers[p.worker], phase_timeout, msg::decide_atom::value, p.module);
+      },
+      [](size_t, bool&) {},
+      [](size_t, caf::error& e) {
+        // Not recorded: a replacement would undo this commit, and conclude would redo it.
+        spdlog::warn("update: a worker did not record the decision: {}", msg::describe(e));
+      },
+      std::move(next));
 }
 
 // Which replacements kept their predecessor's decided commit (module_info.kept_decided); `next` gets
 // them. The others restored the old weights on start.
 void find_kept(self_ptr self, const std::vector<size_t>& replaced, std::function<void(std::set<size_t>)> next) {
   auto kept = std::make_shared<std::set<size_t>>();
-  if (replaced.empty()) return next(*kept);
-  auto pending = std::make_shared<size_t>(replaced.size());
-  for (size_t i : replaced)
-    self->request(self->state.parts[i].handle, phase_timeout, msg::info_atom::value)
-        .then(
-            [i, kept, pending, next](msg::module_info& info) {
-              if (info.kept_decided) kept->insert(i);
-              if (--*pending == 0) next(*kept);
-            },
-            [kept, pending, next](caf::error&) {
-              if (--*pending == 0) next(*kept);
-            });
+  ask_each<msg::module_info>(
+      replaced, [self](size_t i) { return self->request(self->state.parts[i].handle, phase_timeout, msg::info_atom::value); },
+      [kept](size_t i, msg::module_info& info) {
+        if (info.kept_decided) kept->insert(i);
+      },
+      [](size_t, caf::error&) {}, [kept, next] { next(*kept); });
 }
 
 // Stages and commits again on replacements whose start-up undid the commit of their dead predecessor.
@@ -422,17 +423,12 @@ void finish(self_ptr self) {
       conclude(self, {}, all(self), 0);
       return;
     }
-    auto pending = std::make_shared<size_t>(st.ctx.caches.size());
-    for (auto& c : st.ctx.caches)
-      self->request(c, phase_timeout, msg::reset_atom::value)
-          .then(
-              [self, pending](uint64_t) {
-                self->state.result.cache_flushed = true;
-                if (--*pending == 0) conclude(self, {}, all(self), 0);
-              },
-              [self, pending](caf::error&) {
-                if (--*pending == 0) conclude(self, {}, all(self), 0);
-              });
+    std::vector<size_t> caches(st.ctx.caches.size());
+    for (size_t i = 0; i < caches.size(); ++i) caches[i] = i;
+    ask_each<uint64_t>(
+        caches, [self](size_t i) { return self->request(self->state.ctx.caches[i], phase_timeout, msg::reset_atom::value); },
+        [self](size_t, uint64_t&) { self->state.result.cache_flushed = true; }, [](size_t, caf::error&) {},
+        [self] { conclude(self, {}, all(self), 0); });
   };
   decide(self, all(self), flush_and_conclude);
 }

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <set>
 #include <stdexcept>
 
 #include "pipeline/weights/convert.hpp"
@@ -168,8 +169,9 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
   for (auto& tg : targets)
     if (tg.raw.defined()) const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the loader's stream
   check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-  for (const auto& [file, fd] : direct)
-    if (std::any_of(targets.begin(), targets.end(), [f = file](const target& tg) { return tg.file == f; })) file->check_unchanged();
+  std::set<const safetensors_file*> read;
+  for (const auto& tg : targets) read.insert(tg.file);
+  for (const auto* file : read) file->check_unchanged();
 
   device_read_stats st;
   for (auto& tg : targets) st.bytes += tg.entry->nbytes();
