@@ -2,15 +2,12 @@
 
 #include <spdlog/spdlog.h>
 
-#include <atomic>
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <deque>
-#include <memory>
 
-#include "actors/cache_actor.hpp"
+#include "actors/fan_out.hpp"
 #include "actors/update_transaction.hpp"
-#include "actors/worker_actor.hpp"
 
 namespace refit::actors {
 
@@ -21,6 +18,8 @@ namespace {
 
 constexpr auto generation_timeout = std::chrono::seconds(3600);
 constexpr auto query_timeout = std::chrono::seconds(600);
+
+using module_map = std::map<std::string, msg::module_actor>;
 
 struct pending_generation {
   msg::generation_request req;
@@ -34,13 +33,8 @@ struct pending_update {
 };
 
 struct sched_state {
-  std::vector<msg::worker_actor> workers;
-  std::vector<msg::module_supervisor_actor> supervisors;
-  std::vector<msg::cache_actor> caches;
-  std::vector<msg::offload_manager_actor> offloads;  // workers with layerwise offload
-  std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
-  std::vector<std::string> modules;
-  std::vector<int> in_flight;
+  scheduler_setup setup;
+  std::vector<int> in_flight;  // per worker
   std::deque<pending_generation> queue;
   bool paused = false;
   std::vector<caf::typed_response_promise<uint64_t>> pause_waiters;
@@ -63,10 +57,13 @@ uint64_t total_in_flight(const sched_state& st) {
   return n;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Generation: a queue, one request per worker at a time, held back while an update commits
+
 void maybe_finish_pause(self_ptr self) {
   auto& st = self->state;
   if (!st.paused || total_in_flight(st) > 0 || st.pause_waiters.empty()) return;
-  for (auto& c : st.cancels) c->store(false);
+  for (auto& c : st.setup.cancels) c->store(false);
   for (auto& w : st.pause_waiters) w.deliver(st.cancelling);
   st.pause_waiters.clear();
   st.cancelling = 0;
@@ -74,25 +71,28 @@ void maybe_finish_pause(self_ptr self) {
 
 void dispatch(self_ptr self);
 
+void record_latency(msg::scheduler_stats& stats, double latency) {
+  const auto& bounds = msg::latency_bucket_bounds_s();
+  stats.latency_bucket_counts.resize(bounds.size() + 1);
+  ++stats.latency_bucket_counts[std::lower_bound(bounds.begin(), bounds.end(), latency) - bounds.begin()];
+  stats.latency_sum_s += latency;
+  ++stats.latency_count;
+}
+
 void run_on(self_ptr self, size_t w, pending_generation job) {
   auto& st = self->state;
   ++st.in_flight[w];
   const std::string version = st.weight_version;  // updates commit only while nothing runs
   auto promise = job.promise;
   auto enqueued = job.enqueued;
-  self->request(st.workers[w], generation_timeout, msg::generate_atom::value, job.req)
+  self->request(st.setup.workers[w], generation_timeout, msg::generate_atom::value, job.req)
       .then(
           [self, w, version, promise, enqueued](msg::generation_result& r) mutable {
             auto& st = self->state;
             --st.in_flight[w];
             r.weight_version = version;
             ++st.stats.generations_ok;
-            const double latency = std::chrono::duration<double>(clock::now() - enqueued).count();
-            const auto& bounds = msg::latency_bucket_bounds_s();
-            st.stats.latency_bucket_counts.resize(bounds.size() + 1);
-            ++st.stats.latency_bucket_counts[std::lower_bound(bounds.begin(), bounds.end(), latency) - bounds.begin()];
-            st.stats.latency_sum_s += latency;
-            ++st.stats.latency_count;
+            record_latency(st.stats, std::chrono::duration<double>(clock::now() - enqueued).count());
             promise.deliver(std::move(r));
             maybe_finish_pause(self);
             dispatch(self);
@@ -100,7 +100,7 @@ void run_on(self_ptr self, size_t w, pending_generation job) {
           [self, w, promise](caf::error& e) mutable {
             auto& st = self->state;
             --st.in_flight[w];
-            if (e.category() == caf::atom("refit") && e.code() == static_cast<uint8_t>(refit_errc::cancelled)) ++st.stats.generations_cancelled;
+            if (msg::is(e, refit_errc::cancelled)) ++st.stats.generations_cancelled;
             else ++st.stats.generations_failed;
             promise.deliver(std::move(e));
             maybe_finish_pause(self);
@@ -112,15 +112,47 @@ void run_on(self_ptr self, size_t w, pending_generation job) {
 void dispatch(self_ptr self) {
   auto& st = self->state;
   while (!st.paused && !st.queue.empty()) {
-    size_t best = st.workers.size();
-    for (size_t w = 0; w < st.workers.size(); ++w)
-      if (st.in_flight[w] == 0 && (best == st.workers.size() || st.in_flight[w] < st.in_flight[best])) best = w;
-    if (best == st.workers.size()) return;
+    const size_t n = st.setup.workers.size();
+    size_t best = n;
+    for (size_t w = 0; w < n; ++w)
+      if (st.in_flight[w] == 0 && (best == n || st.in_flight[w] < st.in_flight[best])) best = w;
+    if (best == n) return;
     auto job = std::move(st.queue.front());
     st.queue.pop_front();
     run_on(self, best, std::move(job));
   }
 }
+
+// Stops dispatching and answers once nothing runs (cancelling what runs when `abort`).
+caf::result<uint64_t> pause(self_ptr self, bool abort) {
+  auto& st = self->state;
+  st.paused = true;
+  auto promise = self->make_response_promise<uint64_t>();
+  st.pause_waiters.push_back(promise);
+  if (abort)
+    for (size_t w = 0; w < st.setup.workers.size(); ++w)
+      if (st.in_flight[w] > 0) {
+        st.setup.cancels[w]->store(true);
+        st.cancelling += static_cast<uint64_t>(st.in_flight[w]);
+      }
+  maybe_finish_pause(self);
+  return promise;
+}
+
+std::string resume(self_ptr self, bool committed) {
+  auto& st = self->state;
+  if (committed) {
+    ++st.update_count;
+    st.weight_version = st.current_update.weight_version.empty() ? std::to_string(st.update_count) : st.current_update.weight_version;
+    st.model_path = st.current_update.model_path;
+  }
+  st.paused = false;
+  dispatch(self);
+  return st.weight_version;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Updates: one transaction at a time, the rest queued
 
 void start_next_update(self_ptr self) {
   auto& st = self->state;
@@ -128,112 +160,154 @@ void start_next_update(self_ptr self) {
   st.updating = true;
   auto job = std::move(st.updates.front());
   st.updates.pop_front();
-  transaction_context ctx{self, st.supervisors, st.caches, st.modules};
-  auto txn = spawn_update_transaction(self->system(), ctx);
+  auto txn = spawn_update_transaction(self->system(), {self, st.setup.supervisors, st.setup.caches, st.setup.modules});
   auto promise = job.promise;
-  auto req = job.req;
-  st.current_update = req;
-  self->request(txn, caf::infinite, msg::update_atom::value, req)
-      .then(
-          [self, promise](msg::update_result& r) mutable {
-            auto& st = self->state;
-            if (r.success) ++st.stats.updates_ok;
-            else ++st.stats.updates_failed;
-            r.weight_version = st.weight_version;
-            st.stats.last_timings = r.timings;
-            st.stats.last_pause_s = r.timings.count("pause") ? r.timings["pause"] : 0.0;
-            st.stats.last_update_bytes = 0;
-            for (const auto& m : r.modules) st.stats.last_update_bytes += m.bytes;
-            promise.deliver(std::move(r));
-            st.updating = false;
-            start_next_update(self);
-          },
-          [self, promise](caf::error& e) mutable {
-            auto& st = self->state;
-            ++st.stats.updates_failed;
-            msg::update_result r;
-            r.message = "update transaction failed: " + msg::describe(e);
-            r.weight_version = st.weight_version;
-            promise.deliver(std::move(r));
-            st.updating = false;
-            start_next_update(self);
+  st.current_update = job.req;
+  auto finished = [self, promise](msg::update_result r) mutable {
+    auto& st = self->state;
+    if (r.success) ++st.stats.updates_ok;
+    else ++st.stats.updates_failed;
+    r.weight_version = st.weight_version;
+    st.stats.last_timings = r.timings;
+    st.stats.last_pause_s = r.timings.count("pause") ? r.timings["pause"] : 0.0;
+    st.stats.last_update_bytes = 0;
+    for (const auto& m : r.modules) st.stats.last_update_bytes += m.bytes;
+    promise.deliver(std::move(r));
+    st.updating = false;
+    start_next_update(self);
+  };
+  self->request(txn, caf::infinite, msg::update_atom::value, job.req)
+      .then([finished](msg::update_result& r) mutable { finished(std::move(r)); },
+            [finished](caf::error& e) mutable {
+              msg::update_result r;
+              r.message = "update transaction failed: " + msg::describe(e);
+              finished(std::move(r));
+            });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queries
+
+// The module actors of workers `which`, merged (module name -> actor per worker).
+void module_actors(self_ptr self, std::vector<size_t> which, std::function<void(std::map<size_t, module_map>&)> done) {
+  fan_out<module_map>(
+      which, [self](size_t w) { return self->request(self->state.setup.supervisors[w], query_timeout, msg::modules_atom::value); },
+      [done](fan_in<module_map>& in) { done(in.replies); });
+}
+
+caf::result<std::map<std::string, std::string>> checksums(self_ptr self, std::vector<std::string> names, int32_t worker) {
+  auto& st = self->state;
+  if (worker < 0 || static_cast<size_t>(worker) >= st.setup.workers.size())
+    return msg::make_error(refit_errc::invalid_request, "worker " + std::to_string(worker) + " does not exist");
+  if (names.empty()) names = st.setup.modules;
+  auto promise = self->make_response_promise<std::map<std::string, std::string>>();
+  module_actors(self, {static_cast<size_t>(worker)}, [self, names, promise](std::map<size_t, module_map>& maps) mutable {
+    module_map actors;
+    if (!maps.empty()) actors = std::move(maps.begin()->second);
+    std::map<std::string, std::string> out;
+    std::vector<size_t> known;
+    for (size_t k = 0; k < names.size(); ++k) {
+      if (actors.count(names[k])) known.push_back(k);
+      else out[names[k]] = "not_found";
+    }
+    fan_out<std::string>(
+        known, [self, names, actors](size_t k) { return self->request(actors.at(names[k]), query_timeout, msg::checksum_atom::value); },
+        [names, out, promise](fan_in<std::string>& in) mutable {
+          for (auto& [k, hex] : in.replies) out[names[k]] = hex;
+          for (auto& [k, e] : in.errors) out[names[k]] = "error: " + msg::describe(e);
+          promise.deliver(out);
+        });
+  });
+  return promise;
+}
+
+// Answers of the offload managers, by worker.
+void offload_infos(self_ptr self, std::function<void(std::vector<msg::offload_info>)> done) {
+  fan_out<msg::offload_info>(
+      indices(self->state.setup.offloads.size()),
+      [self](size_t i) { return self->request(self->state.setup.offloads[i], query_timeout, msg::info_atom::value); },
+      [done](fan_in<msg::offload_info>& in) {
+        std::vector<msg::offload_info> out;
+        for (auto& [i, o] : in.replies) out.push_back(o);
+        std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return std::tie(a.worker, a.module) < std::tie(b.worker, b.module); });
+        done(std::move(out));
+      });
+}
+
+caf::result<msg::model_info> model_info(self_ptr self) {
+  auto& st = self->state;
+  auto promise = self->make_response_promise<msg::model_info>();
+  msg::model_info info;
+  info.model_path = st.model_path;
+  info.weight_version = st.weight_version;
+  module_actors(self, indices(st.setup.workers.size()), [self, info, promise](std::map<size_t, module_map>& maps) mutable {
+    std::vector<msg::module_actor> actors;
+    for (auto& [w, map] : maps)
+      for (auto& [name, actor] : map) actors.push_back(actor);
+    fan_out<msg::module_info>(
+        indices(actors.size()), [self, actors](size_t i) { return self->request(actors[i], query_timeout, msg::info_atom::value); },
+        [self, info, promise](fan_in<msg::module_info>& in) mutable {
+          for (auto& [i, mi] : in.replies) info.modules.push_back(mi);
+          offload_infos(self, [info, promise](std::vector<msg::offload_info> offload) mutable {
+            info.offload = std::move(offload);
+            promise.deliver(info);
           });
+        });
+  });
+  return promise;
 }
 
-// Asks every worker for its module actors, then `each` for every selected one; `done` after all.
-using module_map = std::map<std::string, msg::module_actor>;
-
-// Asks every actor in `handles` the same question; `each` sees every answer, `done` runs once all
-// answered or failed.
-template <class Reply, class Handle, class Atom>
-void ask_all(self_ptr self, const std::vector<Handle>& handles, Atom atom, std::function<void(size_t, Reply&)> each,
-             std::function<void()> done) {
-  if (handles.empty()) return done();
-  auto pending = std::make_shared<size_t>(handles.size());
-  for (size_t i = 0; i < handles.size(); ++i)
-    self->request(handles[i], query_timeout, atom)
-        .then(
-            [i, each, done, pending](Reply& r) {
-              each(i, r);
-              if (--*pending == 0) done();
-            },
-            [done, pending](caf::error&) {
-              if (--*pending == 0) done();
-            });
+caf::result<msg::scheduler_stats> stats(self_ptr self) {
+  auto& st = self->state;
+  msg::scheduler_stats s = st.stats;
+  s.in_flight = total_in_flight(st);
+  s.queued = st.queue.size();
+  s.teacache.resize(st.setup.caches.size());
+  auto promise = self->make_response_promise<msg::scheduler_stats>();
+  fan_out<msg::teacache_counters>(
+      indices(st.setup.caches.size()),
+      [self](size_t i) { return self->request(self->state.setup.caches[i], query_timeout, msg::stats_atom::value); },
+      [self, s, promise](fan_in<msg::teacache_counters>& in) mutable {
+        for (auto& [i, c] : in.replies) s.teacache[i] = c;
+        offload_infos(self, [s, promise](std::vector<msg::offload_info> offload) mutable {
+          s.offload = std::move(offload);
+          promise.deliver(s);
+        });
+      });
+  return promise;
 }
 
-void for_modules(self_ptr self, std::vector<size_t> workers, std::function<void(size_t, module_map&)> each,
-                 std::function<void()> done) {
-  auto pending = std::make_shared<size_t>(workers.size());
-  if (workers.empty()) {
-    done();
-    return;
-  }
-  for (size_t w : workers)
-    self->request(self->state.supervisors[w], query_timeout, msg::modules_atom::value)
-        .then(
-            [w, each, pending, done](std::map<std::string, msg::module_actor>& handles) {
-              each(w, handles);
-              if (--*pending == 0) done();
-            },
-            [pending, done](caf::error&) {
-              if (--*pending == 0) done();
-            });
+caf::result<bool> inject_fault(self_ptr self, const std::string& module, int32_t worker, const msg::fault_spec& f) {
+  auto& st = self->state;
+  if (worker < 0 || static_cast<size_t>(worker) >= st.setup.workers.size())
+    return msg::make_error(refit_errc::invalid_request, "worker " + std::to_string(worker) + " does not exist");
+  auto promise = self->make_response_promise<bool>();
+  module_actors(self, {static_cast<size_t>(worker)}, [self, module, f, promise](std::map<size_t, module_map>& maps) mutable {
+    module_map actors;
+    if (!maps.empty()) actors = std::move(maps.begin()->second);
+    auto it = actors.find(module);
+    if (it == actors.end()) {
+      promise.deliver(msg::make_error(refit_errc::module_not_found, "no module '" + module + "'"));
+      return;
+    }
+    self->request(it->second, query_timeout, msg::fault_atom::value, f)
+        .then([promise](bool ok) mutable { promise.deliver(ok); }, [promise](caf::error& e) mutable { promise.deliver(std::move(e)); });
+  });
+  return promise;
 }
 
 }  // namespace
 
-msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& config) {
-  std::vector<msg::worker_actor> workers;
-  std::vector<msg::module_supervisor_actor> supervisors;
-  std::vector<msg::cache_actor> caches;
-  std::vector<msg::offload_manager_actor> offloads;
-  std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
-  for (size_t i = 0; i < config.devices.size(); ++i) {
-    cancels.push_back(std::make_shared<std::atomic<bool>>(false));
-    caches.push_back(spawn_cache_actor(sys, static_cast<int32_t>(i)));
-    worker_config wc{config.model_path, config.devices[i], config.dtype, static_cast<int32_t>(i), caches.back(),
-                     config.dit_layerwise_offload, config.dit_offload_prefetch_size};
-    auto handles = spawn_worker(sys, wc, cancels.back());
-    workers.push_back(handles.worker);
-    supervisors.push_back(handles.modules);
-    if (handles.offload) offloads.push_back(handles.offload);
-  }
-  const std::string model_path = config.model_path.string();
-  return sys.spawn([=](self_ptr self) -> msg::scheduler_actor::behavior_type {
+msg::scheduler_actor spawn_scheduler(caf::actor_system& sys, scheduler_setup setup) {
+  return sys.spawn([setup = std::move(setup)](self_ptr self) mutable -> msg::scheduler_actor::behavior_type {
     auto& st = self->state;
-    st.workers = workers;
-    st.supervisors = supervisors;
-    st.caches = caches;
-    st.offloads = offloads;
-    st.cancels = cancels;
-    st.modules = {"text_encoder", "transformer", "vae"};
-    st.in_flight.assign(workers.size(), 0);
-    st.model_path = model_path;
-    for (auto& w : workers) self->link_to(w);
-    for (auto& s : supervisors) self->link_to(s);
-    for (auto& c : caches) self->link_to(c);
-    for (auto& o : offloads) self->link_to(o);
+    st.setup = std::move(setup);
+    st.in_flight.assign(st.setup.workers.size(), 0);
+    st.model_path = st.setup.model_path;
+    for (auto& w : st.setup.workers) self->link_to(w);
+    for (auto& s : st.setup.supervisors) self->link_to(s);
+    for (auto& c : st.setup.caches) self->link_to(c);
+    for (auto& o : st.setup.offloads) self->link_to(o);
     return {
         [self](msg::generate_atom, msg::generation_request& req) -> caf::result<msg::generation_result> {
           auto promise = self->make_response_promise<msg::generation_result>();
@@ -247,126 +321,13 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
           start_next_update(self);
           return promise;
         },
-        [self](msg::checksum_atom, std::vector<std::string> names, int32_t worker) -> caf::result<std::map<std::string, std::string>> {
-          auto& st = self->state;
-          if (worker < 0 || static_cast<size_t>(worker) >= st.workers.size())
-            return msg::make_error(refit_errc::invalid_request, "worker " + std::to_string(worker) + " does not exist");
-          if (names.empty()) names = st.modules;
-          auto promise = self->make_response_promise<std::map<std::string, std::string>>();
-          auto out = std::make_shared<std::map<std::string, std::string>>();
-          for_modules(self, {static_cast<size_t>(worker)},
-                      [self, names, out, promise](size_t, std::map<std::string, msg::module_actor>& handles) mutable {
-                        auto pending = std::make_shared<size_t>(names.size());
-                        for (const auto& n : names) {
-                          auto it = handles.find(n);
-                          if (it == handles.end()) {
-                            (*out)[n] = "not_found";
-                            if (--*pending == 0) promise.deliver(*out);
-                            continue;
-                          }
-                          self->request(it->second, query_timeout, msg::checksum_atom::value)
-                              .then(
-                                  [n, out, pending, promise](std::string& hex) mutable {
-                                    (*out)[n] = hex;
-                                    if (--*pending == 0) promise.deliver(*out);
-                                  },
-                                  [n, out, pending, promise](caf::error& e) mutable {
-                                    (*out)[n] = "error: " + msg::describe(e);
-                                    if (--*pending == 0) promise.deliver(*out);
-                                  });
-                        }
-                      },
-                      [] {});
-          return promise;
-        },
-        [self](msg::info_atom) -> caf::result<msg::model_info> {
-          auto& st = self->state;
-          auto promise = self->make_response_promise<msg::model_info>();
-          auto info = std::make_shared<msg::model_info>();
-          info->model_path = st.model_path;
-          info->weight_version = st.weight_version;
-          auto handles = std::make_shared<std::vector<msg::module_actor>>();
-          std::vector<size_t> all(st.workers.size());
-          for (size_t w = 0; w < all.size(); ++w) all[w] = w;
-          for_modules(
-              self, all,
-              [handles](size_t, std::map<std::string, msg::module_actor>& hs) {
-                for (auto& [n, h] : hs) handles->push_back(h);
-              },
-              [self, handles, info, promise]() mutable {
-                ask_all<msg::module_info>(
-                    self, *handles, msg::info_atom::value, [info](size_t, msg::module_info& mi) { info->modules.push_back(mi); },
-                    [self, info, promise]() mutable {
-                      ask_all<msg::offload_info>(
-                          self, self->state.offloads, msg::info_atom::value,
-                          [info](size_t, msg::offload_info& o) { info->offload.push_back(o); },
-                          [info, promise]() mutable { promise.deliver(*info); });
-                    });
-              });
-          return promise;
-        },
-        [self](msg::stats_atom) -> caf::result<msg::scheduler_stats> {
-          auto s = std::make_shared<msg::scheduler_stats>(self->state.stats);
-          s->in_flight = total_in_flight(self->state);
-          s->queued = self->state.queue.size();
-          s->teacache.resize(self->state.caches.size());
-          auto promise = self->make_response_promise<msg::scheduler_stats>();
-          ask_all<msg::teacache_counters>(
-              self, self->state.caches, msg::stats_atom::value, [s](size_t i, msg::teacache_counters& c) { s->teacache[i] = c; },
-              [self, s, promise]() mutable {
-                ask_all<msg::offload_info>(
-                    self, self->state.offloads, msg::info_atom::value, [s](size_t, msg::offload_info& o) { s->offload.push_back(o); },
-                    [s, promise]() mutable {
-                      std::sort(s->offload.begin(), s->offload.end(), [](const auto& a, const auto& b) { return a.worker < b.worker; });
-                      promise.deliver(*s);
-                    });
-              });
-          return promise;
-        },
-        [self](msg::pause_atom, bool abort) -> caf::result<uint64_t> {
-          auto& st = self->state;
-          st.paused = true;
-          auto promise = self->make_response_promise<uint64_t>();
-          st.pause_waiters.push_back(promise);
-          if (abort)
-            for (size_t w = 0; w < st.workers.size(); ++w)
-              if (st.in_flight[w] > 0) {
-                st.cancels[w]->store(true);
-                st.cancelling += static_cast<uint64_t>(st.in_flight[w]);
-              }
-          maybe_finish_pause(self);
-          return promise;
-        },
-        [self](msg::resume_atom, bool committed) -> std::string {
-          auto& st = self->state;
-          if (committed) {
-            ++st.update_count;
-            st.weight_version = st.current_update.weight_version.empty() ? std::to_string(st.update_count) : st.current_update.weight_version;
-            st.model_path = st.current_update.model_path;
-          }
-          st.paused = false;
-          dispatch(self);
-          return st.weight_version;
-        },
-        [self](msg::fault_atom, const std::string& module, int32_t worker, msg::fault_spec& f) -> caf::result<bool> {
-          auto& st = self->state;
-          if (worker < 0 || static_cast<size_t>(worker) >= st.workers.size())
-            return msg::make_error(refit_errc::invalid_request, "worker " + std::to_string(worker) + " does not exist");
-          auto promise = self->make_response_promise<bool>();
-          for_modules(
-              self, {static_cast<size_t>(worker)},
-              [self, module, f, promise](size_t, std::map<std::string, msg::module_actor>& hs) mutable {
-                auto it = hs.find(module);
-                if (it == hs.end()) {
-                  promise.deliver(msg::make_error(refit_errc::module_not_found, "no module '" + module + "'"));
-                  return;
-                }
-                self->request(it->second, query_timeout, msg::fault_atom::value, f)
-                    .then([promise](bool ok) mutable { promise.deliver(ok); },
-                          [promise](caf::error& e) mutable { promise.deliver(std::move(e)); });
-              },
-              [] {});
-          return promise;
+        [self](msg::checksum_atom, std::vector<std::string>& names, int32_t worker) { return checksums(self, std::move(names), worker); },
+        [self](msg::info_atom) { return model_info(self); },
+        [self](msg::stats_atom) { return stats(self); },
+        [self](msg::pause_atom, bool abort) { return pause(self, abort); },
+        [self](msg::resume_atom, bool committed) { return resume(self, committed); },
+        [self](msg::fault_atom, const std::string& module, int32_t worker, const msg::fault_spec& f) {
+          return inject_fault(self, module, worker, f);
         },
     };
   });

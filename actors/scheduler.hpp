@@ -1,9 +1,10 @@
 // The scheduler: one per server. Admits generation requests and dispatches them to the least-loaded
-// worker, owns the served model's identity (model_path, weight_version, per-module source folders),
-// gates generation while an update commits, and runs updates one at a time as transactions.
+// worker, owns the served model's identity (model_path, weight_version), gates generation while an
+// update commits, and runs updates one at a time as transactions (update_transaction.hpp).
 #pragma once
 
-#include <filesystem>
+#include <atomic>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -11,16 +12,18 @@
 
 namespace refit::actors {
 
-struct engine_config {
-  std::filesystem::path model_path;
-  std::vector<std::string> devices{"cpu"};  // one worker per entry: cpu, cuda, cuda:1, ...
-  std::string dtype;                         // bf16, fp16, fp32; empty: bf16 on CUDA, fp32 on CPU
-  bool dit_layerwise_offload = false;        // transformer blocks in host memory, prefetched to the device
-  double dit_offload_prefetch_size = 1;      // blocks prefetched ahead (>= 1), or a fraction of them
+// What the engine hands the scheduler: per worker (same index everywhere) its actors and cancel flag.
+struct scheduler_setup {
+  std::vector<msg::worker_actor> workers;
+  std::vector<msg::module_supervisor_actor> supervisors;
+  std::vector<msg::cache_actor> caches;
+  std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
+  std::vector<msg::offload_manager_actor> offloads;  // any number per worker
+  std::vector<std::string> modules;                  // the pipeline's weight-bearing modules
+  std::string model_path;
 };
 
-// Loads the model on every worker (throws on a bad model), spawns workers, module, cache and
-// scheduler actors, and returns the scheduler.
-msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& config);
+// Links itself to every actor it is given: stopping the scheduler stops them all.
+msg::scheduler_actor spawn_scheduler(caf::actor_system& sys, scheduler_setup setup);
 
 }  // namespace refit::actors

@@ -1,4 +1,5 @@
-// `refit make-model` and `refit generate`: checkpoints with random weights, and one-shot images.
+// `refit make-model` and `refit generate`: checkpoints with random weights, and one-shot images with any
+// pipeline family refit serves (pipeline/pipeline.hpp).
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 
@@ -7,9 +8,9 @@
 #include <thread>
 
 #include "apps/commands.hpp"
-#include "pipeline/flux2_klein.hpp"
 #include "pipeline/image/png.hpp"
 #include "pipeline/make_model.hpp"
+#include "pipeline/pipeline.hpp"
 
 namespace refit::apps {
 
@@ -30,16 +31,18 @@ std::pair<int64_t, int64_t> parse_size(const std::string& s) {
   throw std::invalid_argument("--size must be WIDTHxHEIGHT with positive integers, got '" + s + "'");
 }
 
-models::placement parse_placement(const std::string& device, const std::string& dtype) {
-  models::placement where;
-  where.device = at::Device(device);  // throws a clear c10 error on nonsense
-  if (where.device.is_cuda() && !at::hasCUDA()) throw std::invalid_argument("--device " + device + ": this build or machine has no CUDA");
-  if (dtype.empty()) where.float_dtype = where.device.is_cuda() ? at::kBFloat16 : at::kFloat;
-  else if (dtype == "bf16") where.float_dtype = at::kBFloat16;
-  else if (dtype == "fp16") where.float_dtype = at::kHalf;
-  else if (dtype == "fp32") where.float_dtype = at::kFloat;
-  else throw std::invalid_argument("--dtype must be bf16, fp16 or fp32, got '" + dtype + "'");
-  return where;
+models::placement parse_flags(const std::string& device, const std::string& dtype) {
+  try {
+    return models::parse_placement(device, dtype);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string("--") + e.what());
+  }
+}
+
+std::string joined(const std::vector<std::string>& v, const char* sep) {
+  std::string out;
+  for (const auto& s : v) out += (out.empty() ? "" : sep) + s;
+  return out;
 }
 
 }  // namespace
@@ -53,15 +56,17 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
     int64_t double_blocks = -1, single_blocks = -1;
   };
   auto ma = std::make_shared<make_args>();
-  auto* make = app.add_subcommand("make-model", "Write a FLUX.2-klein checkpoint with random weights in the real Diffusers layout");
-  make->add_option("--preset", ma->preset, "flux2-klein-tiny (seconds on CPU, for tests) or flux2-klein-4b (the real shapes, about 16 GB)")->required();
+  auto* make = app.add_subcommand("make-model", "Write a checkpoint with random weights in the real Diffusers layout");
+  make->add_option("--preset", ma->preset,
+                   "One of: " + joined(pipeline::make_model_presets(), ", ") + " (*-tiny: seconds on CPU, for tests; others: the real shapes)")
+      ->required();
   make->add_option("--seed", ma->seed, "Seed of the random weights (same seed, same bytes)")->capture_default_str();
   make->add_option("--out", ma->out, "Output directory; must not exist or be empty")->required();
   make->add_option("--threads", ma->threads, "Generator threads (default: all cores)");
   make->add_flag("--base", ma->base, "Write an undistilled (base) checkpoint, sampled with classifier-free guidance");
-  make->add_option("--double-blocks", ma->double_blocks, "Double-stream transformer blocks (default: the preset's)")
+  make->add_option("--double-blocks", ma->double_blocks, "Double-stream DiT blocks (default: the preset's)")
       ->check(CLI::Range(0, 1000));
-  make->add_option("--single-blocks", ma->single_blocks, "Single-stream transformer blocks (default: the preset's)")
+  make->add_option("--single-blocks", ma->single_blocks, "Single-stream DiT blocks (default: the preset's)")
       ->check(CLI::Range(0, 1000));
   commands.emplace_back(make, [ma] {
     pipeline::make_model_options o{ma->preset, ma->seed, ma->out, ma->threads, !ma->base, {}, ma->double_blocks, ma->single_blocks};
@@ -90,26 +95,29 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
     double prefetch = 1;
   };
   auto ga = std::make_shared<gen_args>();
-  auto* gen = app.add_subcommand("generate", "Generate one image with a FLUX.2-klein checkpoint and write it as PNG");
-  gen->add_option("--model-path", ga->model, "Diffusers-layout FLUX.2-klein checkpoint")->required();
+  auto* gen = app.add_subcommand("generate", "Generate one image with a checkpoint and write it as PNG");
+  gen->add_option("--model-path", ga->model, "Diffusers-layout checkpoint (model_index.json _class_name: " +
+                                                 joined(pipeline::supported_pipeline_classes(), ", ") + ")")
+      ->required();
   gen->add_option("--prompt", ga->prompt, "Text prompt")->required();
   gen->add_option("--negative-prompt", ga->negative, "Negative prompt (undistilled checkpoints, with guidance)");
   gen->add_option("--seed", ga->seed, "Seed of the initial noise (same seed and weights: identical PNG bytes)")->capture_default_str();
   gen->add_option("--steps", ga->steps, "Sampling steps (default: 4 distilled, 50 base)");
   gen->add_option("--guidance-scale", ga->guidance, "Classifier-free guidance scale (base checkpoints only)")->capture_default_str();
-  gen->add_option("--size", ga->size, "WIDTHxHEIGHT (default: the model's, 1024x1024 for Klein)");
+  gen->add_option("--size", ga->size, "WIDTHxHEIGHT (default: the model's, e.g. 1024x1024)");
   gen->add_option("--device", ga->device, "cpu, cuda or cuda:N")->capture_default_str();
   gen->add_option("--dtype", ga->dtype, "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)");
   gen->add_flag("--teacache", ga->teacache, "Skip DiT blocks on steps whose input barely changed (TeaCache)");
   gen->add_option("--teacache-threshold", ga->teacache_threshold,
-                  "TeaCache threshold (default: transformer/teacache.json, else 0.25); implies --teacache")
+                  "TeaCache threshold (default: the DiT folder's teacache.json, else 0.25); implies --teacache")
       ->check(CLI::Range(0.0, 1e6));
   add_offload_options(*gen, ga->offload, ga->prefetch);
   gen->add_option("-o,--output", ga->out, "PNG file to write")->required();
   commands.emplace_back(gen, [ga] {
-    const auto where = parse_placement(ga->device, ga->dtype);
+    const auto where = parse_flags(ga->device, ga->dtype);
     auto t0 = std::chrono::steady_clock::now();
-    pipeline::flux2_klein_pipeline pipe(ga->model, where, {ga->offload, ga->prefetch});
+    const auto pipe_ptr = pipeline::open_pipeline(ga->model, where, {ga->offload, ga->prefetch});
+    pipeline::diffusion_pipeline& pipe = *pipe_ptr;
     pipe.load_weights();
     auto t1 = std::chrono::steady_clock::now();
     pipeline::generation_params p;
@@ -130,7 +138,7 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
                  p.steps ? p.steps : pipe.default_steps(), p.seed, ga->out,
                  std::chrono::duration<double>(t1 - t0).count(), std::chrono::duration<double>(t2 - t1).count());
     if (p.teacache.enabled)
-      spdlog::info("generate: TeaCache skipped the DiT blocks in {} of {} transformer calls", stats.blocks_skipped, stats.transformer_calls);
+      spdlog::info("generate: TeaCache skipped the DiT blocks in {} of {} DiT calls", stats.blocks_skipped, stats.dit_calls);
     return 0;
   });
 }

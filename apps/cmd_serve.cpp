@@ -11,10 +11,12 @@
 #include <optional>
 #include <thread>
 
-#include "actors/scheduler.hpp"
+#include "actors/client_gateway.hpp"
+#include "actors/engine.hpp"
 #include "apps/commands.hpp"
 #include "net/http_bridge.hpp"
 #include "net/remote.hpp"
+#include "pipeline/models/placement.hpp"
 
 namespace refit::apps {
 
@@ -55,8 +57,11 @@ int serve(const serve_args& a) {
   std::signal(SIGPIPE, SIG_IGN);
 
   if (a.workers < 1) throw std::invalid_argument("--workers must be at least 1");
-  if (!a.dtype.empty() && a.dtype != "bf16" && a.dtype != "fp16" && a.dtype != "fp32")
-    throw std::invalid_argument("--dtype must be bf16, fp16 or fp32, got '" + a.dtype + "'");
+  try {
+    models::parse_placement(a.device, a.dtype);  // a typo should stop the server before it loads for minutes
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string("--") + e.what());
+  }
   if (a.port < 0 || a.port > 65535) throw std::invalid_argument("--port must be 0..65535");
   if (a.actor_port && (*a.actor_port < 0 || *a.actor_port > 65535)) throw std::invalid_argument("--actor-port must be 0..65535");
 
@@ -69,7 +74,7 @@ int serve(const serve_args& a) {
   spdlog::info("refit serve: loading {} on {} worker(s) ({}, dtype {})", a.model_path, a.workers, a.device,
                a.dtype.empty() ? "default" : a.dtype);
   if (a.dit_layerwise_offload)
-    spdlog::info("refit serve: layerwise offload of the transformer's blocks, prefetch {}", a.dit_offload_prefetch_size);
+    spdlog::info("refit serve: layerwise offload of the DiT's blocks, prefetch {}", a.dit_offload_prefetch_size);
   auto scheduler = actors::spawn_engine(sys, {a.model_path, devices, a.dtype, a.dit_layerwise_offload, a.dit_offload_prefetch_size});
   caf::scoped_actor self{sys};
   // Whatever goes wrong from here, the engine must not outlive this function (the actor system's
@@ -80,10 +85,13 @@ int serve(const serve_args& a) {
     ~stop_on_exit() { self->send_exit(scheduler, caf::exit_reason::user_shutdown); }
   } engine_guard{self, scheduler};
 
+  // The actor port publishes only the client API, through a gateway that forwards nothing else.
   std::optional<uint16_t> actor_port;
+  msg::client_api_actor gateway;
   if (a.actor_port) {
-    actor_port = net::publish_scheduler(scheduler, a.host, static_cast<uint16_t>(*a.actor_port));
-    spdlog::info("refit serve: actor port {}", *actor_port);
+    gateway = actors::spawn_client_gateway(sys, scheduler);
+    actor_port = net::publish_client_api(gateway, a.host, static_cast<uint16_t>(*a.actor_port));
+    spdlog::info("refit serve: actor port {} (client API only)", *actor_port);
   }
 
   net::http_bridge_config hc;
@@ -134,7 +142,7 @@ int serve(const serve_args& a) {
     self->send_exit(bridge.actor, caf::exit_reason::user_shutdown);
     while (!bridge_down) self->receive(on_down, [](msg::done_atom, int32_t) {});
   }
-  if (actor_port) net::unpublish_scheduler(scheduler, *actor_port);
+  if (actor_port) net::unpublish_client_api(gateway, *actor_port);
   spdlog::info("refit serve: HTTP server stopped; stopping the engine");
   return exit_code;
 }
@@ -143,7 +151,7 @@ int serve(const serve_args& a) {
 
 void add_serve_commands(CLI::App& app, command_registry& commands) {
   auto a = std::make_shared<serve_args>();
-  auto* cmd = app.add_subcommand("serve", "Serve a FLUX.2-klein checkpoint over HTTP with transactional hot weight updates");
+  auto* cmd = app.add_subcommand("serve", "Serve a diffusion pipeline checkpoint over HTTP with transactional hot weight updates");
   cmd->add_option("--model-path", a->model_path, "Diffusers-layout checkpoint to serve")->required();
   cmd->add_option("--host", a->host, "Address the HTTP server (and --actor-port) binds")->capture_default_str();
   cmd->add_option("--port", a->port, "HTTP port; 0 binds an ephemeral port (see --port-file)")->capture_default_str();
@@ -155,7 +163,7 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
       ->envname("REFIT_API_KEY");
   cmd->add_option("--allowed-model-root", a->allowed_roots,
                   "Directory update checkpoints must lie in, after resolving symlinks and '..'; repeatable (default: any path)");
-  cmd->add_option("--actor-port", a->actor_port, "Publish the scheduler to CAF remote clients on this port; 0: ephemeral (default: off)");
+  cmd->add_option("--actor-port", a->actor_port, "Publish the client API (generate, update, checksum, info, stats) to CAF remote clients on this port; 0: ephemeral (default: off)");
   cmd->add_option("--max-request-bytes", a->max_request_bytes, "Larger request bodies are refused with 413")->capture_default_str();
   add_offload_options(*cmd, a->dit_layerwise_offload, a->dit_offload_prefetch_size);
   commands.emplace_back(cmd, [a] { return serve(*a); });

@@ -22,7 +22,7 @@ std::string build_info();
 // --dit-layerwise-offload and --dit-offload-prefetch-size, shared by serve and generate.
 inline void add_offload_options(CLI::App& cmd, bool& offload, double& prefetch) {
   auto* flag = cmd.add_flag("--dit-layerwise-offload", offload,
-                            "Keep the transformer's blocks in (pinned) host memory and copy each to the device shortly "
+                            "Keep the DiT's blocks in (pinned) host memory and copy each to the device shortly "
                             "before it runs");
   cmd.add_option("--dit-offload-prefetch-size", prefetch,
                  "With --dit-layerwise-offload: blocks copied ahead of the running one (a whole number >= 1), or a fraction "

@@ -75,10 +75,7 @@ int main(int argc, char** argv) {
     }
   }
   try {
-    refit::models::placement where;
-    where.device = at::Device(device);
-    where.float_dtype = dtype == "fp32" ? at::kFloat : dtype == "fp16" ? at::kHalf
-                        : (dtype == "bf16" || where.device.is_cuda()) ? at::kBFloat16 : at::kFloat;
+    const refit::models::placement where = refit::models::parse_placement(device, dtype);
     auto t0 = std::chrono::steady_clock::now();
     refit::pipeline::flux2_klein_pipeline pipe(argv[1], where, {offload_prefetch > 0, offload_prefetch > 0 ? offload_prefetch : 1});
     std::unique_ptr<refit::weights::device_loader> loader;

@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
   const int64_t base = allocated(0);
   msg::update_request ok;
   ok.model_path = argv[2];
-  ok.mode = "staged";
+  ok.mode = msg::update_mode::staged;
   auto r1 = client.update(ok);
   out["update_ok"] = {{"success", r1.success}, {"timings", r1.timings}, {"allocated_before", base}, {"allocated_after", allocated(0)}};
   client.fault("vae", 0, {"commit", "error"});

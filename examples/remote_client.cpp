@@ -1,5 +1,5 @@
 // A C++ client of a running `refit serve --actor-port N`: it talks to the server's scheduler with the
-// typed protocol of messages/protocol.hpp over CAF's middleman (BASP over TCP), the same messages the
+// client API (messages/client_api.hpp) over CAF's middleman (BASP over TCP), the same messages the
 // HTTP bridge sends. It reads the checksums, refits the server to a checkpoint, reads them again and
 // generates one image, checking that the image was made with the new weight_version.
 //
@@ -54,7 +54,7 @@ struct options {
 // Blocking requests to the remote scheduler. A failure is a value (the error), never an exception.
 class scheduler_client {
  public:
-  scheduler_client(caf::actor_system& sys, msg::scheduler_actor scheduler, std::chrono::seconds timeout)
+  scheduler_client(caf::actor_system& sys, msg::client_api_actor scheduler, std::chrono::seconds timeout)
       : self_(sys), scheduler_(std::move(scheduler)), timeout_(timeout) {}
 
   caf::expected<msg::model_info> info() { return ask<msg::model_info>(msg::info_atom::value); }
@@ -80,7 +80,7 @@ class scheduler_client {
   }
 
   caf::scoped_actor self_;
-  msg::scheduler_actor scheduler_;
+  msg::client_api_actor scheduler_;
   std::chrono::seconds timeout_;
 };
 
@@ -115,8 +115,8 @@ void print_update(const msg::update_result& r) {
   std::cout << "update: " << (r.success ? "success" : "FAILED") << "\n";
   std::cout << "  message:        " << r.message << "\n";
   std::cout << "  weight_version: " << r.weight_version << "\n";
-  if (!r.mode.empty())
-    std::cout << "  mode:           " << r.mode << (r.mode_reason.empty() ? "" : " (" + r.mode_reason + ")") << "\n";
+  if (r.mode != msg::write_path::none)
+    std::cout << "  mode:           " << msg::to_string(r.mode) << (r.mode_reason.empty() ? "" : " (" + r.mode_reason + ")") << "\n";
   std::cout << "  cache flushed:  " << (r.cache_flushed ? "yes" : "no") << ", requests aborted: " << r.aborted_requests
             << "\n";
   if (!r.modules.empty()) {
@@ -124,8 +124,8 @@ void print_update(const msg::update_result& r) {
                 "source_dir");
     for (const auto& m : r.modules)
       std::printf("  %-14s %6d %8llu %12s %9.3f  %-9s %s\n", m.module.c_str(), m.worker,
-                  static_cast<unsigned long long>(m.tensors), human_bytes(m.bytes).c_str(), m.seconds, m.path.c_str(),
-                  m.source_dir.c_str());
+                  static_cast<unsigned long long>(m.tensors), human_bytes(m.bytes).c_str(), m.seconds, msg::to_string(m.path).c_str(),
+                  m.source.c_str());
   }
   if (!r.timings.empty()) {
     // Phases in the order they run; anything else the server reports follows.
@@ -154,7 +154,7 @@ bool parse_size(const std::string& text, int64_t& width, int64_t& height) {
 
 int run(caf::actor_system& sys, const options& opt) {
   std::cout << "connecting to " << opt.host << ":" << opt.port << " ...\n";
-  auto remote = caf::io::remote_actor<msg::scheduler_actor>(sys, opt.host, opt.port);
+  auto remote = caf::io::remote_actor<msg::client_api_actor>(sys, opt.host, opt.port);
   if (!remote)
     return fail("cannot reach the scheduler at " + opt.host + ":" + std::to_string(opt.port) + ": " +
                 sys.render(remote.error()) + " (is `refit serve --actor-port " + std::to_string(opt.port) +
@@ -174,7 +174,7 @@ int run(caf::actor_system& sys, const options& opt) {
   req.model_path = opt.model_path;
   req.target_modules = opt.modules;
   req.weight_version = opt.weight_version;
-  req.mode = opt.mode;
+  req.mode = *msg::parse_update_mode(opt.mode);  // checked by the option parser
   std::cout << "updating to " << opt.model_path << " ...\n";
   auto started = std::chrono::steady_clock::now();
   auto result = client.update(req);

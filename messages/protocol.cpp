@@ -1,35 +1,11 @@
 #include "messages/protocol.hpp"
 
+#include <caf/all.hpp>
+
 namespace refit::msg {
 
-namespace {
-const caf::atom_value category = caf::atom("refit");
-}
-
-std::string to_string(refit_errc code) {
-  switch (code) {
-    case refit_errc::invalid_request: return "invalid_request";
-    case refit_errc::module_not_found: return "module_not_found";
-    case refit_errc::checkpoint_invalid: return "checkpoint_invalid";
-    case refit_errc::phase_failed: return "phase_failed";
-    case refit_errc::cancelled: return "cancelled";
-    case refit_errc::generation_failed: return "generation_failed";
-    case refit_errc::fault_injection_unavailable: return "fault_injection_unavailable";
-  }
-  return "unknown";
-}
-
-caf::error make_error(refit_errc code, std::string message) {
-  return caf::error(static_cast<uint8_t>(code), category, caf::make_message(std::move(message)));
-}
-
-std::string describe(const caf::error& err) {
-  if (err.category() == category && err.context().match_elements<std::string>()) return err.context().get_as<std::string>(0);
-  if (err.category() == category) return to_string(static_cast<refit_errc>(err.code()));
-  return caf::to_string(err);
-}
-
 void add_types(caf::actor_system_config& cfg) {
+  cfg.add_message_type<weight_source>("refit.weight_source");
   cfg.add_message_type<update_request>("refit.update_request");
   cfg.add_message_type<module_report>("refit.module_report");
   cfg.add_message_type<std::vector<module_report>>("refit.module_reports");
@@ -54,7 +30,7 @@ void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<std::vector<uint64_t>>("refit.counts");
   cfg.add_message_type<module_actor>("refit.module_actor");
   cfg.add_message_type<std::map<std::string, module_actor>>("refit.module_actors");
-  cfg.add_error_category(category, [](uint8_t code, caf::atom_value, const caf::message& ctx) {
+  cfg.add_error_category(error_category, [](uint8_t code, caf::atom_value, const caf::message& ctx) {
     std::string s = "refit_error(" + to_string(static_cast<refit_errc>(code)) + ")";
     if (ctx.match_elements<std::string>()) s += ": " + ctx.get_as<std::string>(0);
     return s;

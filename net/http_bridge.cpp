@@ -20,42 +20,6 @@ namespace fs = std::filesystem;
 using clock = std::chrono::steady_clock;
 using msg::refit_errc;
 
-// ---------------------------------------------------------------------------------------------
-// Allowed model roots
-
-fs::path model_root_policy::resolve(const fs::path& p) {
-  // weakly_canonical resolves symlinks and ".." through the deepest existing prefix and normalises
-  // the rest lexically; absolute() first so a relative path cannot stay relative.
-  std::error_code ec;
-  fs::path r = fs::weakly_canonical(fs::absolute(p, ec), ec);
-  if (ec) r = fs::absolute(p, ec).lexically_normal();  // e.g. a parent we may not read: judge the text
-  if (!r.has_filename() && r.has_parent_path() && r != r.root_path()) r = r.parent_path();  // drop a trailing '/'
-  return r;
-}
-
-model_root_policy::model_root_policy(const std::vector<fs::path>& roots) {
-  for (const auto& root : roots) {
-    std::error_code ec;
-    if (!fs::is_directory(root, ec))
-      throw std::invalid_argument("--allowed-model-root " + root.string() + " is not an existing directory");
-    roots_.push_back(resolve(root));
-  }
-}
-
-std::optional<fs::path> model_root_policy::admit(const std::string& model_path) const {
-  const fs::path resolved = resolve(model_path);
-  if (roots_.empty()) return resolved;
-  for (const auto& root : roots_) {
-    // Component-wise prefix: /data/ckpt does not contain /data/ckpt-evil.
-    auto [r, p] = std::mismatch(root.begin(), root.end(), resolved.begin(), resolved.end());
-    if (r == root.end()) return resolved;
-  }
-  return std::nullopt;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The bridge
-
 namespace {
 
 constexpr auto query_timeout = std::chrono::seconds(60);
@@ -73,10 +37,10 @@ struct identity {
 
 // Shared by every handler thread.
 struct bridge_context {
-  bridge_context(caf::actor_system& s, msg::scheduler_actor sched, http_bridge_config c)
+  bridge_context(caf::actor_system& s, msg::client_api_actor sched, http_bridge_config c)
       : sys(s), scheduler(std::move(sched)), config(std::move(c)), roots(config.allowed_model_roots) {}
   caf::actor_system& sys;
-  msg::scheduler_actor scheduler;
+  msg::client_api_actor scheduler;
   http_bridge_config config;
   model_root_policy roots;
   std::mutex identity_mutex;  // handlers run concurrently on httplib's pool
@@ -191,7 +155,7 @@ void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::R
     remember(ctx, {update.model_path, result.weight_version});
     spdlog::info("refit serve: update from {} succeeded: weight_version {}, {} module report(s), {:.3f} GB in {:.3f} s ({:.2f} GB/s), {}",
                  update.model_path, result.weight_version, result.modules.size(), bytes / 1e9, total, gigabytes_per_second(bytes, total),
-                 result.mode);
+                 msg::to_string(result.mode));
   } else {
     spdlog::warn("refit serve: update from {} failed: weight_version stays {}, {:.3f} s: {}", update.model_path, result.weight_version, total,
                  result.message);
@@ -362,7 +326,7 @@ struct bridge_state {
 
 }  // namespace
 
-http_bridge spawn_http_bridge(caf::actor_system& sys, msg::scheduler_actor scheduler, http_bridge_config config) {
+http_bridge spawn_http_bridge(caf::actor_system& sys, msg::client_api_actor scheduler, http_bridge_config config) {
   auto ctx = std::make_shared<bridge_context>(sys, scheduler, config);
   {
     auto r = ask<msg::model_info>(*ctx, query_timeout, msg::info_atom::value);
@@ -386,7 +350,7 @@ http_bridge spawn_http_bridge(caf::actor_system& sys, msg::scheduler_actor sched
   // Detached: stopping the server blocks until in-flight requests finish, which must not hold a
   // thread of CAF's shared pool (the scheduler needs it to answer them).
   auto actor = sys.spawn<caf::detached>(
-      [listener, scheduler, url](http_bridge_actor::stateful_pointer<bridge_state> self) -> http_bridge_actor::behavior_type {
+      [listener, scheduler, url](msg::http_bridge_actor::stateful_pointer<bridge_state> self) -> msg::http_bridge_actor::behavior_type {
         self->state.listener = listener;
         self->state.url = url;
         self->monitor(scheduler);

@@ -107,7 +107,7 @@ std::pair<int64_t, int64_t> parse_size(const std::string& s) {
   };
   if (x == std::string::npos) wrong("size", expected);
   const int64_t w = number(std::string_view(s).substr(0, x)), h = number(std::string_view(s).substr(x + 1));
-  // One request must not be able to exhaust the server's memory: FLUX.2 is trained up to about 4 megapixels.
+  // One request must not be able to exhaust the server's memory: today's image DiTs are trained up to about 4 megapixels.
   if (w * h > max_image_pixels)
     throw bad_request("field 'size' must be at most " + std::to_string(max_image_pixels) + " pixels per image (e.g. 2048x2048), got " + s);
   return {w, h};
@@ -129,8 +129,9 @@ msg::update_request parse_update_request(std::string_view body) {
     r.target_modules = std::move(*t);
   }
   r.weight_version = opt_string(o, "weight_version").value_or("");
-  r.mode = opt_string(o, "mode").value_or("auto");
-  if (r.mode != "auto" && r.mode != "staged" && r.mode != "in_place") wrong("mode", "one of \"auto\", \"staged\", \"in_place\"");
+  const auto mode = msg::parse_update_mode(opt_string(o, "mode").value_or("auto"));
+  if (!mode) wrong("mode", "one of \"auto\", \"staged\", \"in_place\"");
+  r.mode = *mode;
   return r;
 }
 
@@ -173,7 +174,7 @@ std::string update_result_json(const msg::update_result& r) {
   json modules = json::array();
   for (const auto& m : r.modules)
     modules.push_back({{"name", m.module}, {"worker", m.worker}, {"tensors", m.tensors}, {"bytes", m.bytes},
-                       {"seconds", m.seconds}, {"path", m.path}, {"source_dir", m.source_dir}});
+                       {"seconds", m.seconds}, {"path", msg::to_string(m.path)}, {"source_dir", m.source}});
   json timings = json::object();
   for (const auto& [phase, s] : r.timings) timings[phase] = s;
   const json out{{"success", true},
@@ -181,7 +182,7 @@ std::string update_result_json(const msg::update_result& r) {
                  {"weight_version", r.weight_version},
                  {"modules", std::move(modules)},
                  {"timings", std::move(timings)},
-                 {"mode", r.mode},
+                 {"mode", msg::to_string(r.mode)},
                  {"mode_reason", r.mode_reason},
                  {"cache_flushed", r.cache_flushed},
                  {"aborted_requests", r.aborted_requests}};
@@ -205,7 +206,7 @@ std::string model_info_json(const msg::model_info& info) {
   for (const auto* mp : sorted) {
     const auto& m = *mp;
     json entry{{"name", m.name}, {"class", m.class_name}, {"dtype", m.dtype}, {"device", m.device}, {"worker", m.worker},
-               {"tensors", m.tensors}, {"bytes", m.bytes}, {"source_dir", m.source_dir}};
+               {"tensors", m.tensors}, {"bytes", m.bytes}, {"source_dir", m.source}};
     if (!m.problem.empty()) entry["problem"] = m.problem;  // the weights it holds are not known: update it
     modules.push_back(std::move(entry));
   }

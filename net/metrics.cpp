@@ -78,7 +78,7 @@ std::string prometheus_text(const msg::scheduler_stats& s, const std::string& mo
   header(out, "refit_teacache_requests_total", "counter", "Generations that used TeaCache, per worker.");
   for (size_t w = 0; w < s.teacache.size(); ++w)
     line(fmt::format("refit_teacache_requests_total{{worker=\"{}\"}}", w), std::to_string(s.teacache[w].requests));
-  header(out, "refit_teacache_steps_total", "counter", "TeaCache transformer calls per worker: computed, or skipped (residual reused).");
+  header(out, "refit_teacache_steps_total", "counter", "TeaCache DiT calls per worker: computed, or skipped (residual reused).");
   for (size_t w = 0; w < s.teacache.size(); ++w) {
     line(fmt::format("refit_teacache_steps_total{{worker=\"{}\",result=\"computed\"}}", w), std::to_string(s.teacache[w].steps_computed));
     line(fmt::format("refit_teacache_steps_total{{worker=\"{}\",result=\"skipped\"}}", w), std::to_string(s.teacache[w].steps_skipped));
@@ -91,13 +91,13 @@ std::string prometheus_text(const msg::scheduler_stats& s, const std::string& mo
     auto each = [&](const char* name, auto value) {
       for (const auto& o : s.offload) line(fmt::format("{}{{worker=\"{}\"}}", name, o.worker), std::to_string(value(o)));
     };
-    header(out, "refit_offload_host_bytes", "gauge", "Layerwise offload: bytes of transformer blocks in host memory (live store).");
+    header(out, "refit_offload_host_bytes", "gauge", "Layerwise offload: bytes of offloaded blocks in host memory (live store).");
     each("refit_offload_host_bytes", [](const msg::offload_info& o) { return o.host_bytes; });
     header(out, "refit_offload_spare_host_bytes", "gauge", "Layerwise offload: bytes of the second host store that staged updates write.");
     each("refit_offload_spare_host_bytes", [](const msg::offload_info& o) { return o.spare_host_bytes; });
     header(out, "refit_offload_device_bytes", "gauge", "Layerwise offload: bytes of the device slots blocks are prefetched into.");
     each("refit_offload_device_bytes", [](const msg::offload_info& o) { return o.device_bytes; });
-    header(out, "refit_offload_resident_blocks", "gauge", "Layerwise offload: transformer blocks in a device slot now.");
+    header(out, "refit_offload_resident_blocks", "gauge", "Layerwise offload: offloaded blocks in a device slot now.");
     each("refit_offload_resident_blocks", [](const msg::offload_info& o) { return o.resident_blocks.size(); });
     header(out, "refit_offload_prefetches_total", "counter", "Layerwise offload: block copies to the device for compute.");
     each("refit_offload_prefetches_total", [](const msg::offload_info& o) { return o.prefetches; });

@@ -1,5 +1,6 @@
-// The scheduler over CAF's middleman (BASP/TCP): the server publishes it on an actor port, and a
-// C++ client or a remote worker talks to it with the same typed messages as in-process code.
+// The client API over CAF's middleman (BASP/TCP): the server publishes its client gateway
+// (actors/client_gateway.hpp, which forwards only messages/client_api.hpp) on an actor port, and a C++
+// client talks to it with the same typed messages as in-process code.
 #pragma once
 
 #include <caf/all.hpp>
@@ -18,12 +19,12 @@ struct remote_system_config : caf::actor_system_config {
 };
 
 // Publishes on host:port (0: ephemeral) and returns the bound port; throws std::runtime_error.
-uint16_t publish_scheduler(const msg::scheduler_actor& scheduler, const std::string& host, uint16_t port);
+uint16_t publish_client_api(const msg::client_api_actor& gateway, const std::string& host, uint16_t port);
 
 // Closes the actor port, so remote clients see the server go before the engine stops.
-void unpublish_scheduler(const msg::scheduler_actor& scheduler, uint16_t port);
+void unpublish_client_api(const msg::client_api_actor& gateway, uint16_t port);
 
-// Connects to a published scheduler; throws std::runtime_error with CAF's reason.
-msg::scheduler_actor connect_scheduler(caf::actor_system& sys, const std::string& host, uint16_t port);
+// Connects to a published client API; throws std::runtime_error with CAF's reason.
+msg::client_api_actor connect_client_api(caf::actor_system& sys, const std::string& host, uint16_t port);
 
 }  // namespace refit::net

@@ -54,8 +54,8 @@ flux2_klein_pipeline::flux2_klein_pipeline(const fs::path& model_dir, const mode
   transformer_ = std::make_unique<models::flux2_transformer>(dit_config);
   vae_ = std::make_unique<models::vae_flux2>(models::vae_flux2_config::from_file(model_dir_ / "vae" / "config.json"));
   const fs::path teacache_json = model_dir_ / "transformer" / "teacache.json";
-  teacache_ = std::make_unique<models::teacache_config>(fs::exists(teacache_json) ? models::teacache_config::from_file(teacache_json)
-                                                                                   : models::teacache_config{});
+  teacache_ = std::make_unique<sampling::teacache_config>(fs::exists(teacache_json) ? sampling::teacache_config::from_file(teacache_json)
+                                                                                     : sampling::teacache_config{});
 
   // The DiT consumes n hidden-state taps of the text encoder concatenated per token; Klein takes them
   // evenly spaced (layers 9, 18, 27 of Qwen3-4B's 36), so n and the spacing follow from the configs.
@@ -88,14 +88,18 @@ models::tensor_registry& flux2_klein_pipeline::registry(const std::string& modul
   throw std::invalid_argument("module '" + module + "' not found in pipeline");
 }
 
+models::layer_offload* flux2_klein_pipeline::offload(const std::string& module) {
+  registry(module);  // an unknown module is an error, not "no offload"
+  return module == "transformer" ? offload_.get() : nullptr;
+}
+
 void flux2_klein_pipeline::load_weights(const std::optional<fs::path>& from, weights::device_loader* loader) {
   const weights::model_layout layout = from ? weights::read_model_layout(*from) : layout_;
   if (offload_) offload_->quiesce();  // a reload rewrites the host store: no copy may be reading it
   for (const auto& name : module_names()) {
     const weights::component_info* c = layout.find(name);
     if (!c || !c->weight_bearing) throw std::runtime_error(layout.root.string() + ": no weights for module '" + name + "'");
-    models::load_into(registry(name), weights::open_module_weights(*c), where_, loader,
-                      name == "transformer" ? offload_.get() : nullptr);
+    models::load_into(registry(name), weights::open_module_weights(*c), where_, loader, offload(name));
   }
   if (offload_) offload_->refresh_resident();  // blocks already on the device take the loaded values
 }
@@ -132,7 +136,7 @@ at::Tensor flux2_klein_pipeline::sample(const at::Tensor& noise, const at::Tenso
   const bool guided = negative.has_value() && guidance_scale > 1.0 && !is_distilled_;
   if (teacache.threshold && *teacache.threshold < 0) throw std::invalid_argument("the TeaCache threshold must be >= 0");
   // One state per branch: the two branches' inputs differ, so neither may reuse the other's residual.
-  std::vector<models::teacache_state> caches;
+  std::vector<sampling::teacache_state> caches;
   if (teacache.enabled) {
     caches.resize(guided ? 2 : 1);
     for (auto& c : caches) {
@@ -155,7 +159,7 @@ at::Tensor flux2_klein_pipeline::sample(const at::Tensor& noise, const at::Tenso
     latents = sampling::euler_step(velocity, latents, schedule.sigmas[i], schedule.sigmas[i + 1]);
   }
   if (stats) {
-    stats->transformer_calls += steps * (guided ? 2 : 1);
+    stats->dit_calls += steps * (guided ? 2 : 1);
     for (const auto& c : caches) {
       stats->teacache.push_back({c.rel_l1, c.skipped});
       stats->blocks_skipped += c.skipped_steps();

@@ -15,17 +15,21 @@
 #include <vector>
 
 #include "pipeline/models/model_loader.hpp"
-#include "pipeline/weights/diffusers_layout.hpp"
+#include "pipeline/pipeline.hpp"
 #include "pipeline/sampling/flow_match.hpp"
+#include "pipeline/weights/diffusers_layout.hpp"
 
 namespace refit::models {
 class flux2_transformer;
 class layer_offload;
-struct teacache_config;
 class qwen3_text_encoder;
 class vae_flux2;
 class bpe_tokenizer;
 }  // namespace refit::models
+
+namespace refit::sampling {
+struct teacache_config;
+}
 
 namespace refit::weights {
 class device_loader;
@@ -33,73 +37,30 @@ class device_loader;
 
 namespace refit::pipeline {
 
-// Layerwise offload of the DiT's blocks (see models::layer_offload).
-struct offload_settings {
-  bool enabled = false;      // refit serve --dit-layerwise-offload
-  double prefetch_size = 1;  // blocks copied ahead (>= 1), or a fraction (0, 1) of the blocks
-};
-
-// TeaCache for one request; the state lives with the request, one per CFG branch.
-struct teacache_settings {
-  bool enabled = false;
-  std::optional<double> threshold;  // else the pipeline's teacache_config().threshold
-};
-
-// What TeaCache did in one CFG branch of a request, step by step.
-struct teacache_trace {
-  std::vector<double> rel_l1;  // relative L1 change of block 0's modulated input (NaN on step 0)
-  std::vector<bool> skipped;   // blocks skipped, residual reused
-};
-
-struct generation_stats {
-  std::vector<teacache_trace> teacache;  // with TeaCache: conditional branch, then unconditional under CFG
-  int64_t transformer_calls = 0;         // one per step and branch
-  int64_t blocks_skipped = 0;            // calls that reused a residual instead of running the blocks
-};
-
-struct generation_params {
-  std::vector<std::string> prompts;
-  std::string negative_prompt;       // used when guidance applies (undistilled checkpoints)
-  int64_t width = 0, height = 0;     // 0: the model's default size
-  int64_t steps = 0;                 // 0: 4 for distilled checkpoints, 50 otherwise
-  double guidance_scale = 4.0;
-  uint64_t seed = 0;
-  int64_t images_per_prompt = 1;
-  // Checked between sampling steps: when it reads true, generation stops with generation_cancelled.
-  const std::atomic<bool>* cancel = nullptr;
-  teacache_settings teacache;
-};
-
-struct generation_cancelled : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-struct rgb_image {
-  int64_t width = 0, height = 0;
-  std::vector<uint8_t> pixels;  // row-major RGB, 8 bits per channel
-};
-
-class flux2_klein_pipeline {
+class flux2_klein_pipeline final : public diffusion_pipeline {
  public:
+  static constexpr std::string_view pipeline_class = "Flux2KleinPipeline";
+
   // Reads model_index.json and every component's config and builds the modules, without weights.
   // With offload enabled, the transformer's blocks are held in host memory (models::layer_offload).
   flux2_klein_pipeline(const std::filesystem::path& model_dir, const models::placement& where, const offload_settings& offload = {});
-  ~flux2_klein_pipeline();
+  ~flux2_klein_pipeline() override;
 
-  // Strictly loads every weight-bearing module from the model folder (or the given one); on CUDA,
-  // through `loader` when one is given.
-  void load_weights(const std::optional<std::filesystem::path>& from = std::nullopt, weights::device_loader* loader = nullptr);
+  // diffusion_pipeline
+  std::string_view class_name() const override { return pipeline_class; }
+  // text_encoder, transformer, vae.
+  std::vector<std::string> module_names() const override;
+  models::tensor_registry& registry(const std::string& module) override;
+  // The transformer's when --dit-layerwise-offload is on.
+  models::layer_offload* offload(const std::string& module) override;
+  const models::placement& placement() const override { return where_; }
+  const weights::model_layout& layout() const override { return layout_; }
+  void load_weights(const std::optional<std::filesystem::path>& from = std::nullopt, weights::device_loader* loader = nullptr) override;
+  int64_t default_steps() const override { return is_distilled_ ? 4 : 50; }
+  std::vector<rgb_image> generate(const generation_params& params, generation_stats* stats = nullptr) const override;
 
-  // Weight-bearing modules by component name: text_encoder, transformer, vae.
-  std::vector<std::string> module_names() const;
-  models::tensor_registry& registry(const std::string& module);
   const std::filesystem::path& model_dir() const { return model_dir_; }
-  // The checkpoint's components as read at construction (classes, folders, weight files).
-  const weights::model_layout& layout() const { return layout_; }
-  const models::placement& placement() const { return where_; }
-
   bool is_distilled() const { return is_distilled_; }
-  int64_t default_steps() const { return is_distilled_ ? 4 : 50; }
   int64_t vae_scale_factor() const;
   int64_t default_size() const;                   // 128 * vae_scale_factor, like diffusers
   const std::vector<int>& text_taps() const { return taps_; }
@@ -112,11 +73,10 @@ class flux2_klein_pipeline {
   at::Tensor sample(const at::Tensor& noise, const at::Tensor& prompt_embeds, const std::optional<at::Tensor>& negative_embeds,
                     int64_t steps, double guidance_scale, const std::atomic<bool>* cancel = nullptr,
                     const teacache_settings& teacache = {}, generation_stats* stats = nullptr) const;
-  std::vector<rgb_image> generate(const generation_params& params, generation_stats* stats = nullptr) const;
 
   // TeaCache coefficients and default threshold: transformer/teacache.json when the model has one
   // ({"coefficients": [...], "threshold": x}, fitted to this DiT), else FLUX.1-dev's (see teacache_config).
-  const models::teacache_config& teacache_config() const { return *teacache_; }
+  const sampling::teacache_config& teacache_config() const { return *teacache_; }
 
   models::flux2_transformer& transformer() { return *transformer_; }
   // The transformer's layerwise offload; nullptr when it is off.
@@ -135,7 +95,7 @@ class flux2_klein_pipeline {
   std::unique_ptr<models::qwen3_text_encoder> text_encoder_;
   std::unique_ptr<models::flux2_transformer> transformer_;
   std::unique_ptr<models::vae_flux2> vae_;
-  std::unique_ptr<models::teacache_config> teacache_;
+  std::unique_ptr<sampling::teacache_config> teacache_;
   std::unique_ptr<models::layer_offload> offload_;  // declared after transformer_: it points into it
 };
 

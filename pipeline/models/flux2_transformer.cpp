@@ -46,29 +46,6 @@ flux2_config flux2_config::from_file(const std::filesystem::path& path) {
   return c;
 }
 
-teacache_config teacache_config::from_file(const std::filesystem::path& path) {
-  const json j = read_config_json(path);
-  teacache_config c;
-  if (auto it = j.find("coefficients"); it != j.end()) {
-    if (!it->is_array() || it->empty() || !std::all_of(it->begin(), it->end(), [](const json& v) { return v.is_number(); }))
-      throw std::runtime_error(path.string() + ": 'coefficients' must be a non-empty array of numbers (poly1d order, highest power first)");
-    c.coefficients = it->get<std::vector<double>>();
-  }
-  if (auto it = j.find("threshold"); it != j.end()) {
-    if (!it->is_number() || it->get<double>() < 0) throw std::runtime_error(path.string() + ": 'threshold' must be a number >= 0");
-    c.threshold = it->get<double>();
-  }
-  return c;
-}
-
-double teacache_config::rescale(double x) const {
-  double y = 0;
-  for (double c : coefficients) y = y * x + c;  // Horner, as numpy.poly1d evaluates
-  return y;
-}
-
-int64_t teacache_state::skipped_steps() const { return std::count(skipped.begin(), skipped.end(), true); }
-
 flux2_transformer::flux2_transformer(const flux2_config& c) : config_(c) {
   const int64_t D = c.inner_dim(), M = c.mlp_hidden_dim(), hd = c.attention_head_dim;
   registry_scope root(registry_);
@@ -242,7 +219,7 @@ void flux2_transformer::run_single(const single_block& b, at::Tensor& h, const s
 
 at::Tensor flux2_transformer::forward(const at::Tensor& hidden_states, const at::Tensor& encoder_hidden_states,
                                       const at::Tensor& timestep, const at::Tensor& img_ids, const at::Tensor& txt_ids,
-                                      const std::optional<at::Tensor>& guidance, teacache_state* cache) const {
+                                      const std::optional<at::Tensor>& guidance, sampling::teacache_state* cache) const {
   const auto dt = hidden_states.scalar_type();
   at::Tensor temb = time_embedding(timestep.to(dt) * 1000, time_linear_1, time_linear_2);
   if (guidance && config_.guidance_embeds)
@@ -261,28 +238,9 @@ at::Tensor flux2_transformer::forward(const at::Tensor& hidden_states, const at:
   const std::pair<at::Tensor, at::Tensor> tables{at::cat({txt_rope.first, img_rope.first}, 0),
                                                  at::cat({txt_rope.second, img_rope.second}, 0)};
 
-  bool skip = false;
-  if (cache) {
-    // TeaCache4FLUX's rule on block 0's modulated image input (the first thing the blocks see that
-    // depends on the timestep).
-    auto& s = *cache;
-    const at::Tensor modulated = modulate(layer_norm_no_affine(x, config_.eps), m_img[0], m_img[1]);
-    double rel = std::numeric_limits<double>::quiet_NaN();
-    if (s.previous_modulated_input.defined())
-      rel = ((modulated - s.previous_modulated_input).abs().mean() / s.previous_modulated_input.abs().mean()).item<double>();
-    const bool boundary = s.step == 0 || s.step == s.num_steps - 1 || !s.previous_residual.defined();
-    if (boundary) {
-      s.accumulated = 0;
-    } else {
-      s.accumulated += s.config.rescale(rel);
-      if (s.accumulated < s.config.threshold) skip = true;
-      else s.accumulated = 0;
-    }
-    s.previous_modulated_input = modulated;
-    s.rel_l1.push_back(rel);
-    s.skipped.push_back(skip);
-    s.step = (s.step + 1) % std::max<int64_t>(s.num_steps, 1);
-  }
+  // TeaCache4FLUX's rule on block 0's modulated image input (the first thing the blocks see that
+  // depends on the timestep).
+  const bool skip = cache && cache->skip_step(modulate(layer_norm_no_affine(x, config_.eps), m_img[0], m_img[1]));
 
   at::Tensor h;
   if (skip) {

@@ -11,6 +11,7 @@
 
 #include "pipeline/models/layers.hpp"
 #include "pipeline/models/tensor_registry.hpp"
+#include "pipeline/sampling/teacache.hpp"
 
 namespace refit::models {
 
@@ -36,36 +37,6 @@ struct flux2_config {
   int64_t mlp_hidden_dim() const { return static_cast<int64_t>(static_cast<double>(inner_dim()) * mlp_ratio); }
 };
 
-// TeaCache (Liu et al., arXiv 2411.19108; TeaCache4FLUX): skip the transformer blocks on steps whose
-// block-0 modulated image input moved little since the last step, and reuse the last computed
-// residual (blocks' output minus their input) instead.
-struct teacache_config {
-  // poly1d coefficients, highest power first, mapping the input's relative L1 change to the output's.
-  // These are FLUX.1-dev's from the TeaCache reference code (ali-vilab/TeaCache): nobody has published
-  // FLUX.2/Klein ones, so they stand in until a calibration is configured in teacache.json.
-  std::vector<double> coefficients{4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01};
-  double threshold = 0.25;  // the reference's 1.5x setting for FLUX.1
-
-  // {"coefficients": [...], "threshold": x}; either key may be left out (the defaults above apply).
-  static teacache_config from_file(const std::filesystem::path& teacache_json);
-  double rescale(double rel_l1) const;
-};
-
-// One CFG branch of one request: lives only as long as the request, so it never outlives the weights
-// it was computed with.
-struct teacache_state {
-  teacache_config config;
-  int64_t num_steps = 0;                // the first and last step always compute
-  int64_t step = 0;
-  double accumulated = 0;               // rescaled rel-L1 summed since the last computed step
-  at::Tensor previous_modulated_input;  // block 0's modulated image input at the previous step
-  at::Tensor previous_residual;         // image tokens: blocks' output - x_embedder output
-  // Per step, for reports and tests: rel-L1 of the modulated input (NaN on step 0) and the decision.
-  std::vector<double> rel_l1;
-  std::vector<bool> skipped;
-  int64_t skipped_steps() const;
-};
-
 class layer_offload;
 
 class flux2_transformer {
@@ -84,7 +55,7 @@ class flux2_transformer {
   // branch: the blocks may be skipped; without it the computation is exactly the uncached one.
   at::Tensor forward(const at::Tensor& hidden_states, const at::Tensor& encoder_hidden_states, const at::Tensor& timestep,
                      const at::Tensor& img_ids, const at::Tensor& txt_ids,
-                     const std::optional<at::Tensor>& guidance = std::nullopt, teacache_state* cache = nullptr) const;
+                     const std::optional<at::Tensor>& guidance = std::nullopt, sampling::teacache_state* cache = nullptr) const;
 
   // The blocks in execution order as registry prefixes (double-stream, then single-stream): the
   // units of layerwise offload.

@@ -52,55 +52,47 @@ void validate_against(const tensor_registry& registry, const weights::module_wei
                                                           w.shards[loc.shard].path().filename().string() + ") is not part of the model");
 }
 
+std::vector<at::Tensor> held_tensors(const tensor_registry& registry, const layer_offload* offload) {
+  const auto& slots = registry.slots();
+  std::vector<at::Tensor> out;
+  out.reserve(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) out.push_back(offload && offload->offloaded(i) ? offload->host_tensor(i) : *slots[i].tensor);
+  return out;
+}
+
+c10::ScalarType held_dtype(const tensor_slot& slot, const placement& where) { return slot.fixed_dtype.value_or(where.float_dtype); }
+
+void read_checkpoint(const weights::module_weights& w, const weights::named_tensors& dst, const placement& where,
+                     weights::device_loader* loader) {
+  const weights::host_load_options opts = load_options(where);
+  weights::named_tensors host, device;
+  for (const auto& entry : dst) (entry.second.device().is_cpu() ? host : device).push_back(entry);
+  if (!host.empty()) weights::read_into(w, host, opts);
+  if (device.empty()) return;
+  if (loader) {
+    loader->read_into(w, device, opts);
+    return;
+  }
+  // No fast path (a CUDA device without a loader): read into host memory, then copy.
+  weights::named_tensors staging;
+  for (const auto& [name, t] : device) staging.emplace_back(name, at::empty(t.sizes(), t.options().device(at::kCPU)));
+  weights::read_into(w, staging, opts);
+  for (size_t i = 0; i < device.size(); ++i) device[i].second.copy_(staging[i].second);
+}
+
 void load_into(tensor_registry& registry, const weights::module_weights& w, const placement& where,
                weights::device_loader* loader, layer_offload* offload) {
   validate_against(registry, w);
-  weights::host_load_options opts;
-  // The loader converts convertible floats; fixed-dtype slots are integer or bool and keep theirs.
-  switch (where.float_dtype) {
-    case at::kFloat: opts.float_dtype = weights::dtype::F32; break;
-    case at::kBFloat16: opts.float_dtype = weights::dtype::BF16; break;
-    case at::kHalf: opts.float_dtype = weights::dtype::F16; break;
-    default: throw std::invalid_argument("unsupported model dtype " + std::string(c10::toString(where.float_dtype)));
+  const auto& slots = registry.slots();
+  weights::named_tensors dst;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const bool hosted = offload && offload->offloaded(i);
+    dst.emplace_back(slots[i].name, hosted ? offload->host_tensor(i)
+                                           : at::empty(slots[i].shape, at::TensorOptions().dtype(held_dtype(slots[i], where)).device(where.device)));
   }
-  auto held_type = [&](const tensor_slot& slot) {
-    const auto stored = w.tensors.at(slot.name).entry->type;
-    return slot.fixed_dtype.value_or(weights::is_convertible_float(stored) ? where.float_dtype : weights::to_scalar_type(stored));
-  };
-  if (offload) {
-    // Offloaded slots go straight into the host store; the others are read into host tensors and
-    // moved (or, on a GPU with the fast path, read straight into device tensors).
-    const auto& slots = registry.slots();
-    weights::named_tensors host_dst, device_dst, resident;
-    for (size_t i = 0; i < slots.size(); ++i) {
-      if (offload->offloaded(i)) {
-        host_dst.emplace_back(slots[i].name, offload->host_tensor(i));
-      } else {
-        const bool direct = loader && where.device.is_cuda();
-        at::Tensor t = at::empty(slots[i].shape, at::TensorOptions().dtype(held_type(slots[i])).device(direct ? where.device : at::kCPU));
-        (direct ? device_dst : resident).emplace_back(slots[i].name, t);
-      }
-    }
-    weights::read_into(w, host_dst, opts);
-    weights::read_into(w, resident, opts);
-    if (!device_dst.empty()) loader->read_into(w, device_dst, opts);
-    for (auto* list : {&resident, &device_dst})
-      for (auto& [name, t] : *list) *registry.find(name)->tensor = t.to(where.device);  // no copy when already there
-    return;
-  }
-  if (loader && where.device.is_cuda()) {
-    weights::named_tensors dst;
-    for (const auto& slot : registry.slots()) {
-      *slot.tensor = at::empty(slot.shape, at::TensorOptions().dtype(held_type(slot)).device(where.device));
-      dst.emplace_back(slot.name, *slot.tensor);
-    }
-    loader->read_into(w, dst, opts);
-    return;
-  }
-  for (auto& [name, host] : weights::load_to_host(w, opts)) {
-    const tensor_slot* slot = registry.find(name);
-    *slot->tensor = where.device.is_cpu() ? host : host.to(where.device);
-  }
+  read_checkpoint(w, dst, where, loader);
+  for (size_t i = 0; i < slots.size(); ++i)
+    if (!(offload && offload->offloaded(i))) *slots[i].tensor = dst[i].second;
 }
 
 at::Tensor random_value(const tensor_slot& slot, uint64_t seed, c10::ScalarType float_dtype, double std) {

@@ -6,8 +6,10 @@
 
 #include <cstdint>
 
+#include "pipeline/models/placement.hpp"
 #include "pipeline/models/tensor_registry.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
+#include "pipeline/weights/host_loader.hpp"
 
 namespace refit::weights {
 class device_loader;
@@ -17,18 +19,27 @@ namespace refit::models {
 
 class layer_offload;
 
-struct placement {
-  c10::ScalarType float_dtype = at::kFloat;  // floating parameters and buffers are held in this dtype
-  at::Device device = at::kCPU;
-};
-
 // Checks, from headers alone, that `weights` provides exactly the registry's tensors with the
 // expected shapes and convertible dtypes. Throws weight_error naming the module and tensor.
 void validate_against(const tensor_registry& registry, const weights::module_weights& weights);
 
+// The tensors that hold a module's values, one per registry slot: the host store's for slots `offload`
+// holds (what an update writes and a checksum covers), the model's members for the rest.
+std::vector<at::Tensor> held_tensors(const tensor_registry& registry, const layer_offload* offload);
+
+// The dtype a slot is held in: its fixed dtype, else the placement's floating dtype.
+c10::ScalarType held_dtype(const tensor_slot& slot, const placement& where);
+
+// Reads the named tensors of `weights` into existing contiguous tensors of their held shape and dtype
+// (floats converted to the placement's dtype). The one place that picks a reader: host tensors through
+// the host loader, device tensors through `loader` (the GPU fast path) when given, else through host
+// memory. Every destination is written before it returns.
+void read_checkpoint(const weights::module_weights& weights, const weights::named_tensors& destinations, const placement& where,
+                     weights::device_loader* loader = nullptr);
+
 // Validates, reads and places every tensor: after it returns, every slot holds its checkpoint tensor.
-// On a CUDA device, `loader` (the GPU fast path) reads straight into freshly allocated device tensors.
-// With `offload`, the slots it holds are read into its host store instead and stay off the device.
+// Tensors are allocated where they are held (on the device, or in `offload`'s host store for the slots it
+// holds) and filled by read_checkpoint.
 void load_into(tensor_registry& registry, const weights::module_weights& weights, const placement& where,
                weights::device_loader* loader = nullptr, layer_offload* offload = nullptr);
 

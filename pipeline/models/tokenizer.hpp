@@ -46,7 +46,11 @@ class bpe_tokenizer {
   std::optional<std::string_view> id_to_token(int32_t id) const;
   // Number of distinct tokens, added tokens included (`get_vocab_size(with_added_tokens=True)`).
   std::size_t vocab_size() const;
-  int32_t pad_token_id() const;
+  int32_t pad_token_id() const;  // -1 when the vocabulary has no pad token
+  // tokenizer_config.json's padding_side and truncation_side are "left".
+  bool pads_left() const;
+  bool truncates_left() const;
+  const std::filesystem::path& file() const;  // the tokenizer.json read
 
   // The Qwen3 chat template rendering of one user turn with add_generation_prompt=True and
   // enable_thinking=False, as Flux2KleinPipeline builds it for every prompt.

@@ -128,9 +128,9 @@ def test_generate_with_teacache_reports_skips_and_is_identical_at_threshold_zero
     plain, _ = generate(tmp_path / "plain.png")
     zero, log = generate(tmp_path / "zero.png", "--teacache-threshold", "0")
     assert zero == plain
-    assert "TeaCache skipped the DiT blocks in 0 of 12 transformer calls" in log
+    assert "TeaCache skipped the DiT blocks in 0 of 12 DiT calls" in log
     _, log = generate(tmp_path / "big.png", "--teacache-threshold", "1000")
-    assert "TeaCache skipped the DiT blocks in 10 of 12 transformer calls" in log  # all but the first and last
+    assert "TeaCache skipped the DiT blocks in 10 of 12 DiT calls" in log  # all but the first and last
 
 
 def test_generate_errors_are_clear(tmp_path, tiny):

@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   if (!args.empty() && args[0].starts_with("--dtype=")) {
     const std::string d = args[0].substr(8);
     usage_ok = d == "bf16" || d == "fp32";
-    where.float_dtype = d == "bf16" ? at::kBFloat16 : at::kFloat;
+    where.float_dtype = refit::models::parse_float_dtype(d);
     args.erase(args.begin());
   }
   if (!usage_ok || args.size() < 4) {

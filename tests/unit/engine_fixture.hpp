@@ -9,7 +9,7 @@
 #include <map>
 #include <string>
 
-#include "actors/scheduler.hpp"
+#include "actors/engine.hpp"
 #include "messages/protocol.hpp"
 #include "pipeline/make_model.hpp"
 #include "pipeline/weights/checksum.hpp"
@@ -73,13 +73,23 @@ inline msg::module_info module_info_of(caf::scoped_actor& self, const msg::modul
   return out;
 }
 
+// The update mode a test names: auto, staged, in_place.
+inline msg::update_mode mode_of(std::string_view name) {
+  const auto m = msg::parse_update_mode(name);
+  if (!m) throw std::invalid_argument("no update mode '" + std::string(name) + "'");
+  return *m;
+}
+
+// A module's folder of a checkpoint, as a weight source for a module actor.
+inline msg::weight_source checkpoint(const std::filesystem::path& module_dir) { return {msg::source_kind::checkpoint, module_dir.string()}; }
+
 // An update request to `path` (targets: empty for every module).
 inline msg::update_request update_to(const std::filesystem::path& path, std::vector<std::string> targets = {},
-                                     std::string mode = "auto") {
+                                     std::string_view mode = "auto") {
   msg::update_request r;
   r.model_path = path.string();
   r.target_modules = std::move(targets);
-  r.mode = std::move(mode);
+  r.mode = mode_of(mode);
   return r;
 }
 

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <thread>
 
+#include "actors/client_gateway.hpp"
 #include "tests/unit/engine_fixture.hpp"
 
 using namespace refit;
@@ -63,7 +64,7 @@ BOOST_AUTO_TEST_CASE(update_to_a_second_checkpoint_matches_its_disk_checksum_and
   auto r = e.client.update(req);
   BOOST_TEST(r.success, r.message);
   BOOST_TEST(r.weight_version == "step-100");
-  BOOST_TEST(r.mode == "staged");
+  BOOST_TEST(r.mode == msg::write_path::staged);
   BOOST_TEST(r.cache_flushed);
   for (const char* phase : {"plan", "validate", "stage", "pause", "commit", "finish", "total"}) BOOST_TEST(r.timings.count(phase) == 1u, phase);
   BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().b));
@@ -74,7 +75,7 @@ BOOST_AUTO_TEST_CASE(update_to_a_second_checkpoint_matches_its_disk_checksum_and
   auto info = e.client.info();
   BOOST_TEST(info.model_path == ckpts().b.string());
   for (const auto& m : info.modules) {
-    BOOST_TEST(m.source_dir == (ckpts().b / m.name).string());
+    BOOST_TEST(m.source == (ckpts().b / m.name).string());
     BOOST_TEST(m.undo_bytes == 0u);
     BOOST_TEST(m.shadow_bytes == 0u);
   }
@@ -94,10 +95,10 @@ BOOST_AUTO_TEST_CASE(target_modules_subset_changes_only_those_modules) {
 BOOST_AUTO_TEST_CASE(in_place_mode_gives_the_same_weights_and_says_so) {
   engine e(ckpts().a);
   msg::update_request req = update_to(ckpts().b);
-  req.mode = "in_place";
+  req.mode = msg::update_mode::in_place;
   auto r = e.client.update(req);
   BOOST_TEST(r.success, r.message);
-  BOOST_TEST(r.mode == "in_place");
+  BOOST_TEST(r.mode == msg::write_path::in_place);
   BOOST_TEST(r.mode_reason.find("requested") != std::string::npos);
   BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().b));
 }
@@ -115,7 +116,7 @@ BOOST_AUTO_TEST_CASE(bad_requests_fail_and_change_nothing) {
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("not found in pipeline") != std::string::npos, r.message);
   msg::update_request bad_mode = update_to(ckpts().b);
-  bad_mode.mode = "sideways";
+  bad_mode.mode = static_cast<msg::update_mode>(7);  // what a peer could put on the wire
   r = e.client.update(bad_mode);
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("mode must be auto, staged or in_place") != std::string::npos, r.message);
@@ -192,7 +193,7 @@ BOOST_AUTO_TEST_CASE(generation_continues_while_20_updates_alternate_and_every_i
     const bool to_b = i % 2 == 0;
     msg::update_request req = update_to(to_b ? ckpts().b : ckpts().a);
     req.weight_version = to_b ? "B" : "A";
-    req.mode = "staged";
+    req.mode = msg::update_mode::staged;
     auto r = e.client.update(req);
     BOOST_TEST(r.success, r.message);
     pauses.push_back(r.timings["pause"]);
@@ -238,13 +239,13 @@ BOOST_AUTO_TEST_CASE(in_place_commit_without_room_for_a_snapshot_rolls_back_by_r
   BOOST_REQUIRE(e.client.fault("transformer", 0, {"snapshot", "nomem"}));
   BOOST_REQUIRE(e.client.fault("vae", 0, {"commit", "error"}));
   msg::update_request req = update_to(ckpts().b, {"transformer", "vae"});
-  req.mode = "in_place";
+  req.mode = msg::update_mode::in_place;
   auto r = e.client.update(req);
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("module 'vae' (worker 0) in phase 'commit'") != std::string::npos, r.message);
   BOOST_TEST(r.message.find("No weights were changed") != std::string::npos, r.message);
   bool reread = false;
-  for (const auto& m : r.modules) reread |= m.module == "transformer" && m.path == "reread";
+  for (const auto& m : r.modules) reread |= m.module == "transformer" && m.path == msg::write_path::reread;
   BOOST_TEST(reread, "the transformer's rollback re-read its previous checkpoint");
   BOOST_TEST(e.client.checksums() == before);
 }
@@ -274,4 +275,30 @@ BOOST_AUTO_TEST_CASE(enable_teacache_requests_generate_and_report_their_teacache
   // 8-bit images may still round alike: test_teacache compares the float outputs).
   if (cached.teacache_skipped == 0u) BOOST_TEST((cached.png_images.at(0) == plain.png_images.at(0)));
   BOOST_TEST_MESSAGE("TeaCache (FLUX.1 coefficients, threshold 0.25) on 6 steps: skipped " << cached.teacache_skipped);
+}
+
+// The actor port publishes only the client gateway: it forwards the client API to the scheduler and
+// refuses the internal control messages (pause, fault injection) that the scheduler itself accepts.
+BOOST_AUTO_TEST_CASE(the_client_gateway_forwards_the_client_api_and_refuses_control_messages) {
+  engine e(ckpts().a);
+  auto gateway = actors::spawn_client_gateway(e.sys, e.client.scheduler());
+  caf::scoped_actor self{e.sys};
+  msg::model_info info;
+  self->request(gateway, std::chrono::seconds(30), msg::info_atom::value)
+      .receive([&](msg::model_info& i) { info = std::move(i); }, [&](caf::error& err) { BOOST_FAIL(msg::describe(err)); });
+  BOOST_TEST(info.modules.size() == 3u);
+  // What a remote peer could put on the wire, bypassing the typed handle.
+  const auto untyped = caf::actor_cast<caf::actor>(gateway);
+  for (auto attempt : {caf::make_message(msg::pause_atom::value, true),
+                       caf::make_message(msg::fault_atom::value, std::string("vae"), int32_t{0}, msg::fault_spec{"commit", "error"})}) {
+    caf::error refused;
+    self->request(untyped, std::chrono::seconds(30), std::move(attempt))
+        .receive([&](caf::message&) { BOOST_FAIL("the gateway answered a control message"); }, [&](caf::error& err) { refused = err; });
+    BOOST_TEST((refused == caf::sec::unexpected_message), caf::to_string(refused));
+  }
+  // Generation still runs (a pause would hold it back) and an update still succeeds (no fault armed).
+  BOOST_TEST(e.client.generate(3).first == "0");
+  auto r = e.client.update(update_to(ckpts().a));
+  BOOST_TEST(r.success, r.message);
+  caf::anon_send_exit(gateway, caf::exit_reason::user_shutdown);
 }

@@ -74,7 +74,7 @@ BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_ke
 
   msg::update_request req;
   req.model_path = w().b.string();
-  req.mode = mode;
+  req.mode = mode_of(mode);
   auto r = e.update(req);
   BOOST_TEST(!r.success);
   BOOST_TEST(r.message.find("module '" + std::string(module) + "' (worker " + std::to_string(victim) + ")") != std::string::npos, r.message);
@@ -107,7 +107,7 @@ BOOST_DATA_TEST_CASE(a_failure_after_the_last_commit_still_leaves_every_module_u
   BOOST_REQUIRE(e.fault(module, victim, {"finalize", kind}));
   msg::update_request req;
   req.model_path = w().b.string();
-  req.mode = mode;
+  req.mode = mode_of(mode);
   req.weight_version = std::string("finalize-") + kind;
   auto r = e.update(req);
   BOOST_TEST(r.success, r.message);
@@ -122,7 +122,7 @@ BOOST_DATA_TEST_CASE(a_failure_after_the_last_commit_still_leaves_every_module_u
     BOOST_TEST(m.shadow_bytes == 0u, m.name << " worker " << m.worker);
   }
   req.model_path = w().a.string();  // back, for the next case
-  req.mode = "auto";
+  req.mode = msg::update_mode::auto_select;
   BOOST_TEST(e.update(req).success);
   for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk_checksums(w().a), "worker " << k);
 }
@@ -138,7 +138,7 @@ BOOST_DATA_TEST_CASE(a_module_that_missed_the_decision_is_updated_again,
   BOOST_REQUIRE(e.fault(module, victim, {"finalize", "die"}));
   msg::update_request req;
   req.model_path = w().b.string();
-  req.mode = mode;
+  req.mode = mode_of(mode);
   auto r = e.update(req);
   BOOST_TEST(r.success, r.message);
   BOOST_TEST(r.message.find("The actor of module '" + std::string(module) + "' (worker " + std::to_string(victim) +
@@ -148,7 +148,7 @@ BOOST_DATA_TEST_CASE(a_module_that_missed_the_decision_is_updated_again,
   for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk, "worker " << k);
   for (const auto& m : e.info().modules) BOOST_TEST(m.undo_bytes + m.shadow_bytes == 0u, m.name << " worker " << m.worker);
   req.model_path = w().a.string();
-  req.mode = "auto";
+  req.mode = msg::update_mode::auto_select;
   BOOST_TEST(e.update(req).success);
   for (int32_t k = 0; k < workers; ++k) BOOST_TEST(e.checksums(k) == disk_checksums(w().a), "worker " << k);
 }
@@ -174,7 +174,7 @@ msg::update_result update_with_failing_rollback(engine_client& e, const char* ki
   BOOST_REQUIRE(e.fault("transformer", 0, {"rollback", kind}));
   msg::update_request req;
   req.model_path = w().b.string();
-  req.mode = "staged";
+  req.mode = msg::update_mode::staged;
   return e.update(req);
 }
 }  // namespace

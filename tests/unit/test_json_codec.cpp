@@ -85,13 +85,13 @@ BOOST_AUTO_TEST_CASE(update_request_defaults_match_sglang) {
   BOOST_TEST(r.abort_all_requests == false);
   BOOST_TEST(r.target_modules.empty());  // every module
   BOOST_TEST(r.weight_version == "");    // derived by the scheduler
-  BOOST_TEST(r.mode == "auto");
+  BOOST_TEST(r.mode == msg::update_mode::auto_select);
   // null means "not given" for every optional field.
   const auto n = net::parse_update_request(
       R"({"model_path": "/m", "flush_cache": null, "target_modules": null, "weight_version": null, "abort_all_requests": null, "mode": null})");
   BOOST_TEST(n.flush_cache == true);
   BOOST_TEST(n.target_modules.empty());
-  BOOST_TEST(n.mode == "auto");
+  BOOST_TEST(n.mode == msg::update_mode::auto_select);
 }
 
 BOOST_AUTO_TEST_CASE(update_request_reads_every_field) {
@@ -102,8 +102,8 @@ BOOST_AUTO_TEST_CASE(update_request_reads_every_field) {
   BOOST_TEST((r.target_modules == std::vector<std::string>{"transformer", "vae"}));
   BOOST_TEST(r.weight_version == "step-7");
   BOOST_TEST(r.abort_all_requests == true);
-  BOOST_TEST(r.mode == "in_place");
-  BOOST_TEST(net::parse_update_request(R"({"model_path": "/m", "mode": "staged"})").mode == "staged");
+  BOOST_TEST(r.mode == msg::update_mode::in_place);
+  BOOST_TEST(net::parse_update_request(R"({"model_path": "/m", "mode": "staged"})").mode == msg::update_mode::staged);
 }
 
 BOOST_AUTO_TEST_CASE(update_request_wrong_types_name_the_field) {
@@ -222,9 +222,9 @@ BOOST_AUTO_TEST_CASE(successful_update_reply_shape) {
   r.success = true;
   r.message = "Updated transformer, vae";
   r.weight_version = "step-7";
-  r.modules = {{"transformer", 1, 12, 4096, 0.25, "staged", "/ckpt/transformer"}};
+  r.modules = {{"transformer", 1, 12, 4096, 0.25, msg::write_path::staged, "/ckpt/transformer"}};
   r.timings = {{"plan", 0.001}, {"total", 0.5}};
-  r.mode = "staged";
+  r.mode = msg::write_path::staged;
   r.mode_reason = "fits";
   r.cache_flushed = true;
   r.aborted_requests = 2;
@@ -297,7 +297,7 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   mi.worker = 1;
   mi.tensors = 10;
   mi.bytes = 1000;
-  mi.source_dir = "/ckpt/a/vae";
+  mi.source = "/ckpt/a/vae";
   mi.undo_bytes = 5;  // internal: not part of the reply
   msg::module_info other = mi;
   other.worker = 0;

@@ -6,6 +6,8 @@
 
 #include "actors/cache_actor.hpp"
 #include "actors/module_actor.hpp"
+#include "pipeline/update/checkpoint_source.hpp"
+#include "pipeline/update/module_updater.hpp"
 #include "pipeline/flux2_klein.hpp"
 #include "pipeline/weights/device_loader.hpp"
 #include "tests/unit/engine_fixture.hpp"
@@ -34,7 +36,7 @@ struct fixture {
     if (where.device.is_cuda()) loader = std::make_shared<weights::device_loader>(where.device.has_index() ? where.device.index() : 0);
     pipe = std::make_shared<pipeline::flux2_klein_pipeline>(a, where);
     pipe->load_weights(std::nullopt, loader.get());
-    state = actors::make_module_state(pipe, "transformer", 0, "Flux2Transformer2DModel", (a / "transformer").string(), loader);
+    state = actors::make_module_state(std::make_shared<update::module_updater>(pipe, "transformer", 0, std::make_shared<update::checkpoint_source>(a / "transformer"), loader));
     module = actors::spawn_module_actor(sys, state);
   }
   ~fixture() { caf::anon_send_exit(module, caf::exit_reason::user_shutdown); }
@@ -52,19 +54,19 @@ struct fixture {
 BOOST_FIXTURE_TEST_SUITE(module_actor_lifecycle, fixture)
 
 BOOST_AUTO_TEST_CASE(validate_reads_headers_only_and_names_what_does_not_fit) {
-  auto [ok, err] = ask(msg::validate_atom::value, (b / "transformer").string());
+  auto [ok, err] = ask(msg::validate_atom::value, checkpoint(b / "transformer"));
   BOOST_TEST(err.empty(), err);
   BOOST_TEST(ok.tensors == 33u);
-  auto [bad, why] = ask(msg::validate_atom::value, (b / "vae").string());
+  auto [bad, why] = ask(msg::validate_atom::value, checkpoint(b / "vae"));
   BOOST_TEST(why.find("module 'transformer' (worker 0) phase 'validate'") != std::string::npos, why);
   BOOST_TEST(why.find("checkpoint lacks tensor") != std::string::npos, why);
   BOOST_TEST(checksum() == disk_a["transformer"]);
 }
 
 BOOST_AUTO_TEST_CASE(staged_commit_swaps_and_rollback_swaps_back) {
-  auto [staged, e1] = ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged"));
+  auto [staged, e1] = ask(msg::stage_atom::value, checkpoint(b / "transformer"), mode_of("staged"));
   BOOST_TEST(e1.empty(), e1);
-  BOOST_TEST(staged.path == "staged");
+  BOOST_TEST(staged.path == msg::write_path::staged);
   BOOST_TEST(info().shadow_bytes == staged.bytes);
   BOOST_TEST(checksum() == disk_a["transformer"]);  // staging never touches live weights
   auto [committed, e2] = ask(msg::commit_atom::value);
@@ -76,24 +78,24 @@ BOOST_AUTO_TEST_CASE(staged_commit_swaps_and_rollback_swaps_back) {
   BOOST_TEST(e3.empty(), e3);
   BOOST_TEST(checksum() == disk_a["transformer"]);
   BOOST_TEST(info().undo_bytes == 0u);
-  BOOST_TEST(info().source_dir == (a / "transformer").string());
+  BOOST_TEST(info().source == (a / "transformer").string());
 }
 
 BOOST_AUTO_TEST_CASE(in_place_commit_then_finalize_records_the_new_source) {
-  BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("in_place")).second.empty());
+  BOOST_TEST(ask(msg::stage_atom::value, checkpoint(b / "transformer"), mode_of("in_place")).second.empty());
   BOOST_TEST(info().shadow_bytes == 0u);
   auto [committed, err] = ask(msg::commit_atom::value);
   BOOST_TEST(err.empty(), err);
-  BOOST_TEST(committed.path == "in_place");
+  BOOST_TEST(committed.path == msg::write_path::in_place);
   BOOST_TEST(checksum() == disk_b["transformer"]);
   BOOST_TEST(info().undo_bytes > 0u);
   BOOST_TEST(ask(msg::finalize_atom::value).second.empty());
   BOOST_TEST(info().undo_bytes == 0u);
-  BOOST_TEST(info().source_dir == (b / "transformer").string());
+  BOOST_TEST(info().source == (b / "transformer").string());
 }
 
 BOOST_AUTO_TEST_CASE(a_replacement_actor_undoes_the_commit_its_dead_predecessor_left) {
-  BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(ask(msg::stage_atom::value, checkpoint(b / "transformer"), mode_of("staged")).second.empty());
   BOOST_TEST(ask(msg::commit_atom::value).second.empty());
   BOOST_TEST(checksum() == disk_b["transformer"]);
   self->monitor(module);
@@ -113,24 +115,24 @@ BOOST_AUTO_TEST_CASE(a_replacement_actor_keeps_a_decided_commit_and_undoes_only_
     self->receive([](caf::down_msg&) {});
     module = actors::spawn_module_actor(sys, state);
   };
-  BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(ask(msg::stage_atom::value, checkpoint(b / "transformer"), mode_of("staged")).second.empty());
   BOOST_TEST(ask(msg::commit_atom::value).second.empty());
-  actors::mark_decided(*state);
+  state->core->mark_decided();
   kill_and_respawn();
   BOOST_TEST(checksum() == disk_b["transformer"]);
   BOOST_TEST(info().undo_bytes == 0u);
-  BOOST_TEST(info().source_dir == (b / "transformer").string());
+  BOOST_TEST(info().source == (b / "transformer").string());
 
-  BOOST_TEST(ask(msg::stage_atom::value, (a / "transformer").string(), std::string("in_place")).second.empty());
+  BOOST_TEST(ask(msg::stage_atom::value, checkpoint(a / "transformer"), mode_of("in_place")).second.empty());
   BOOST_TEST(ask(msg::commit_atom::value).second.empty());
   BOOST_TEST(checksum() == disk_a["transformer"]);
   kill_and_respawn();  // this commit was never decided
   BOOST_TEST(checksum() == disk_b["transformer"]);
-  BOOST_TEST(info().source_dir == (b / "transformer").string());
+  BOOST_TEST(info().source == (b / "transformer").string());
 }
 
 BOOST_AUTO_TEST_CASE(discard_frees_shadows_without_touching_live_weights) {
-  BOOST_TEST(ask(msg::stage_atom::value, (b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(ask(msg::stage_atom::value, checkpoint(b / "transformer"), mode_of("staged")).second.empty());
   BOOST_TEST(info().shadow_bytes > 0u);
   BOOST_TEST(ask(msg::discard_atom::value).second.empty());
   BOOST_TEST(info().shadow_bytes == 0u);

@@ -16,6 +16,8 @@
 #include <thread>
 
 #include "actors/module_actor.hpp"
+#include "pipeline/update/checkpoint_source.hpp"
+#include "pipeline/update/module_updater.hpp"
 #include "pipeline/flux2_klein.hpp"
 #include "pipeline/models/flux2_transformer.hpp"
 #include "pipeline/models/layer_offload.hpp"
@@ -198,7 +200,7 @@ struct offloaded_module {
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
   std::shared_ptr<actors::module_state> state =
-      actors::make_module_state(l.pipe, "transformer", 0, "Flux2Transformer2DModel", (ckpts().a / "transformer").string(), l.loader);
+      actors::make_module_state(std::make_shared<update::module_updater>(l.pipe, "transformer", 0, std::make_shared<update::checkpoint_source>(ckpts().a / "transformer"), l.loader));
   msg::module_actor module = actors::spawn_module_actor(sys, state);
   std::map<std::string, std::string> disk_a = disk_checksums(ckpts().a), disk_b = disk_checksums(ckpts().b);
 
@@ -219,7 +221,7 @@ std::string expected_checksum(offloaded_module& m, const fs::path& model) {
   engine_system_config cfg;
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
-  auto st = actors::make_module_state(fresh.pipe, "transformer", 0, "Flux2Transformer2DModel", (model / "transformer").string(), fresh.loader);
+  auto st = actors::make_module_state(std::make_shared<update::module_updater>(fresh.pipe, "transformer", 0, std::make_shared<update::checkpoint_source>(model / "transformer"), fresh.loader));
   auto actor = actors::spawn_module_actor(sys, st);
   const std::string out = module_checksum(self, actor);
   caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
@@ -238,9 +240,9 @@ BOOST_AUTO_TEST_CASE(staged_update_swaps_host_stores_rewrites_resident_blocks_an
   auto* off = l.pipe->transformer_offload();
 
   const int64_t device_before = device_allocated();
-  auto [staged, e1] = ask(msg::stage_atom::value, (ckpts().b / "transformer").string(), std::string("auto"));
+  auto [staged, e1] = ask(msg::stage_atom::value, checkpoint(ckpts().b / "transformer"), mode_of("auto"));
   BOOST_TEST(e1.empty(), e1);
-  BOOST_TEST(staged.path == "staged");
+  BOOST_TEST(staged.path == msg::write_path::staged);
   // The blocks are staged in host memory: device shadows exist only for the parameters outside them.
   uint64_t resident_bytes = 0;
   for (size_t i = 0; i < l.pipe->registry("transformer").slots().size(); ++i)
@@ -264,7 +266,7 @@ BOOST_AUTO_TEST_CASE(staged_update_swaps_host_stores_rewrites_resident_blocks_an
   BOOST_TEST(bitwise_equal(sample(*l.pipe), image_a), "after rollback the images are the old checkpoint's");
 
   // Again, reusing the second store, and kept this time.
-  BOOST_TEST(ask(msg::stage_atom::value, (ckpts().b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(ask(msg::stage_atom::value, checkpoint(ckpts().b / "transformer"), mode_of("staged")).second.empty());
   BOOST_TEST(ask(msg::commit_atom::value).second.empty());
   BOOST_TEST(ask(msg::finalize_atom::value).second.empty());
   BOOST_TEST(checksum() == sum_b);
@@ -277,10 +279,10 @@ BOOST_AUTO_TEST_CASE(in_place_update_writes_the_live_host_store_and_rolls_back_f
   const std::string sum_a = expected_checksum(*this, ckpts().a), sum_b = expected_checksum(*this, ckpts().b);
   auto* off = l.pipe->transformer_offload();
 
-  BOOST_TEST(ask(msg::stage_atom::value, (ckpts().b / "transformer").string(), std::string("in_place")).second.empty());
+  BOOST_TEST(ask(msg::stage_atom::value, checkpoint(ckpts().b / "transformer"), mode_of("in_place")).second.empty());
   auto [committed, err] = ask(msg::commit_atom::value);
   BOOST_TEST(err.empty(), err);
-  BOOST_TEST(committed.path == "in_place");
+  BOOST_TEST(committed.path == msg::write_path::in_place);
   BOOST_TEST(off->info().spare_host_bytes == 0u, "in place needs no second store");
   BOOST_TEST(checksum() == sum_b);
   BOOST_TEST(bitwise_equal(sample(*l.pipe), image_b));
@@ -292,7 +294,7 @@ BOOST_AUTO_TEST_CASE(in_place_update_writes_the_live_host_store_and_rolls_back_f
 BOOST_AUTO_TEST_CASE(a_replacement_actor_undoes_a_staged_commit_its_dead_predecessor_left) {
   const at::Tensor image_a = sample(*l.pipe);
   const std::string sum_a = expected_checksum(*this, ckpts().a), sum_b = expected_checksum(*this, ckpts().b);
-  BOOST_TEST(ask(msg::stage_atom::value, (ckpts().b / "transformer").string(), std::string("staged")).second.empty());
+  BOOST_TEST(ask(msg::stage_atom::value, checkpoint(ckpts().b / "transformer"), mode_of("staged")).second.empty());
   BOOST_TEST(ask(msg::commit_atom::value).second.empty());
   BOOST_TEST(checksum() == sum_b);
   self->monitor(module);
@@ -328,7 +330,7 @@ BOOST_AUTO_TEST_CASE(engine_with_offload_updates_to_disk_checksums_and_refuses_a
   for (const char* mode : {"staged", "in_place"}) {
     auto r = e.client.update(update_to(ckpts().b, {}, mode));
     BOOST_TEST(r.success, r.message);
-    BOOST_TEST(r.mode == mode);
+    BOOST_TEST(msg::to_string(r.mode) == mode);
     BOOST_TEST(e.client.checksums() == disk_checksums(ckpts().b), mode);
     offload_engine fresh(ckpts().b, false);
     BOOST_TEST(e.client.generate(9).second == fresh.client.generate(9).second, mode);

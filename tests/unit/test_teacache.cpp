@@ -76,7 +76,7 @@ at::Tensor sample(const pipeline::flux2_klein_pipeline& pipe, int64_t steps, std
 
 // The TeaCache4FLUX rule, written out again from the reference, applied to the recorded distances.
 std::vector<bool> expected_skips(const std::vector<double>& rel_l1, double threshold) {
-  const models::teacache_config flux1;  // FLUX.1-dev coefficients
+  const sampling::teacache_config flux1;  // FLUX.1-dev coefficients
   std::vector<bool> skips;
   double acc = 0;
   const size_t n = rel_l1.size();
@@ -106,7 +106,7 @@ std::string pattern(const std::vector<bool>& skips) {
 
 BOOST_AUTO_TEST_CASE(without_a_teacache_json_the_flux1_coefficients_apply) {
   auto pipe = load(ckpts().a);
-  BOOST_TEST((pipe->teacache_config().coefficients == models::teacache_config{}.coefficients));
+  BOOST_TEST((pipe->teacache_config().coefficients == sampling::teacache_config{}.coefficients));
   BOOST_TEST(pipe->teacache_config().threshold == 0.25);
   auto configured = load(ckpts().a_tc);
   BOOST_TEST(configured->teacache_config().threshold == 0.6);
@@ -180,7 +180,7 @@ BOOST_AUTO_TEST_CASE(each_cfg_branch_keeps_its_own_state) {
   auto p = params(12, 0.6);
   pipe->generate(p, &stats);
   BOOST_REQUIRE(stats.teacache.size() == 2u);
-  BOOST_TEST(stats.transformer_calls == 24);
+  BOOST_TEST(stats.dit_calls == 24);
   BOOST_TEST((stats.teacache[0].rel_l1 != stats.teacache[1].rel_l1));  // the branches see different text
   for (const auto& trace : stats.teacache)
     BOOST_TEST(pattern(trace.skipped) == pattern(expected_skips(trace.rel_l1, 0.6)));
@@ -193,14 +193,15 @@ BOOST_AUTO_TEST_CASE(the_worker_reports_teacache_steps_to_its_cache_actor) {
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
   auto cache = actors::spawn_cache_actor(sys, 0);
-  auto handles = actors::spawn_worker(sys, {ckpts().a_tc, "cpu", "fp32", 0, cache}, std::make_shared<std::atomic<bool>>(false));
+  std::shared_ptr<pipeline::diffusion_pipeline> pipe = load(ckpts().a_tc);
+  auto worker = actors::spawn_worker(sys, {0, pipe, cache, std::make_shared<std::atomic<bool>>(false)});
   msg::generation_request r;
   r.prompts = {"a red fox"};
   r.width = r.height = 32;
   r.steps = 10;
   r.enable_teacache = true;
   msg::generation_result g;
-  self->request(handles.worker, caf::infinite, msg::generate_atom::value, r)
+  self->request(worker, caf::infinite, msg::generate_atom::value, r)
       .receive([&](msg::generation_result& out) { g = std::move(out); }, [&](caf::error& e) { BOOST_FAIL(msg::describe(e)); });
   BOOST_TEST(g.teacache_calls == 10u);
   BOOST_TEST(g.teacache_skipped > 0u);  // threshold 0.6 from a_tc's teacache.json
@@ -210,7 +211,7 @@ BOOST_AUTO_TEST_CASE(the_worker_reports_teacache_steps_to_its_cache_actor) {
   BOOST_TEST(c.requests == 1u);
   BOOST_TEST(c.steps_computed == g.teacache_calls - g.teacache_skipped);
   BOOST_TEST(c.steps_skipped == g.teacache_skipped);
-  for (const caf::actor_addr& a : {handles.worker.address(), handles.modules.address(), cache.address()})
+  for (const caf::actor_addr& a : {worker.address(), cache.address()})
     caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
 }
 

@@ -1,0 +1,22 @@
+#include "actors/client_gateway.hpp"
+
+namespace refit::actors {
+
+msg::client_api_actor spawn_client_gateway(caf::actor_system& sys, msg::client_api_actor scheduler) {
+  return sys.spawn([scheduler](msg::client_api_actor::pointer self) -> msg::client_api_actor::behavior_type {
+    // Monitored, not linked: the gateway goes with the scheduler, never the other way round.
+    self->monitor(scheduler);
+    self->set_down_handler([self](caf::down_msg& dm) { self->quit(dm.reason); });
+    return {
+        [self, scheduler](msg::generate_atom a, msg::generation_request& r) { return self->delegate(scheduler, a, std::move(r)); },
+        [self, scheduler](msg::update_atom a, msg::update_request& r) { return self->delegate(scheduler, a, std::move(r)); },
+        [self, scheduler](msg::checksum_atom a, std::vector<std::string>& modules, int32_t worker) {
+          return self->delegate(scheduler, a, std::move(modules), worker);
+        },
+        [self, scheduler](msg::info_atom a) { return self->delegate(scheduler, a); },
+        [self, scheduler](msg::stats_atom a) { return self->delegate(scheduler, a); },
+    };
+  });
+}
+
+}  // namespace refit::actors

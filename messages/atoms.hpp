@@ -1,0 +1,33 @@
+// The atoms that name refit's messages (at most 10 characters each). Which actor accepts which is in
+// client_api.hpp (what clients may send) and control.hpp (what refit's own actors send each other).
+#pragma once
+
+#include <caf/atom.hpp>
+
+namespace refit::msg {
+
+// Client API
+using generate_atom = caf::atom_constant<caf::atom("generate")>;
+using update_atom = caf::atom_constant<caf::atom("update")>;
+using checksum_atom = caf::atom_constant<caf::atom("checksum")>;
+using info_atom = caf::atom_constant<caf::atom("info")>;
+using stats_atom = caf::atom_constant<caf::atom("stats")>;
+
+// Internal control: update phases, generation gating, supervision, fault injection
+using validate_atom = caf::atom_constant<caf::atom("validate")>;
+using stage_atom = caf::atom_constant<caf::atom("stage")>;
+using commit_atom = caf::atom_constant<caf::atom("commit")>;
+using rollback_atom = caf::atom_constant<caf::atom("rollback")>;
+using finalize_atom = caf::atom_constant<caf::atom("finalize")>;
+using discard_atom = caf::atom_constant<caf::atom("discard")>;
+using pause_atom = caf::atom_constant<caf::atom("pause")>;
+using resume_atom = caf::atom_constant<caf::atom("resume")>;
+using reset_atom = caf::atom_constant<caf::atom("reset")>;
+using fault_atom = caf::atom_constant<caf::atom("fault")>;
+using done_atom = caf::atom_constant<caf::atom("done")>;
+using modules_atom = caf::atom_constant<caf::atom("modules")>;
+using recover_atom = caf::atom_constant<caf::atom("recover")>;
+using decide_atom = caf::atom_constant<caf::atom("decide")>;
+using teacache_atom = caf::atom_constant<caf::atom("teacache")>;
+
+}  // namespace refit::msg

@@ -1,0 +1,24 @@
+// What a client may ask a refit server: generate, update weights, read checksums, model info and
+// counters. The HTTP bridge speaks only this, and it is all that the actor port publishes (through a
+// gateway actor that forwards these messages and nothing else), so no client can pause generation or
+// inject faults.
+#pragma once
+
+#include <caf/replies_to.hpp>
+#include <caf/typed_actor.hpp>
+
+#include "messages/atoms.hpp"
+#include "messages/types.hpp"
+
+namespace refit::msg {
+
+using client_api_actor = caf::typed_actor<
+    caf::replies_to<generate_atom, generation_request>::with<generation_result>,
+    // A weight update as one transaction across modules and workers; the result says what changed.
+    caf::replies_to<update_atom, update_request>::with<update_result>,
+    caf::replies_to<checksum_atom, std::vector<std::string> /*modules; empty: all*/, int32_t /*worker*/>::with<
+        std::map<std::string, std::string>>,
+    caf::replies_to<info_atom>::with<model_info>,
+    caf::replies_to<stats_atom>::with<scheduler_stats>>;
+
+}  // namespace refit::msg

@@ -1,0 +1,77 @@
+// The internal protocol: what refit's own actors send each other (update phases, generation gating,
+// supervision, fault injection). Never published on the actor port (see client_api.hpp).
+#pragma once
+
+#include <caf/replies_to.hpp>
+#include <caf/typed_actor.hpp>
+
+#include "messages/atoms.hpp"
+#include "messages/client_api.hpp"
+#include "messages/types.hpp"
+
+namespace refit::msg {
+
+// One weight-bearing module of one worker: owns the lifecycle of that module's parameters and buffers.
+using module_actor = caf::typed_actor<
+    // From metadata alone (a checkpoint: its headers): the source provides every tensor it announces with
+    // the right shape and a convertible dtype. Nothing is read or written.
+    caf::replies_to<validate_atom, weight_source>::with<module_report>,
+    // Staged: read the new weights into shadow buffers. In place: only prepare (nothing is read yet).
+    caf::replies_to<stage_atom, weight_source, update_mode>::with<module_report>,
+    // Make the new weights live (swap, or undo snapshot + in-place read); keeps the undo record.
+    caf::replies_to<commit_atom>::with<module_report>,
+    // Restore the weights held before commit; frees undo and shadows.
+    caf::replies_to<rollback_atom>::with<module_report>,
+    // The update succeeded: drop undo and shadows, remember the new source.
+    caf::replies_to<finalize_atom>::with<module_report>,
+    // The update stopped before commit: free shadows (and finish undoing anything half done).
+    caf::replies_to<discard_atom>::with<module_report>,
+    caf::replies_to<checksum_atom>::with<std::string>,
+    caf::replies_to<info_atom>::with<module_info>,
+    caf::replies_to<fault_atom, fault_spec>::with<bool>>;
+
+// TeaCache of one worker. The per-step state lives with each request (one per CFG branch), so no
+// request can read state computed with other weights; this actor keeps the worker's counters.
+using cache_actor = caf::typed_actor<
+    caf::replies_to<reset_atom>::with<uint64_t /*resets so far*/>,
+    caf::replies_to<stats_atom>::with<teacache_counters>,
+    // From the worker after a TeaCache request: DiT calls computed and skipped.
+    caf::reacts_to<teacache_atom, uint64_t /*computed*/, uint64_t /*skipped*/>>;
+
+// A worker's layerwise offload of one module, when on. The block copies themselves are calls on the
+// worker's compute thread (a message per block per step would stall it) and the module actor writes the
+// host store directly; this actor reports their state.
+using offload_manager_actor = caf::typed_actor<caf::replies_to<info_atom>::with<offload_info>>;
+
+// One device's pipeline; generation runs on the worker's own thread.
+using worker_actor = caf::typed_actor<caf::replies_to<generate_atom, generation_request>::with<generation_result>>;
+
+// Supervises one worker's module actors (and answers while the worker is busy generating): one that
+// dies is respawned on the same module state, and the replacement's start-up settles whatever update
+// its predecessor left (see update::module_updater::on_actor_start).
+using module_supervisor_actor = caf::typed_actor<
+    caf::replies_to<modules_atom>::with<std::map<std::string, module_actor>>,
+    // The module's actor after it settled: the same one if it is alive, else its replacement once that
+    // has started (and undone any unfinished commit of its predecessor).
+    caf::replies_to<recover_atom, std::string /*module*/>::with<module_actor>,
+    // Every participant of the update committed: the module's last commit stands even if its actor dies
+    // before it finalizes (a replacement keeps it instead of undoing it).
+    caf::replies_to<decide_atom, std::string /*module*/>::with<bool>>;
+
+// The server's scheduler: the client API, plus what update transactions and tests use.
+using scheduler_actor = client_api_actor::extend<
+    // Used by update transactions: stop dispatching and drain (or cancel) in-flight work; then resume.
+    caf::replies_to<pause_atom, bool /*abort in flight*/>::with<uint64_t /*cancelled*/>,
+    // committed: the update's weights are live, so the served identity changes before anything generates.
+    caf::replies_to<resume_atom, bool /*committed*/>::with<std::string /*weight_version now served*/>,
+    // Test builds: a fault for module M of worker W.
+    caf::replies_to<fault_atom, std::string /*module*/, int32_t /*worker*/, fault_spec>::with<bool>>;
+
+// One update transaction: replies to the single (update_atom, update_request) it is sent with an
+// update_result, then exits. The scheduler spawns one per update, at most one at a time.
+using transaction_actor = caf::typed_actor<caf::replies_to<update_atom, update_request>::with<update_result>>;
+
+// The HTTP bridge; info: the URL it serves, http://HOST:PORT.
+using http_bridge_actor = caf::typed_actor<caf::replies_to<info_atom>::with<std::string>>;
+
+}  // namespace refit::msg

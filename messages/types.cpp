@@ -1,0 +1,44 @@
+#include "messages/types.hpp"
+
+#include <ostream>
+
+namespace refit::msg {
+
+std::string to_string(update_mode m) {
+  switch (m) {
+    case update_mode::auto_select: return "auto";
+    case update_mode::staged: return "staged";
+    case update_mode::in_place: return "in_place";
+  }
+  return "unknown(" + std::to_string(static_cast<int>(m)) + ")";
+}
+
+std::string to_string(write_path p) {
+  switch (p) {
+    case write_path::none: return "";
+    case write_path::staged: return "staged";
+    case write_path::in_place: return "in_place";
+    case write_path::in_place_reread_undo: return "in_place(reread-undo)";
+    case write_path::reread: return "reread";
+    case write_path::mixed: return "mixed";
+  }
+  return "unknown(" + std::to_string(static_cast<int>(p)) + ")";
+}
+
+std::string to_string(source_kind k) {
+  switch (k) {
+    case source_kind::checkpoint: return "checkpoint";
+  }
+  return "unknown(" + std::to_string(static_cast<int>(k)) + ")";
+}
+
+std::optional<update_mode> parse_update_mode(std::string_view text) {
+  for (auto m : {update_mode::auto_select, update_mode::staged, update_mode::in_place})
+    if (to_string(m) == text) return m;
+  return std::nullopt;
+}
+
+std::ostream& operator<<(std::ostream& os, update_mode m) { return os << to_string(m); }
+std::ostream& operator<<(std::ostream& os, write_path p) { return os << to_string(p); }
+
+}  // namespace refit::msg

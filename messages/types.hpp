@@ -1,0 +1,277 @@
+// The message structs of refit's protocol. Each has an inspect overload and is registered in
+// msg::add_types, so it can cross a CAF remote connection; enums cross as their underlying value and
+// are range-checked when a message is read (a peer cannot make an out-of-range mode).
+#pragma once
+
+#include <caf/error.hpp>
+#include <caf/meta/load_callback.hpp>
+#include <caf/meta/type_name.hpp>
+#include <caf/sec.hpp>
+
+#include <cstdint>
+#include <iosfwd>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace refit::msg {
+
+// ---------------------------------------------------------------------------------------------
+// Vocabulary
+
+// How a request wants the new weights written: staged into shadow buffers (swapped at commit), in
+// place after an undo snapshot, or staged when the shadows fit in free memory.
+enum class update_mode : uint8_t { auto_select, staged, in_place };
+// How a module's weights were written or restored: the path a report describes. in_place_reread_undo:
+// in place without room for an undo snapshot (a rollback re-reads the previous source); reread: a
+// rollback that did so; mixed: modules of one update took different paths.
+enum class write_path : uint8_t { none, staged, in_place, in_place_reread_undo, reread, mixed };
+// What kind of weight source an update reads. New sources add a kind here and a planner and a
+// module source under actors/ and pipeline/update/; the transaction does not change.
+enum class source_kind : uint8_t { checkpoint };
+
+std::string to_string(update_mode m);   // auto, staged, in_place
+std::string to_string(write_path p);    // "", staged, in_place, in_place(reread-undo), reread, mixed
+std::string to_string(source_kind k);   // checkpoint
+std::optional<update_mode> parse_update_mode(std::string_view text);
+std::ostream& operator<<(std::ostream& os, update_mode m);
+std::ostream& operator<<(std::ostream& os, write_path p);
+
+// Reads an enum's raw value from the wire; out of range is an error, and `out` keeps its value.
+template <class Enum>
+caf::error load_enum(Enum& out, uint8_t raw, Enum last, const char* what) {
+  if (raw > static_cast<uint8_t>(last)) return caf::make_error(caf::sec::invalid_argument, std::string("invalid ") + what);
+  out = static_cast<Enum>(raw);
+  return caf::none;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight updates
+
+// Where one module's new weights come from, as its module actor is told (plan turns a request into one
+// per participating module).
+struct weight_source {
+  source_kind kind = source_kind::checkpoint;
+  std::string location;  // checkpoint: the module's folder
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, weight_source& x) {
+  auto kind = static_cast<uint8_t>(x.kind);
+  return f(caf::meta::type_name("weight_source"), kind, x.location,
+           caf::meta::load_callback([&] { return load_enum(x.kind, kind, source_kind::checkpoint, "source kind"); }));
+}
+
+struct update_request {
+  source_kind source = source_kind::checkpoint;
+  std::string model_path;                   // checkpoint: the Diffusers folder
+  std::vector<std::string> target_modules;  // empty: every weight-bearing module
+  bool flush_cache = true;
+  bool abort_all_requests = false;
+  std::string weight_version;               // empty: one is derived from the update count
+  update_mode mode = update_mode::auto_select;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, update_request& x) {
+  auto source = static_cast<uint8_t>(x.source), mode = static_cast<uint8_t>(x.mode);
+  return f(caf::meta::type_name("update_request"), source, x.model_path, x.target_modules, x.flush_cache, x.abort_all_requests,
+           x.weight_version, mode, caf::meta::load_callback([&]() -> caf::error {
+             if (auto e = load_enum(x.source, source, source_kind::checkpoint, "source kind")) return e;
+             return load_enum(x.mode, mode, update_mode::in_place, "update mode");
+           }));
+}
+
+// What one module actor did in one phase.
+struct module_report {
+  std::string module;
+  int32_t worker = 0;
+  uint64_t tensors = 0;
+  uint64_t bytes = 0;
+  double seconds = 0;
+  write_path path = write_path::none;
+  std::string source;  // where its weights came from (a checkpoint: the module's folder)
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, module_report& x) {
+  auto path = static_cast<uint8_t>(x.path);
+  return f(caf::meta::type_name("module_report"), x.module, x.worker, x.tensors, x.bytes, x.seconds, path, x.source,
+           caf::meta::load_callback([&] { return load_enum(x.path, path, write_path::mixed, "write path"); }));
+}
+
+struct update_result {
+  bool success = false;
+  std::string message;
+  std::string weight_version;
+  std::vector<module_report> modules;      // one per module per worker
+  std::map<std::string, double> timings;   // phase -> seconds (plan, validate, stage, drain, pause, commit, finish, total)
+  write_path mode = write_path::none;      // the path that ran: staged, in_place or mixed
+  std::string mode_reason;
+  bool cache_flushed = false;
+  uint64_t aborted_requests = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, update_result& x) {
+  auto mode = static_cast<uint8_t>(x.mode);
+  return f(caf::meta::type_name("update_result"), x.success, x.message, x.weight_version, x.modules, x.timings, mode, x.mode_reason,
+           x.cache_flushed, x.aborted_requests,
+           caf::meta::load_callback([&] { return load_enum(x.mode, mode, write_path::mixed, "write path"); }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generation
+
+struct generation_request {
+  std::vector<std::string> prompts;
+  std::string negative_prompt;
+  int64_t width = 0, height = 0;  // 0: the model's default
+  int64_t steps = 0;              // 0: the model's default
+  double guidance_scale = 4.0;
+  uint64_t seed = 0;
+  int64_t images_per_prompt = 1;
+  bool enable_teacache = false;
+  double teacache_threshold = -1;  // >= 0: this request's TeaCache threshold (turns TeaCache on); < 0: the model's
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, generation_request& x) {
+  return f(caf::meta::type_name("generation_request"), x.prompts, x.negative_prompt, x.width, x.height, x.steps,
+           x.guidance_scale, x.seed, x.images_per_prompt, x.enable_teacache, x.teacache_threshold);
+}
+
+struct generation_result {
+  std::vector<std::vector<uint8_t>> png_images;
+  std::string weight_version;
+  double inference_time_s = 0;
+  int32_t worker = 0;
+  // With enable_teacache: DiT calls (steps x CFG branches) and how many of them skipped the blocks.
+  uint64_t teacache_calls = 0, teacache_skipped = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, generation_result& x) {
+  return f(caf::meta::type_name("generation_result"), x.png_images, x.weight_version, x.inference_time_s, x.worker,
+           x.teacache_calls, x.teacache_skipped);
+}
+
+// One worker's TeaCache counters since start.
+struct teacache_counters {
+  uint64_t requests = 0;        // generations with enable_teacache
+  uint64_t steps_computed = 0;  // DiT calls that ran the blocks
+  uint64_t steps_skipped = 0;   // DiT calls that reused the branch's residual
+  uint64_t resets = 0;          // weight updates with flush_cache
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, teacache_counters& x) {
+  return f(caf::meta::type_name("teacache_counters"), x.requests, x.steps_computed, x.steps_skipped, x.resets);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model identity
+
+struct module_info {
+  std::string name;
+  std::string class_name;
+  std::string dtype;
+  std::string device;
+  int32_t worker = 0;
+  uint64_t tensors = 0;
+  uint64_t bytes = 0;
+  std::string source;         // where the weights it holds came from
+  uint64_t undo_bytes = 0;    // held only during an update; 0 otherwise
+  uint64_t shadow_bytes = 0;  // likewise
+  std::string problem;        // empty, or why the weights this module holds are not known
+  bool kept_decided = false;  // this actor replaced a dead one and kept its decided, unfinalized commit
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, module_info& x) {
+  return f(caf::meta::type_name("module_info"), x.name, x.class_name, x.dtype, x.device, x.worker, x.tensors, x.bytes,
+           x.source, x.undo_bytes, x.shadow_bytes, x.problem, x.kept_decided);
+}
+
+// One worker's layerwise offload of a module's blocks (refit serve --dit-layerwise-offload).
+struct offload_info {
+  int32_t worker = 0;
+  std::string module;                    // the module whose blocks are offloaded
+  int64_t blocks = 0;
+  int64_t prefetch_size = 0;
+  std::vector<int64_t> resident_blocks;  // in a device slot now
+  uint64_t host_bytes = 0;               // the live host store
+  uint64_t spare_host_bytes = 0;         // the second host store staged updates write (0 until the first)
+  uint64_t device_bytes = 0;             // the device slots (prefetch_size + 1 of the largest block)
+  uint64_t prefetches = 0;               // block copies to the device for compute since start
+  uint64_t prefetched_bytes = 0;         // their bytes
+  uint64_t refreshes = 0;                // resident blocks rewritten by weight updates since start
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, offload_info& x) {
+  return f(caf::meta::type_name("offload_info"), x.worker, x.module, x.blocks, x.prefetch_size, x.resident_blocks, x.host_bytes,
+           x.spare_host_bytes, x.device_bytes, x.prefetches, x.prefetched_bytes, x.refreshes);
+}
+
+struct model_info {
+  std::string model_path;
+  std::string weight_version;
+  std::vector<module_info> modules;   // every module on every worker
+  std::vector<offload_info> offload;  // one per worker and offloaded module; empty when offload is off
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, model_info& x) {
+  return f(caf::meta::type_name("model_info"), x.model_path, x.weight_version, x.modules, x.offload);
+}
+
+// Counters for /metrics and tests.
+struct scheduler_stats {
+  uint64_t generations_ok = 0, generations_failed = 0, generations_cancelled = 0;
+  uint64_t updates_ok = 0, updates_failed = 0;
+  uint64_t in_flight = 0, queued = 0;
+  double last_pause_s = 0;               // generation pause of the last update
+  std::map<std::string, double> last_timings;
+  uint64_t last_update_bytes = 0;
+  // Generation latency histogram since start: counts per bucket of latency_bucket_bounds_s (the last
+  // count is for latencies above every bound), their sum and count. Bounded, however long the server runs.
+  std::vector<uint64_t> latency_bucket_counts;
+  double latency_sum_s = 0;
+  uint64_t latency_count = 0;
+  std::vector<teacache_counters> teacache;  // per worker (index = worker)
+  std::vector<offload_info> offload;        // per worker with layerwise offload
+};
+
+// Upper bounds of the generation-latency histogram buckets, in seconds: from a tiny CPU model (tens of
+// milliseconds) to a large model's multi-minute CPU run.
+inline const std::vector<double>& latency_bucket_bounds_s() {
+  static const std::vector<double> bounds{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600};
+  return bounds;
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, scheduler_stats& x) {
+  return f(caf::meta::type_name("scheduler_stats"), x.generations_ok, x.generations_failed, x.generations_cancelled,
+           x.updates_ok, x.updates_failed, x.in_flight, x.queued, x.last_pause_s, x.last_timings, x.last_update_bytes,
+           x.latency_bucket_counts, x.latency_sum_s, x.latency_count, x.teacache, x.offload);
+}
+
+// Fault injection (honoured only by test builds; internal control, never published): make a module
+// fail in a phase. phase: validate, stage, commit, rollback, finalize; kind: error (error reply), throw
+// (exception), die (actor exits). Phase "snapshot" with kind "nomem": in-place commits find no room for
+// the undo snapshot (rollback re-reads). Phase "decide" with kind "lost": the next decision does not
+// reach the module.
+struct fault_spec {
+  std::string phase;
+  std::string kind;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, fault_spec& x) {
+  return f(caf::meta::type_name("fault_spec"), x.phase, x.kind);
+}
+
+}  // namespace refit::msg

@@ -1,0 +1,46 @@
+#include "pipeline/models/placement.hpp"
+
+#include <ATen/Context.h>
+
+#include <stdexcept>
+
+namespace refit::models {
+
+c10::ScalarType parse_float_dtype(std::string_view dtype) {
+  if (auto d = weights::parse_target_dtype(dtype)) return weights::to_scalar_type(*d);
+  throw std::invalid_argument("dtype must be bf16, fp16 or fp32, got '" + std::string(dtype) + "'");
+}
+
+placement parse_placement(std::string_view device, std::string_view dtype) {
+  placement where;
+  try {
+    where.device = c10::Device(std::string(device));
+  } catch (const std::exception&) {
+    throw std::invalid_argument("device must be cpu, cuda or cuda:N, got '" + std::string(device) + "'");
+  }
+  if (!where.device.is_cpu() && !where.device.is_cuda())
+    throw std::invalid_argument("device must be cpu, cuda or cuda:N, got '" + std::string(device) + "'");
+  if (where.device.is_cuda() && !at::hasCUDA())
+    throw std::invalid_argument("device '" + std::string(device) + "': this build or machine has no CUDA");
+  where.float_dtype = dtype.empty() ? (where.device.is_cuda() ? c10::kBFloat16 : c10::kFloat) : parse_float_dtype(dtype);
+  return where;
+}
+
+std::string dtype_label(c10::ScalarType t) {
+  switch (t) {
+    case c10::kBFloat16: return "bf16";
+    case c10::kHalf: return "fp16";
+    case c10::kFloat: return "fp32";
+    default: return c10::toString(t);
+  }
+}
+
+weights::dtype stored_dtype(c10::ScalarType t) { return weights::from_scalar_type(t); }
+
+weights::host_load_options load_options(const placement& where) {
+  weights::host_load_options o;
+  o.float_dtype = stored_dtype(where.float_dtype);
+  return o;
+}
+
+}  // namespace refit::models

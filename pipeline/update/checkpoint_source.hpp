@@ -1,0 +1,36 @@
+// The first weight source: one module's folder of a Diffusers checkpoint (config.json and one
+// safetensors file or shards with an index), validated strictly from its headers.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+
+#include "pipeline/update/weight_source.hpp"
+
+namespace refit::weights {
+struct module_weights;
+}
+
+namespace refit::update {
+
+class checkpoint_source final : public module_source {
+ public:
+  explicit checkpoint_source(std::filesystem::path module_dir);
+  ~checkpoint_source() override;
+
+  std::string origin() const override { return dir_.string(); }
+  // Opens the folder's files and checks their headers: every slot present with its shape and a
+  // convertible dtype, no tensor the module lacks. Plans every slot.
+  source_plan plan(const module_context& module) override;
+  // Reads the planned slots (through the files plan opened, or opened anew), converting floats to the
+  // held dtype; a file that changed since it was opened fails the read (file_changed).
+  void fill(const module_context& module, const fill_target& target) override;
+  bool repeatable() const override { return true; }
+
+ private:
+  std::filesystem::path dir_;
+  std::unique_ptr<weights::module_weights> opened_;  // by plan, for the next fill
+};
+
+}  // namespace refit::update

@@ -1,0 +1,71 @@
+// A weight source: where the new values of one module come from. The update core (module_updater)
+// validates, stages, commits and rolls back the same way whatever the source is; a source only says,
+// from metadata, what it will write (plan) and then writes it (fill).
+//
+// Sources that fit this interface (docs/architecture.md): a checkpoint folder on disk
+// (checkpoint_source, the first); a trainer's torch.distributed broadcast (plan from the announced
+// names, dtypes and shapes; fill receives in the announced order, once: not repeatable); tensors a
+// colocated trainer shares (plan from the handles' metadata; fill copies device to device); a LoRA
+// adapter merged into the base (plan: the slots the adapter targets; fill writes current + scale·B·A
+// computed in fp32, reading `current`).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "pipeline/models/placement.hpp"
+
+namespace refit::models {
+class tensor_registry;
+}
+namespace refit::weights {
+class device_loader;
+}
+
+namespace refit::update {
+
+// The module a source writes, and how bytes reach its device.
+struct module_context {
+  const std::string& module;
+  int32_t worker = 0;
+  const models::tensor_registry& registry;
+  const models::placement& where;
+  weights::device_loader* loader = nullptr;  // the worker's GPU fast path; null on CPU
+};
+
+// What a source will write: registry slots in ascending order, and the bytes it provides for them.
+struct source_plan {
+  std::vector<size_t> slots;
+  uint64_t bytes = 0;
+};
+
+// Where a fill writes, one entry per planned slot in plan order. `destinations` are shadow buffers
+// (staged) or the held tensors themselves (in place); `current` holds the values the module holds now
+// (the same tensors when in place). Every destination is contiguous, of the slot's shape and held dtype,
+// on the device (or in the host store for a layerwise-offloaded slot).
+struct fill_target {
+  const std::vector<size_t>& slots;
+  const std::vector<at::Tensor>& destinations;
+  const std::vector<at::Tensor>& current;
+};
+
+class module_source {
+ public:
+  virtual ~module_source() = default;
+  // What the values are, for reports, info and messages (a checkpoint: the module's folder).
+  virtual std::string origin() const = 0;
+  // From metadata alone, before any byte moves: checks that every value the source announces fits the
+  // module (name, shape, a dtype it can be converted from) and says which slots it writes. Throws
+  // weights::weight_error or std::exception with a message naming the module and tensor.
+  virtual source_plan plan(const module_context& module) = 0;
+  // Writes the new values of the planned slots. Throws on any failure; the caller restores.
+  virtual void fill(const module_context& module, const fill_target& target) = 0;
+  // Whether fill may run again for any subset of the slots (to undo an in-place commit by re-reading,
+  // or to apply the update again after an actor was replaced). A broadcast received once is not.
+  virtual bool repeatable() const = 0;
+};
+
+}  // namespace refit::update
