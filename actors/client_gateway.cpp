@@ -10,9 +10,7 @@ msg::client_api_actor spawn_client_gateway(caf::actor_system& sys, msg::client_a
     return {
         [self, scheduler](msg::generate_atom a, msg::generation_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::update_atom a, msg::update_request& r) { return self->delegate(scheduler, a, std::move(r)); },
-        [self, scheduler](msg::checksum_atom a, std::vector<std::string>& modules, int32_t worker) {
-          return self->delegate(scheduler, a, std::move(modules), worker);
-        },
+        [self, scheduler](msg::checksum_atom a, msg::checksum_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::info_atom a) { return self->delegate(scheduler, a); },
         [self, scheduler](msg::stats_atom a) { return self->delegate(scheduler, a); },
     };

@@ -63,7 +63,7 @@ msg::module_report to_report(const update::module_updater& core, const update::p
 // Test builds: fail the phase as the fault says (once).
 caf::error maybe_fault(module_state& st, const char* phase, caf::scheduled_actor* self) {
 #ifdef REFIT_FAULT_INJECTION
-  if (st.fault.phase != phase) return {};
+  if (!self || st.fault.phase != phase) return {};
   const std::string kind = st.fault.kind;
   st.fault = {};
   const std::string what = "injected fault (" + kind + ") in module '" + st.core->module() + "' phase '" + phase + "'";
@@ -113,10 +113,14 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           return phase(*state, "rollback", self, [&] { return state->core->rollback(); });
         },
         [self, state](msg::finalize_atom) { return phase(*state, "finalize", self, [&] { return state->core->finalize(); }); },
-        [self, state](msg::discard_atom) { return phase(*state, "discard", self, [&] { return state->core->discard(); }); },
-        [state](msg::checksum_atom) -> caf::result<std::string> {
+        // No fault point: discard is how a failed update cleans up.
+        [state](msg::discard_atom) { return phase(*state, "discard", nullptr, [&] { return state->core->discard(); }); },
+        [state](msg::checksum_atom, msg::checksum_format format) -> caf::result<std::string> {
           try {
-            return state->core->checksum();
+            if (static_cast<uint8_t>(format) > static_cast<uint8_t>(msg::checksum_format::refit))
+              return msg::make_error(refit_errc::invalid_request, "unknown checksum format");
+            return state->core->checksum(format == msg::checksum_format::sglang ? weights::checksum_format::sglang
+                                                                                : weights::checksum_format::refit);
           } catch (const std::exception& e) {
             return msg::make_error(refit_errc::phase_failed, "module '" + state->core->module() + "' checksum: " + e.what());
           }
@@ -142,7 +146,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           if (!fault_injection_compiled())
             return msg::make_error(refit_errc::fault_injection_unavailable, "this build does not inject faults");
           if (f.phase == "snapshot") state->core->simulate_no_room_for_undo(f.kind == "nomem");
-          else if (f.phase == "decide" && f.kind == "lost") state->core->lose_next_decision();
+          else if (f.phase == "decide") state->core->lose_next_decision(f.kind == "lost");
           else state->fault = f;
           return true;
         },

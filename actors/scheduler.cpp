@@ -178,7 +178,10 @@ void start_next_update(self_ptr self) {
   };
   self->request(txn, caf::infinite, msg::update_atom::value, job.req)
       .then([finished](msg::update_result& r) mutable { finished(std::move(r)); },
-            [finished](caf::error& e) mutable {
+            [self, finished](caf::error& e) mutable {
+              // The transaction is gone (it cannot have decided: it replies after resuming). Generation must not
+              // stay held back by a pause it can no longer end.
+              if (self->state.paused) resume(self, false);
               msg::update_result r;
               r.message = "update transaction failed: " + msg::describe(e);
               finished(std::move(r));
@@ -188,22 +191,30 @@ void start_next_update(self_ptr self) {
 // ---------------------------------------------------------------------------------------------
 // Queries
 
-// The module actors of workers `which`, merged (module name -> actor per worker).
-void module_actors(self_ptr self, std::vector<size_t> which, std::function<void(std::map<size_t, module_map>&)> done) {
+// The module actors of workers `which` (module name -> actor, per worker), and the workers whose supervisor
+// did not answer.
+void module_actors(self_ptr self, std::vector<size_t> which, std::function<void(fan_in<module_map>&)> done) {
   fan_out<module_map>(
       which, [self](size_t w) { return self->request(self->state.setup.supervisors[w], query_timeout, msg::modules_atom::value); },
-      [done](fan_in<module_map>& in) { done(in.replies); });
+      std::move(done));
 }
 
-caf::result<std::map<std::string, std::string>> checksums(self_ptr self, std::vector<std::string> names, int32_t worker) {
+caf::result<std::map<std::string, std::string>> checksums(self_ptr self, const msg::checksum_request& req) {
   auto& st = self->state;
+  const int32_t worker = req.worker;
+  std::vector<std::string> names = req.modules;
+  const msg::checksum_format format = req.format;
   if (worker < 0 || static_cast<size_t>(worker) >= st.setup.workers.size())
     return msg::make_error(refit_errc::invalid_request, "worker " + std::to_string(worker) + " does not exist");
   if (names.empty()) names = st.setup.modules;
   auto promise = self->make_response_promise<std::map<std::string, std::string>>();
-  module_actors(self, {static_cast<size_t>(worker)}, [self, names, promise](std::map<size_t, module_map>& maps) mutable {
-    module_map actors;
-    if (!maps.empty()) actors = std::move(maps.begin()->second);
+  module_actors(self, {static_cast<size_t>(worker)}, [self, names, format, promise](fan_in<module_map>& in) mutable {
+    if (!in.errors.empty()) {
+      promise.deliver(msg::make_error(refit_errc::phase_failed, "worker " + std::to_string(in.errors.begin()->first) +
+                                                                  " did not answer: " + msg::describe(in.errors.begin()->second)));
+      return;
+    }
+    module_map actors = std::move(in.replies.begin()->second);
     std::map<std::string, std::string> out;
     std::vector<size_t> known;
     for (size_t k = 0; k < names.size(); ++k) {
@@ -211,7 +222,8 @@ caf::result<std::map<std::string, std::string>> checksums(self_ptr self, std::ve
       else out[names[k]] = "not_found";
     }
     fan_out<std::string>(
-        known, [self, names, actors](size_t k) { return self->request(actors.at(names[k]), query_timeout, msg::checksum_atom::value); },
+        known,
+        [self, names, actors, format](size_t k) { return self->request(actors.at(names[k]), query_timeout, msg::checksum_atom::value, format); },
         [names, out, promise](fan_in<std::string>& in) mutable {
           for (auto& [k, hex] : in.replies) out[names[k]] = hex;
           for (auto& [k, e] : in.errors) out[names[k]] = "error: " + msg::describe(e);
@@ -240,9 +252,9 @@ caf::result<msg::model_info> model_info(self_ptr self) {
   msg::model_info info;
   info.model_path = st.model_path;
   info.weight_version = st.weight_version;
-  module_actors(self, indices(st.setup.workers.size()), [self, info, promise](std::map<size_t, module_map>& maps) mutable {
+  module_actors(self, indices(st.setup.workers.size()), [self, info, promise](fan_in<module_map>& in) mutable {
     std::vector<msg::module_actor> actors;
-    for (auto& [w, map] : maps)
+    for (auto& [w, map] : in.replies)
       for (auto& [name, actor] : map) actors.push_back(actor);
     fan_out<msg::module_info>(
         indices(actors.size()), [self, actors](size_t i) { return self->request(actors[i], query_timeout, msg::info_atom::value); },
@@ -282,9 +294,12 @@ caf::result<bool> inject_fault(self_ptr self, const std::string& module, int32_t
   if (worker < 0 || static_cast<size_t>(worker) >= st.setup.workers.size())
     return msg::make_error(refit_errc::invalid_request, "worker " + std::to_string(worker) + " does not exist");
   auto promise = self->make_response_promise<bool>();
-  module_actors(self, {static_cast<size_t>(worker)}, [self, module, f, promise](std::map<size_t, module_map>& maps) mutable {
-    module_map actors;
-    if (!maps.empty()) actors = std::move(maps.begin()->second);
+  module_actors(self, {static_cast<size_t>(worker)}, [self, module, f, promise](fan_in<module_map>& in) mutable {
+    if (!in.errors.empty()) {
+      promise.deliver(in.errors.begin()->second);
+      return;
+    }
+    module_map actors = std::move(in.replies.begin()->second);
     auto it = actors.find(module);
     if (it == actors.end()) {
       promise.deliver(msg::make_error(refit_errc::module_not_found, "no module '" + module + "'"));
@@ -321,7 +336,7 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system& sys, scheduler_setup set
           start_next_update(self);
           return promise;
         },
-        [self](msg::checksum_atom, std::vector<std::string>& names, int32_t worker) { return checksums(self, std::move(names), worker); },
+        [self](msg::checksum_atom, const msg::checksum_request& req) { return checksums(self, req); },
         [self](msg::info_atom) { return model_info(self); },
         [self](msg::stats_atom) { return stats(self); },
         [self](msg::pause_atom, bool abort) { return pause(self, abort); },

@@ -4,6 +4,9 @@
 
 namespace refit::actors::txn {
 
+// SGLang's sentence, which its clients look for ("rolled back"); said only where it is true.
+constexpr const char* all_rolled_back = "All modules rolled back to original weights.";
+
 std::string phase_failure(const participant& p, const char* phase, const std::string& error) {
   std::string cause = error;
   const std::string own = who(p) + " phase '" + phase + "': ";
@@ -11,7 +14,9 @@ std::string phase_failure(const participant& p, const char* phase, const std::st
   return "Failed to update " + who(p) + " in phase '" + phase + "': " + cause;
 }
 
-std::string stopped_before_commit(const std::string& why) { return why + ". No weights were changed (the update stopped before commit)."; }
+std::string stopped_before_commit(const std::string& why) {
+  return why + ". No weights were changed (the update stopped before commit). " + all_rolled_back;
+}
 
 std::string settled_sentences(const state& st, const settled& s) {
   std::string out;
@@ -29,7 +34,7 @@ std::string describe(const state& st, const rollback_outcome& o) {
   for (const auto& [i, why] : o.rollback_failed) failed += (failed.empty() ? "" : "; ") + who(st.parts[i]) + ": " + why;
   std::string out = st.failure + ". ";
   if (!rolled.empty()) out += "Rolled back " + rolled + ". ";
-  if (failed.empty()) out += "No weights were changed: every module holds the weights it had before the update.";
+  if (failed.empty()) out += "No weights were changed: every module holds the weights it had before the update. " + std::string(all_rolled_back);
   else out += "ROLLBACK FAILED for " + failed + ".";
   return out + settled_sentences(st, o.lost);
 }

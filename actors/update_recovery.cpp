@@ -131,7 +131,11 @@ void conclude(self_ptr self, std::vector<size_t> redo, std::vector<size_t> fin, 
                               std::vector<size_t> next_redo, next_fin;
                               for (size_t i : failed) {
                                 if (s.unrecovered.count(i)) fail_after_decision(self, i, "could not be recovered: " + s.unrecovered.at(i));
-                                else if (kept.count(i)) self->state.parts[i].fate = participant::after_decision::kept;  // finalized by its replacement
+                                else if (kept.count(i)) {
+                                  // Finalized by its replacement; a participant given the update again keeps saying so.
+                                  auto& fate = self->state.parts[i].fate;
+                                  if (fate != participant::after_decision::reapplied) fate = participant::after_decision::kept;
+                                }
                                 else if (s.replaced.count(i) || redo_failed.count(i)) next_redo.push_back(i);
                                 else next_fin.push_back(i);
                               }

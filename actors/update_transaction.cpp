@@ -92,13 +92,19 @@ void start(self_ptr self, const msg::update_request& req) {
       [self](size_t w) { return self->request(self->state.ctx.workers[w], phase_timeout, msg::modules_atom::value); },
       [self, sources = std::move(plan.sources)](fan_in<std::map<std::string, msg::module_actor>>& in) {
         auto& st = self->state;
+        std::string missing;
         for (auto& [w, handles] : in.replies)
           for (const auto& [module, source] : sources) {
+            auto it = handles.find(module);
+            if (it == handles.end()) {
+              missing = "Worker " + std::to_string(w) + " has no module '" + module + "'";
+              continue;
+            }
             participant p;
             p.worker = static_cast<int32_t>(w);
             p.module = module;
             p.source = source;
-            p.handle = handles.at(module);
+            p.handle = it->second;
             self->monitor(p.handle);
             st.parts.push_back(std::move(p));
           }
@@ -106,6 +112,7 @@ void start(self_ptr self, const msg::update_request& req) {
           const auto& [w, e] = *in.errors.begin();
           return abort(self, "Worker " + std::to_string(w) + " did not answer: " + msg::describe(e));
         }
+        if (!missing.empty()) return abort(self, missing);
         validate(self);
       });
 }
@@ -235,7 +242,11 @@ void abort(self_ptr self, const std::string& why) {
   auto& st = self->state;
   st.result.success = false;
   st.result.message = stopped_before_commit(why);
-  ask_parts(self, in_phase(st, phase::staged),
+  // The staged free their shadows; those that failed their stage clean up whatever it left (discard is
+  // idempotent).
+  std::vector<size_t> clean = in_phase(st, phase::staged), failed = in_phase(st, phase::failed);
+  clean.insert(clean.end(), failed.begin(), failed.end());
+  ask_parts(self, clean,
             [self](participant& p) { return self->request(p.handle, phase_timeout, msg::discard_atom::value); },
             [self](fan_in<msg::module_report>&) {
               settle(self, indices(self->state.parts.size()), [self](settled s) {

@@ -4,7 +4,7 @@
 
 #include <chrono>
 
-#include "pipeline/image/png.hpp"
+#include "pipeline/image/encode.hpp"
 #include "pipeline/pipeline.hpp"
 
 namespace refit::actors {
@@ -22,6 +22,7 @@ pipeline::generation_params to_params(const msg::generation_request& r, const st
   p.steps = r.steps;
   p.guidance_scale = r.guidance_scale;
   p.seed = r.seed;
+  p.seeds = r.seeds;
   p.images_per_prompt = r.images_per_prompt;
   p.cancel = cancel;
   p.teacache.enabled = r.enable_teacache || r.teacache_threshold >= 0;
@@ -44,8 +45,13 @@ msg::worker_actor spawn_worker(caf::actor_system& sys, worker_setup setup) {
             pipeline::generation_stats stats;
             auto images = w->pipeline->generate(p, &stats);
             msg::generation_result out;
+            const auto format = r.format == msg::image_format::jpeg ? image::format::jpeg
+                                : r.format == msg::image_format::webp ? image::format::webp
+                                                                      : image::format::png;
+            const std::optional<int> compression = r.compression >= 0 ? std::optional<int>(r.compression) : std::nullopt;
             for (const auto& img : images)
-              out.png_images.push_back(image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height)));
+              out.images.push_back(image::encode(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height), format, compression));
+            out.format = r.format;
             out.worker = w->index;
             out.inference_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             if (p.teacache.enabled) {

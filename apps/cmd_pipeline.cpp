@@ -11,6 +11,7 @@
 #include "pipeline/image/png.hpp"
 #include "pipeline/make_model.hpp"
 #include "pipeline/pipeline.hpp"
+#include "pipeline/weights/hf_cache.hpp"
 
 namespace refit::apps {
 
@@ -116,7 +117,7 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
   commands.emplace_back(gen, [ga] {
     const auto where = parse_flags(ga->device, ga->dtype);
     auto t0 = std::chrono::steady_clock::now();
-    const auto pipe_ptr = pipeline::open_pipeline(ga->model, where, {ga->offload, ga->prefetch});
+    const auto pipe_ptr = pipeline::open_pipeline(weights::resolve_model_path(ga->model), where, {ga->offload, ga->prefetch});
     pipeline::diffusion_pipeline& pipe = *pipe_ptr;
     pipe.load_weights();
     auto t1 = std::chrono::steady_clock::now();

@@ -17,6 +17,7 @@
 #include "net/http_bridge.hpp"
 #include "net/remote.hpp"
 #include "pipeline/models/placement.hpp"
+#include "pipeline/weights/hf_cache.hpp"
 
 namespace refit::apps {
 
@@ -31,6 +32,8 @@ struct serve_args {
   std::vector<std::string> allowed_roots;
   std::optional<int> actor_port;
   size_t max_request_bytes = 1 << 20;
+  int image_url_ttl = 600;
+  uint64_t image_store_mb = 256;
   bool dit_layerwise_offload = false;
   double dit_offload_prefetch_size = 1;
 };
@@ -68,6 +71,8 @@ int serve(const serve_args& a) {
   // Fail on a mistyped root before spending minutes loading a large model.
   net::model_root_policy{std::vector<fs::path>(a.allowed_roots.begin(), a.allowed_roots.end())};
 
+  const std::string model_path = weights::resolve_model_path(a.model_path);  // a Hugging Face id: its cached snapshot
+  if (model_path != a.model_path) spdlog::info("refit serve: {} is {} in the Hugging Face cache", a.model_path, model_path);
   net::remote_system_config cfg;
   caf::actor_system sys{cfg};
   const std::vector<std::string> devices(static_cast<size_t>(a.workers), a.device);
@@ -75,7 +80,7 @@ int serve(const serve_args& a) {
                a.dtype.empty() ? "default" : a.dtype);
   if (a.dit_layerwise_offload)
     spdlog::info("refit serve: layerwise offload of the DiT's blocks, prefetch {}", a.dit_offload_prefetch_size);
-  auto scheduler = actors::spawn_engine(sys, {a.model_path, devices, a.dtype, a.dit_layerwise_offload, a.dit_offload_prefetch_size});
+  auto scheduler = actors::spawn_engine(sys, {model_path, devices, a.dtype, a.dit_layerwise_offload, a.dit_offload_prefetch_size});
   caf::scoped_actor self{sys};
   // Whatever goes wrong from here, the engine must not outlive this function (the actor system's
   // destructor would wait for it forever).
@@ -100,6 +105,8 @@ int serve(const serve_args& a) {
   hc.api_key = a.api_key;
   hc.allowed_model_roots.assign(a.allowed_roots.begin(), a.allowed_roots.end());
   hc.max_request_bytes = a.max_request_bytes;
+  hc.image_url_ttl = std::chrono::seconds(a.image_url_ttl);
+  hc.image_store_bytes = a.image_store_mb << 20;
   auto bridge = net::spawn_http_bridge(sys, scheduler, hc);
   self->monitor(scheduler);
   self->monitor(bridge.actor);
@@ -152,7 +159,9 @@ int serve(const serve_args& a) {
 void add_serve_commands(CLI::App& app, command_registry& commands) {
   auto a = std::make_shared<serve_args>();
   auto* cmd = app.add_subcommand("serve", "Serve a diffusion pipeline checkpoint over HTTP with transactional hot weight updates");
-  cmd->add_option("--model-path", a->model_path, "Diffusers-layout checkpoint to serve")->required();
+  cmd->add_option("--model-path", a->model_path,
+                  "Diffusers-layout checkpoint to serve: a folder, or a Hugging Face id (org/name) in the local hub cache")
+      ->required();
   cmd->add_option("--host", a->host, "Address the HTTP server (and --actor-port) binds")->capture_default_str();
   cmd->add_option("--port", a->port, "HTTP port; 0 binds an ephemeral port (see --port-file)")->capture_default_str();
   cmd->add_option("--port-file", a->port_file, "Write the bound HTTP port (decimal, newline) to this file once serving");
@@ -165,6 +174,13 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
                   "Directory update checkpoints must lie in, after resolving symlinks and '..'; repeatable (default: any path)");
   cmd->add_option("--actor-port", a->actor_port, "Publish the client API (generate, update, checksum, info, stats) to CAF remote clients on this port; 0: ephemeral (default: off)");
   cmd->add_option("--max-request-bytes", a->max_request_bytes, "Larger request bodies are refused with 413")->capture_default_str();
+  cmd->add_option("--image-url-ttl", a->image_url_ttl,
+                  "Seconds the images of a response_format \"url\" reply stay fetchable at /v1/images/<id>/content")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 7 * 24 * 3600));
+  cmd->add_option("--image-store-mb", a->image_store_mb, "MiB of such images kept at most (oldest dropped first)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
   add_offload_options(*cmd, a->dit_layerwise_offload, a->dit_offload_prefetch_size);
   commands.emplace_back(cmd, [a] { return serve(*a); });
 }

@@ -6,8 +6,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <set>
 
 #include "apps/commands.hpp"
+#include "pipeline/models/tensor_registry.hpp"
+#include "pipeline/pipeline.hpp"
 #include "pipeline/weights/checksum.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
 
@@ -114,22 +117,48 @@ int run_inspect(const fs::path& dir, bool as_json, bool list_tensors) {
   return 0;
 }
 
+// Which tensors of each module are buffers (SGLang's checksum covers parameters only), from the pipeline
+// family the checkpoint belongs to: `dir` itself, or the pipeline folder a component folder sits in.
+// Empty when no family refit serves can be built from it; every tensor is then hashed.
+std::map<std::string, std::set<std::string>> buffers_by_module(const fs::path& dir, const model_layout& m) {
+  const fs::path root = fs::is_regular_file(dir / "model_index.json") ? dir : dir.parent_path();
+  std::map<std::string, std::set<std::string>> out;
+  try {
+    auto family = pipeline::open_pipeline(root, models::placement{});
+    for (const auto& module : family->module_names())
+      for (const auto& slot : family->registry(module).slots())
+        if (slot.is_buffer) out[module].insert(slot.name);
+  } catch (const std::exception& e) {
+    spdlog::warn("checksum: {} is not a pipeline refit can build ({}); SGLang's formula covers parameters only, but which tensors "
+                 "are buffers is not known here: every tensor is hashed",
+                 m.root.string(), e.what());
+  }
+  return out;
+}
+
 int run_checksum(const fs::path& dir, const std::vector<std::string>& modules, const std::string& dtype_flag,
-                 bool as_json, unsigned threads) {
+                 const std::string& format_flag, bool as_json, unsigned threads) {
   checksum_options opts;
   opts.threads = threads;
   if (!dtype_flag.empty()) {
     opts.float_dtype = parse_target_dtype(dtype_flag);
     if (!opts.float_dtype) throw std::invalid_argument("--dtype must be bf16, fp16 or fp32, got '" + dtype_flag + "'");
   }
+  const auto format = parse_checksum_format(format_flag);
+  if (!format) throw std::invalid_argument("--format must be sglang or refit, got '" + format_flag + "'");
+  opts.format = *format;
   model_layout m = open_layout(dir);
+  const auto buffers = opts.format == checksum_format::sglang ? buffers_by_module(dir, m) : std::map<std::string, std::set<std::string>>{};
   json out = json::object();
   for (const component_info* c : select_modules(m, modules)) {
     auto t0 = std::chrono::steady_clock::now();
     module_weights w = open_module_weights(*c);
+    auto it = buffers.find(c->name);
+    opts.exclude = it == buffers.end() ? std::set<std::string>{} : it->second;
     std::string hex = module_checksum(w, opts);
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    spdlog::info("checksum {}: {} tensors, {} from {} in {:.3f} s ({:.2f} GB/s)", c->name, w.tensors.size(),
+    spdlog::info("checksum {} ({} format): {} tensors{}, {} from {} in {:.3f} s ({:.2f} GB/s)", c->name, checksum_format_name(opts.format),
+                 w.tensors.size(), opts.exclude.empty() ? "" : " (" + std::to_string(opts.exclude.size()) + " buffers left out)",
                  human_bytes(w.total_bytes), w.dir.string(), s, s > 0 ? w.total_bytes / s / 1e9 : 0.0);
     out[c->name] = hex;
     if (!as_json) std::printf("%s  %s\n", hex.c_str(), c->name.c_str());
@@ -153,7 +182,7 @@ void add_weight_commands(CLI::App& app, command_registry& commands) {
   commands.emplace_back(inspect, [ia] { return run_inspect(ia->dir, ia->json, ia->tensors); });
 
   struct checksum_args {
-    std::string dir, dtype;
+    std::string dir, dtype, format = "sglang";
     std::vector<std::string> modules;
     bool json = false;
     unsigned threads = 0;
@@ -161,13 +190,17 @@ void add_weight_commands(CLI::App& app, command_registry& commands) {
   auto ca = std::make_shared<checksum_args>();
   auto* checksum = app.add_subcommand("checksum",
       "SHA-256 module checksums of a checkpoint on disk, as the server reports them after loading it "
-      "(definition: DESIGN.md section 4)");
+      "(definitions: README, 'The checksum')");
   checksum->add_option("MODEL_DIR", ca->dir, "Diffusers pipeline folder or one component folder")->required();
   checksum->add_option("--module", ca->modules, "Module to hash (repeatable; default: every module with weights)")->allow_extra_args(false);
   checksum->add_option("--dtype", ca->dtype, "Hash floating tensors as converted to bf16, fp16 or fp32 (the dtype the server holds)");
+  checksum->add_option("--format", ca->format,
+                       "sglang: SGLang's compute_weights_checksum over the parameters (buffers left out), what /get_weights_checksum "
+                       "reports by default; refit: refit's self-describing formula over every tensor")
+      ->capture_default_str();
   checksum->add_flag("--json", ca->json, "Print one JSON object {\"<module>\": \"<hex>\", ...}");
   checksum->add_option("--threads", ca->threads, "Hashing threads (default: all cores)");
-  commands.emplace_back(checksum, [ca] { return run_checksum(ca->dir, ca->modules, ca->dtype, ca->json, ca->threads); });
+  commands.emplace_back(checksum, [ca] { return run_checksum(ca->dir, ca->modules, ca->dtype, ca->format, ca->json, ca->threads); });
 }
 
 }  // namespace refit::apps

@@ -20,6 +20,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "messages/protocol.hpp"
@@ -49,6 +50,7 @@ struct options {
   int64_t steps = 0;
   std::string out;
   int timeout_s = 600;
+  int connect_timeout_s = 60;
 };
 
 // Blocking requests to the remote scheduler. A failure is a value (the error), never an exception.
@@ -59,7 +61,7 @@ class scheduler_client {
 
   caf::expected<msg::model_info> info() { return ask<msg::model_info>(msg::info_atom::value); }
   caf::expected<std::map<std::string, std::string>> checksums(int32_t worker = 0) {
-    return ask<std::map<std::string, std::string>>(msg::checksum_atom::value, std::vector<std::string>{}, worker);
+    return ask<std::map<std::string, std::string>>(msg::checksum_atom::value, msg::checksum_request{{}, worker, msg::checksum_format::sglang});
   }
   caf::expected<msg::update_result> update(msg::update_request req) {
     return ask<msg::update_result>(msg::update_atom::value, std::move(req));
@@ -154,11 +156,18 @@ bool parse_size(const std::string& text, int64_t& width, int64_t& height) {
 
 int run(caf::actor_system& sys, const options& opt) {
   std::cout << "connecting to " << opt.host << ":" << opt.port << " ...\n";
+  // A server that is still loading its model does not listen yet: retry until the deadline.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(opt.connect_timeout_s);
   auto remote = caf::io::remote_actor<msg::client_api_actor>(sys, opt.host, opt.port);
+  for (int attempt = 1; !remote && std::chrono::steady_clock::now() < deadline; ++attempt) {
+    if (attempt == 1) std::cout << "  not reachable yet (" << sys.render(remote.error()) << "); retrying for up to " << opt.connect_timeout_s << " s\n";
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::min(1000, 100 * attempt)));
+    remote = caf::io::remote_actor<msg::client_api_actor>(sys, opt.host, opt.port);
+  }
   if (!remote)
-    return fail("cannot reach the scheduler at " + opt.host + ":" + std::to_string(opt.port) + ": " +
-                sys.render(remote.error()) + " (is `refit serve --actor-port " + std::to_string(opt.port) +
-                "` running there?)");
+    return fail("cannot reach the client API at " + opt.host + ":" + std::to_string(opt.port) + " within " +
+                std::to_string(opt.connect_timeout_s) + " s: " + sys.render(remote.error()) + " (is `refit serve --actor-port " +
+                std::to_string(opt.port) + "` running there?)");
   scheduler_client client(sys, *remote, std::chrono::seconds(opt.timeout_s));
 
   auto info = client.info();
@@ -196,8 +205,8 @@ int run(caf::actor_system& sys, const options& opt) {
     return fail("--size must be WxH with positive integers, got '" + opt.size + "'");
   auto image = client.generate(gen);
   if (!image) return fail("generation: " + msg::describe(image.error()));
-  if (image->png_images.empty()) return fail("generation returned no image");
-  const auto& png = image->png_images.front();
+  if (image->images.empty()) return fail("generation returned no image");
+  const auto& png = image->images.front();
   std::printf("generated: %zu-byte PNG in %.3f s on worker %d, weight_version %s\n", png.size(),
               image->inference_time_s, image->worker, image->weight_version.c_str());
   if (!opt.out.empty()) {
@@ -234,6 +243,9 @@ int main(int argc, char** argv) {
   app.add_option("--steps", opt.steps, "inference steps (default: the model's)");
   app.add_option("--out", opt.out, "write the generated PNG here");
   app.add_option("--timeout", opt.timeout_s, "seconds to wait for each reply")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--connect-timeout", opt.connect_timeout_s, "seconds to keep retrying while the server does not accept connections yet")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
 
   client_config cfg;

@@ -201,7 +201,7 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/refit-rl"),
                         help="where the step-K checkpoints are written (readable by the server)")
     parser.add_argument("--keep", type=int, default=2,
-                        help="step folders to keep (older ones are deleted; 0 keeps all)")
+                        help="step folders to keep in --work-dir, this run's and earlier runs' (older ones are deleted; 0 keeps all)")
     parser.add_argument("--noise", type=float, default=0.05,
                         help="perturbation per step, relative to each tensor's RMS")
     parser.add_argument("--refit-bin", default=str(Path(__file__).resolve().parents[1] / "build/apps/refit"),
@@ -226,6 +226,15 @@ def main() -> int:
         return 1
 
 
+def prune(work_dir: Path, keep: int, serving: Path):
+    """Deletes all but the newest `keep` step-K folders in work_dir, this run's and earlier runs' alike; never the
+    folder the server serves now (the source it re-reads should an in-place rollback need it)."""
+    steps = sorted((int(p.name[5:]), p) for p in work_dir.glob("step-*") if p.name[5:].isdigit() and p.is_dir())
+    for _, old in steps[:-keep]:
+        if old.resolve() != serving.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def run_loop(server: RefitServer, args: argparse.Namespace) -> int:
     server.health()
     info = server.model_info()
@@ -240,7 +249,6 @@ def run_loop(server: RefitServer, args: argparse.Namespace) -> int:
 
     first = next_step(work_dir)
     rows = []
-    written: list[Path] = []
     previous_png = None
     for step in range(first, first + args.iterations):
         version = f"step-{step}"
@@ -289,11 +297,9 @@ def run_loop(server: RefitServer, args: argparse.Namespace) -> int:
               f"(pause {row['pause_s']:.4f} s, request {request_s:.3f} s, mode {reply.get('mode', '?')}); "
               f"{MODULE} {served[:16]}… matches disk; sample {row['sample_s']:.2f} s with {version}")
 
-        written.append(folder)
         current = folder
         if args.keep > 0:
-            while len(written) > args.keep:
-                shutil.rmtree(written.pop(0), ignore_errors=True)
+            prune(work_dir, args.keep, current)
 
     print()
     print(f"{'step':>4}  {'update s':>9}  {'pause s':>9}  {'request s':>9}  {'sample s':>8}  checksum")

@@ -16,8 +16,8 @@ using client_api_actor = caf::typed_actor<
     caf::replies_to<generate_atom, generation_request>::with<generation_result>,
     // A weight update as one transaction across modules and workers; the result says what changed.
     caf::replies_to<update_atom, update_request>::with<update_result>,
-    caf::replies_to<checksum_atom, std::vector<std::string> /*modules; empty: all*/, int32_t /*worker*/>::with<
-        std::map<std::string, std::string>>,
+    // module -> hex checksum, "not_found" for a module the pipeline lacks, "error: ..." when it failed.
+    caf::replies_to<checksum_atom, checksum_request>::with<std::map<std::string, std::string>>,
     caf::replies_to<info_atom>::with<model_info>,
     caf::replies_to<stats_atom>::with<scheduler_stats>>;
 

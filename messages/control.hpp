@@ -26,7 +26,7 @@ using module_actor = caf::typed_actor<
     caf::replies_to<finalize_atom>::with<module_report>,
     // The update stopped before commit: free shadows (and finish undoing anything half done).
     caf::replies_to<discard_atom>::with<module_report>,
-    caf::replies_to<checksum_atom>::with<std::string>,
+    caf::replies_to<checksum_atom, checksum_format>::with<std::string>,
     caf::replies_to<info_atom>::with<module_info>,
     caf::replies_to<fault_atom, fault_spec>::with<bool>>;
 

@@ -7,6 +7,7 @@ namespace refit::msg {
 void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<weight_source>("refit.weight_source");
   cfg.add_message_type<update_request>("refit.update_request");
+  cfg.add_message_type<checksum_request>("refit.checksum_request");
   cfg.add_message_type<module_report>("refit.module_report");
   cfg.add_message_type<std::vector<module_report>>("refit.module_reports");
   cfg.add_message_type<update_result>("refit.update_result");

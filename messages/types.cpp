@@ -32,6 +32,23 @@ std::string to_string(source_kind k) {
   return "unknown(" + std::to_string(static_cast<int>(k)) + ")";
 }
 
+std::string to_string(checksum_format f) { return f == checksum_format::refit ? "refit" : "sglang"; }
+
+std::string to_string(image_format f) {
+  switch (f) {
+    case image_format::png: return "png";
+    case image_format::jpeg: return "jpeg";
+    case image_format::webp: return "webp";
+  }
+  return "unknown(" + std::to_string(static_cast<int>(f)) + ")";
+}
+
+std::optional<checksum_format> parse_checksum_format(std::string_view text) {
+  if (text == "sglang") return checksum_format::sglang;
+  if (text == "refit") return checksum_format::refit;
+  return std::nullopt;
+}
+
 std::optional<update_mode> parse_update_mode(std::string_view text) {
   for (auto m : {update_mode::auto_select, update_mode::staged, update_mode::in_place})
     if (to_string(m) == text) return m;
@@ -40,5 +57,7 @@ std::optional<update_mode> parse_update_mode(std::string_view text) {
 
 std::ostream& operator<<(std::ostream& os, update_mode m) { return os << to_string(m); }
 std::ostream& operator<<(std::ostream& os, write_path p) { return os << to_string(p); }
+std::ostream& operator<<(std::ostream& os, checksum_format f) { return os << to_string(f); }
+std::ostream& operator<<(std::ostream& os, image_format f) { return os << to_string(f); }
 
 }  // namespace refit::msg

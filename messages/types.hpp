@@ -32,12 +32,23 @@ enum class write_path : uint8_t { none, staged, in_place, in_place_reread_undo, 
 // module source under actors/ and pipeline/update/; the transaction does not change.
 enum class source_kind : uint8_t { checkpoint };
 
+// How generated images are encoded for the client.
+enum class image_format : uint8_t { png, jpeg, webp };
+
+// The module checksum's definition (DESIGN.md section 4): SGLang's (the default) or refit's.
+enum class checksum_format : uint8_t { sglang, refit };
+
 std::string to_string(update_mode m);   // auto, staged, in_place
 std::string to_string(write_path p);    // "", staged, in_place, in_place(reread-undo), reread, mixed
 std::string to_string(source_kind k);   // checkpoint
+std::string to_string(checksum_format f);  // sglang, refit
+std::string to_string(image_format f);     // png, jpeg, webp
 std::optional<update_mode> parse_update_mode(std::string_view text);
+std::optional<checksum_format> parse_checksum_format(std::string_view text);
 std::ostream& operator<<(std::ostream& os, update_mode m);
 std::ostream& operator<<(std::ostream& os, write_path p);
+std::ostream& operator<<(std::ostream& os, checksum_format f);
+std::ostream& operator<<(std::ostream& os, image_format f);
 
 // Reads an enum's raw value from the wire; out of range is an error, and `out` keeps its value.
 template <class Enum>
@@ -122,6 +133,20 @@ typename Inspector::result_type inspect(Inspector& f, update_result& x) {
            caf::meta::load_callback([&] { return load_enum(x.mode, mode, write_path::mixed, "write path"); }));
 }
 
+// Checksums of what a worker holds.
+struct checksum_request {
+  std::vector<std::string> modules;  // empty: every module
+  int32_t worker = 0;
+  checksum_format format = checksum_format::sglang;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, checksum_request& x) {
+  auto format = static_cast<uint8_t>(x.format);
+  return f(caf::meta::type_name("checksum_request"), x.modules, x.worker, format,
+           caf::meta::load_callback([&] { return load_enum(x.format, format, checksum_format::refit, "checksum format"); }));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Generation
 
@@ -131,20 +156,26 @@ struct generation_request {
   int64_t width = 0, height = 0;  // 0: the model's default
   int64_t steps = 0;              // 0: the model's default
   double guidance_scale = 4.0;
-  uint64_t seed = 0;
+  uint64_t seed = 0;              // image i (prompt-major) is drawn with seed + i ...
+  std::vector<uint64_t> seeds;    // ... unless this gives one seed per image
   int64_t images_per_prompt = 1;
   bool enable_teacache = false;
   double teacache_threshold = -1;  // >= 0: this request's TeaCache threshold (turns TeaCache on); < 0: the model's
+  image_format format = image_format::png;
+  int32_t compression = -1;        // 0-100 (JPEG/WebP quality; PNG zlib level), < 0: the format's default
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generation_request& x) {
+  auto format = static_cast<uint8_t>(x.format);
   return f(caf::meta::type_name("generation_request"), x.prompts, x.negative_prompt, x.width, x.height, x.steps,
-           x.guidance_scale, x.seed, x.images_per_prompt, x.enable_teacache, x.teacache_threshold);
+           x.guidance_scale, x.seed, x.seeds, x.images_per_prompt, x.enable_teacache, x.teacache_threshold, format, x.compression,
+           caf::meta::load_callback([&] { return load_enum(x.format, format, image_format::webp, "image format"); }));
 }
 
 struct generation_result {
-  std::vector<std::vector<uint8_t>> png_images;
+  std::vector<std::vector<uint8_t>> images;  // encoded as `format`
+  image_format format = image_format::png;
   std::string weight_version;
   double inference_time_s = 0;
   int32_t worker = 0;
@@ -154,8 +185,10 @@ struct generation_result {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, generation_result& x) {
-  return f(caf::meta::type_name("generation_result"), x.png_images, x.weight_version, x.inference_time_s, x.worker,
-           x.teacache_calls, x.teacache_skipped);
+  auto format = static_cast<uint8_t>(x.format);
+  return f(caf::meta::type_name("generation_result"), x.images, format, x.weight_version, x.inference_time_s, x.worker,
+           x.teacache_calls, x.teacache_skipped,
+           caf::meta::load_callback([&] { return load_enum(x.format, format, image_format::webp, "image format"); }));
 }
 
 // One worker's TeaCache counters since start.

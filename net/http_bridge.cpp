@@ -8,11 +8,15 @@
 #include <ctime>
 #include <mutex>
 #include <random>
+#include <regex>
 #include <thread>
 #include <variant>
 
+#include "net/image_store.hpp"
+#include "net/images_api.hpp"
 #include "net/json_codec.hpp"
 #include "net/metrics.hpp"
+#include "pipeline/weights/hf_cache.hpp"
 
 namespace refit::net {
 
@@ -38,12 +42,15 @@ struct identity {
 // Shared by every handler thread.
 struct bridge_context {
   bridge_context(caf::actor_system& s, msg::client_api_actor sched, http_bridge_config c)
-      : sys(s), scheduler(std::move(sched)), config(std::move(c)), roots(config.allowed_model_roots) {}
+      : sys(s), scheduler(std::move(sched)), config(std::move(c)), roots(config.allowed_model_roots),
+        images({config.image_url_ttl, config.image_store_bytes}) {}
   caf::actor_system& sys;
   msg::client_api_actor scheduler;
   http_bridge_config config;
   model_root_policy roots;
-  std::mutex identity_mutex;  // handlers run concurrently on httplib's pool
+  image_store images;             // response_format "url"
+  std::string started_with;       // the model path served at start: a model id clients may keep using
+  std::mutex identity_mutex;      // handlers run concurrently on httplib's pool
   identity known;
 };
 
@@ -125,6 +132,13 @@ void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::R
     reply(res, 400, failed_update_json(e.what(), current_identity(ctx).weight_version));
     return;
   }
+  try {
+    update.model_path = weights::resolve_model_path(update.model_path);  // a Hugging Face id: its cached snapshot
+  } catch (const std::runtime_error& e) {
+    spdlog::warn("refit serve: update request rejected (400): {}", e.what());
+    reply(res, 400, failed_update_json(e.what(), current_identity(ctx).weight_version));
+    return;
+  }
   if (ctx.roots.restricted()) {
     auto admitted = ctx.roots.admit(update.model_path);
     if (!admitted) {
@@ -177,8 +191,8 @@ void weights_checksum(bridge_context& ctx, const httplib::Request& req, httplib:
     reply(res, 200, checksums_json({}));
     return;
   }
-  auto r = ask<std::map<std::string, std::string>>(ctx, ctx.config.request_timeout, msg::checksum_atom::value,
-                                                   q.module_names.value_or(std::vector<std::string>{}), q.worker);
+  msg::checksum_request request{q.module_names.value_or(std::vector<std::string>{}), q.worker, q.format};
+  auto r = ask<std::map<std::string, std::string>>(ctx, ctx.config.request_timeout, msg::checksum_atom::value, request);
   if (auto* e = std::get_if<caf::error>(&r)) {
     reply(res, status_for(*e), error_json(describe(*e, ctx.config.request_timeout)));
     return;
@@ -197,6 +211,19 @@ void model_info(bridge_context& ctx, const httplib::Request&, httplib::Response&
   reply(res, 200, model_info_json(info));
 }
 
+// A random id for an image response (as SGLang's: 32 hex digits of a UUID4's randomness).
+std::string new_response_id() {
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  char buf[33];
+  std::snprintf(buf, sizeof buf, "%016llx%016llx", static_cast<unsigned long long>(rng()), static_cast<unsigned long long>(rng()));
+  return buf;
+}
+
+// Served model ids: the model path served now, and the one the server started with.
+bool serves_model(bridge_context& ctx, const std::string& model) {
+  return model == ctx.started_with || model == current_identity(ctx).model_path;
+}
+
 void generate_images(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
   image_request q;
   try {
@@ -205,10 +232,15 @@ void generate_images(bridge_context& ctx, const httplib::Request& req, httplib::
     reply(res, 400, openai_error_json(e.what(), "invalid_request_error"));
     return;
   }
+  if (q.model && !serves_model(ctx, *q.model)) {
+    reply(res, 404, model_not_found_json(*q.model));
+    return;
+  }
   if (!q.seed_given) {
     thread_local std::mt19937_64 rng{std::random_device{}()};
     q.generation.seed = rng();
   }
+  if (!q.user.empty()) spdlog::info("http POST /v1/images/generations for user '{}'", q.user);
   const auto created = static_cast<int64_t>(std::time(nullptr));
   auto r = ask<msg::generation_result>(ctx, ctx.config.request_timeout, msg::generate_atom::value, q.generation);
   if (auto* e = std::get_if<caf::error>(&r)) {
@@ -216,7 +248,44 @@ void generate_images(bridge_context& ctx, const httplib::Request& req, httplib::
     reply(res, status, openai_error_json(describe(*e, ctx.config.request_timeout), status == 400 ? "invalid_request_error" : "server_error"));
     return;
   }
-  reply(res, 200, image_result_json(std::get<msg::generation_result>(r), created));
+  auto& result = std::get<msg::generation_result>(r);
+  const std::string id = new_response_id();
+  std::vector<std::string> urls;
+  if (q.url) {
+    const std::string mime = result.format == msg::image_format::jpeg ? "image/jpeg" : result.format == msg::image_format::webp ? "image/webp" : "image/png";
+    urls = ctx.images.put(id, result.images, mime);
+  }
+  reply(res, 200, image_result_json(result, created, id, urls));
+}
+
+// GET /v1/images/<id>/content[?variant=i]: an image of a response_format "url" reply, while it is kept.
+void image_content(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  const std::string id = req.matches[1];
+  size_t variant = 0;
+  if (req.has_param("variant")) {
+    const std::string v = req.get_param_value("variant");
+    if (v.empty() || v.size() > 3 || v.find_first_not_of("0123456789") != std::string::npos) {
+      reply(res, 400, openai_error_json("query parameter 'variant' must be an image index (0, 1, ...)", "invalid_request_error", "variant"));
+      return;
+    }
+    variant = std::stoul(v);
+  }
+  auto found = ctx.images.get(id, variant);
+  if (!found) {
+    reply(res, 404, openai_error_json("image '" + id + "' (variant " + std::to_string(variant) + ") is not available: unknown, or no longer kept (images stay " +
+                                          std::to_string(ctx.config.image_url_ttl.count()) + " s, at most " +
+                                          std::to_string(ctx.config.image_store_bytes >> 20) + " MiB)",
+                                      "invalid_request_error", "image_id", "image_not_found"));
+    return;
+  }
+  res.status = 200;
+  res.set_content(reinterpret_cast<const char*>(found->bytes->data()), found->bytes->size(), found->mime);
+}
+
+void model_card(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  const std::string model = req.matches[1];
+  if (serves_model(ctx, model)) reply(res, 200, model_card_json(model));
+  else reply(res, 404, model_not_found_json(model));
 }
 
 void metrics(bridge_context& ctx, const httplib::Request&, httplib::Response& res) {
@@ -241,6 +310,17 @@ std::string reason_for(int status) {
   }
 }
 
+// The methods each path answers, for 405 replies (the routes below).
+std::string allowed_methods(const std::string& path) {
+  static const std::vector<std::pair<std::regex, std::string>> table = {
+      {std::regex("/update_weights_from_disk|/get_weights_checksum|/v1/images/generations"), "POST"},
+      {std::regex("/get_model_info|/v1/model_info|/metrics|/health|/v1/models|/v1/models/.+|/v1/images/[0-9A-Za-z_-]+/content"), "GET"},
+  };
+  for (const auto& [pattern, methods] : table)
+    if (std::regex_match(path, pattern)) return methods;
+  return {};
+}
+
 void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
   auto route = [ctx](void (*fn)(bridge_context&, const httplib::Request&, httplib::Response&)) {
     return [ctx, fn](const httplib::Request& req, httplib::Response& res) { fn(*ctx, req, res); };
@@ -250,6 +330,8 @@ void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
   srv.Get("/get_model_info", route(model_info));
   srv.Get("/v1/model_info", route(model_info));
   srv.Post("/v1/images/generations", route(generate_images));
+  srv.Get(R"(/v1/images/([0-9A-Za-z_-]+)/content)", route(image_content));
+  srv.Get(R"(/v1/models/(.+))", route(model_card));
   srv.Get("/metrics", route(metrics));
   srv.Get("/health", [](const httplib::Request&, httplib::Response& res) { reply(res, 200, health_json()); });
   srv.Get("/v1/models", [ctx](const httplib::Request&, httplib::Response& res) {
@@ -257,13 +339,21 @@ void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
   });
 
   const size_t max_bytes = ctx->config.max_request_bytes;
-  // Errors httplib produces itself (404, 413, a malformed request line) get a JSON body too.
+  // Errors httplib produces itself (404, 405, 413, a malformed request line) get a JSON body too, in the
+  // OpenAI error shape that the other errors use; a known path asked with another method is 405.
   srv.set_error_handler(httplib::Server::HandlerWithResponse([max_bytes](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;  // a handler already answered
+    if (res.status == 404) {
+      if (const std::string allow = allowed_methods(req.path); !allow.empty()) {
+        res.status = 405;
+        res.set_header("Allow", allow);
+      }
+    }
     std::string message = reason_for(res.status);
     if (res.status == 413) message += ": the limit is " + std::to_string(max_bytes) + " bytes (--max-request-bytes)";
-    if (res.status == 404) message += ": " + req.method + " " + req.path;
-    reply(res, res.status, error_json(message));
+    if (res.status == 404 || res.status == 405) message += ": " + req.method + " " + req.path;
+    if (res.status == 405) message += " (allowed: " + res.get_header_value("Allow") + ")";
+    reply(res, res.status, openai_error_json(message, "invalid_request_error"));
     return httplib::Server::HandlerResponse::Handled;
   }));
   // Handlers catch what a client can cause; this keeps anything else from taking the server down.
@@ -331,6 +421,7 @@ http_bridge spawn_http_bridge(caf::actor_system& sys, msg::client_api_actor sche
   {
     auto r = ask<msg::model_info>(*ctx, query_timeout, msg::info_atom::value);
     if (auto* info = std::get_if<msg::model_info>(&r)) ctx->known = {info->model_path, info->weight_version};
+    ctx->started_with = ctx->known.model_path;
   }
   auto listener = std::make_shared<http_listener>();
   install_routes(*listener->server, ctx);

@@ -25,6 +25,9 @@ struct http_bridge_config {
   std::string api_key;            // empty: the admin endpoints are open
   std::vector<std::filesystem::path> allowed_model_roots;
   size_t max_request_bytes = 1 << 20;
+  // response_format "url": how long generated images stay fetchable, and how many bytes of them are kept.
+  std::chrono::seconds image_url_ttl{600};
+  uint64_t image_store_bytes = 256ull << 20;
   // Updates of a large cold checkpoint and long generations legitimately take minutes.
   std::chrono::seconds request_timeout{3600};
 };

@@ -188,7 +188,13 @@ std::vector<rgb_image> flux2_klein_pipeline::generate(const generation_params& p
   if (!is_distilled_ && p.guidance_scale > 1.0)
     negative = encode_prompts(std::vector<std::string>(p.prompts.size(), p.negative_prompt)).repeat_interleave(p.images_per_prompt, 0);
   const int64_t batch = embeds.size(0);
-  at::Tensor noise = initial_noise(batch, height, width, p.seed);
+  if (!p.seeds.empty() && static_cast<int64_t>(p.seeds.size()) != batch)
+    throw std::invalid_argument("seeds: " + std::to_string(p.seeds.size()) + " given for " + std::to_string(batch) + " images");
+  // Each image from its own generator, as SGLang does: image i with seeds[i], or seed + i.
+  std::vector<at::Tensor> noises;
+  for (int64_t i = 0; i < batch; ++i)
+    noises.push_back(initial_noise(1, height, width, p.seeds.empty() ? p.seed + static_cast<uint64_t>(i) : p.seeds[static_cast<size_t>(i)]));
+  at::Tensor noise = at::cat(noises, 0);
   return to_rgb_images(sample(noise, embeds, negative, steps, p.guidance_scale, p.cancel, p.teacache, stats));
 }
 

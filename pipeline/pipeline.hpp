@@ -61,7 +61,8 @@ struct generation_params {
   int64_t width = 0, height = 0;     // 0: the model's default size
   int64_t steps = 0;                 // 0: the model's default
   double guidance_scale = 4.0;
-  uint64_t seed = 0;
+  uint64_t seed = 0;              // image i (prompt-major) draws its initial noise with seed + i ...
+  std::vector<uint64_t> seeds;    // ... unless this gives one seed per image (prompts x images_per_prompt)
   int64_t images_per_prompt = 1;
   // Checked between sampling steps: when it reads true, generation stops with generation_cancelled.
   const std::atomic<bool>* cancel = nullptr;

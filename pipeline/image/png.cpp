@@ -22,7 +22,7 @@ void put_chunk(std::vector<uint8_t>& out, const char type[4], const std::vector<
 }
 }  // namespace
 
-std::vector<uint8_t> encode_png_rgb(const std::vector<uint8_t>& pixels, uint32_t width, uint32_t height) {
+std::vector<uint8_t> encode_png_rgb(const std::vector<uint8_t>& pixels, uint32_t width, uint32_t height, int zlib_level) {
   const size_t row = static_cast<size_t>(width) * 3;
   if (pixels.size() != row * height) throw std::invalid_argument("encode_png_rgb: pixel buffer does not match width * height * 3");
   std::vector<uint8_t> raw;
@@ -33,7 +33,7 @@ std::vector<uint8_t> encode_png_rgb(const std::vector<uint8_t>& pixels, uint32_t
   }
   uLongf packed_size = compressBound(static_cast<uLong>(raw.size()));
   std::vector<uint8_t> packed(packed_size);
-  if (compress2(packed.data(), &packed_size, raw.data(), static_cast<uLong>(raw.size()), 6) != Z_OK)
+  if (compress2(packed.data(), &packed_size, raw.data(), static_cast<uLong>(raw.size()), zlib_level) != Z_OK)
     throw std::runtime_error("encode_png_rgb: zlib compression failed");
   packed.resize(packed_size);
 

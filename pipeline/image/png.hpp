@@ -9,8 +9,8 @@
 
 namespace refit::image {
 
-// pixels: height * width * 3 bytes, row-major RGB.
-std::vector<uint8_t> encode_png_rgb(const std::vector<uint8_t>& pixels, uint32_t width, uint32_t height);
+// pixels: height * width * 3 bytes, row-major RGB; zlib_level 0-9.
+std::vector<uint8_t> encode_png_rgb(const std::vector<uint8_t>& pixels, uint32_t width, uint32_t height, int zlib_level = 6);
 void write_file(const std::filesystem::path& path, const std::vector<uint8_t>& bytes);
 
 }  // namespace refit::image

@@ -134,14 +134,13 @@ phase_report module_updater::stage(std::shared_ptr<module_source> source, reques
             : requested == requested_path::in_place ? write_path::in_place
             : fits_on(pipe_->placement().device, shadow_bytes) && spare_fits ? write_path::staged
                                                                              : write_path::in_place;
-  path_ = p->path;
-  tensors_ = slots.size();
-  bytes_ = total_bytes(live);
+  const uint64_t bytes = total_bytes(live);
   pending_ = std::move(p);
   pending& u = *pending_;
   if (u.path == write_path::staged) {
-    for (size_t k = 0; k < slots.size(); ++k) u.shadows.push_back(offloaded(slots[k]) ? off->spare_tensor(slots[k]) : at::empty_like(live[k]));
     try {
+      for (size_t k = 0; k < slots.size(); ++k)
+        u.shadows.push_back(offloaded(slots[k]) ? off->spare_tensor(slots[k]) : at::empty_like(live[k]));
       if (touches_store) {
         // The swap at commit makes the whole second store live: offloaded slots this update does not
         // write must hold their current values there too.
@@ -158,6 +157,9 @@ phase_report module_updater::stage(std::shared_ptr<module_source> source, reques
       throw;
     }
   }
+  path_ = u.path;
+  tensors_ = slots.size();
+  bytes_ = bytes;
   return {u.path, slots.size(), u.path == write_path::staged ? bytes_ : 0, since(t0), u.source->origin()};
 }
 

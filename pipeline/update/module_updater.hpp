@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "pipeline/update/weight_source.hpp"
+#include "pipeline/weights/checksum.hpp"
 
 namespace refit::pipeline {
 class diffusion_pipeline;
@@ -86,13 +87,14 @@ class module_updater {
   // Every participant of the update committed; safe from any thread.
   void mark_decided();
 
-  // refit's module checksum (DESIGN.md section 4) of the values held: host store for offloaded slots.
-  std::string checksum() const;
+  // The module checksum (DESIGN.md section 4) of the values held (the host store for offloaded slots), in
+  // SGLang's format (parameters only) or refit's (every parameter and buffer).
+  std::string checksum(weights::checksum_format format) const;
   module_status status() const;
 
   // Test builds: in-place commits find no room for the undo snapshot; the next decision is lost.
   void simulate_no_room_for_undo(bool on) { force_reread_undo_ = on; }
-  void lose_next_decision() { lose_decision_ = true; }
+  void lose_next_decision(bool lose) { lose_decision_ = lose; }
 
  private:
   struct pending;

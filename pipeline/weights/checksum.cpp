@@ -70,14 +70,40 @@ std::string combine_module_checksum(std::vector<tensor_digest_record> records) {
   return to_hex(d);
 }
 
+std::string_view checksum_format_name(checksum_format f) { return f == checksum_format::sglang ? "sglang" : "refit"; }
+
+std::optional<checksum_format> parse_checksum_format(std::string_view name) {
+  if (name == "sglang") return checksum_format::sglang;
+  if (name == "refit") return checksum_format::refit;
+  return std::nullopt;
+}
+
+void sglang_checksum::begin(std::string_view name) {
+  if (any_ && !(last_ < name)) throw std::logic_error("sglang_checksum: tensor '" + std::string(name) + "' out of name order");
+  last_ = name;
+  any_ = true;
+  hash_.update(name);
+}
+
+void sglang_checksum::add(std::string_view name, std::span<const std::byte> bytes) {
+  begin(name);
+  hash_.update(bytes);
+}
+
+std::string sglang_checksum::finish() {
+  const digest d = hash_.finish();
+  return to_hex(d);
+}
+
 namespace {
 
-digest hash_tensor(std::span<const std::byte> src, dtype stored, dtype held) {
-  sha256 h;
+// Feeds a stored tensor's bytes to `h`, as they are held after conversion from `stored` to `held`.
+template <class Hash>
+void hash_bytes(Hash& h, std::span<const std::byte> src, dtype stored, dtype held) {
   if (stored == held) {
     constexpr size_t chunk = 8u << 20;
     for (size_t off = 0; off < src.size(); off += chunk) h.update(src.subspan(off, std::min(chunk, src.size() - off)));
-    return h.finish();
+    return;
   }
   const size_t in_size = dtype_bits(stored) / 8, out_size = dtype_bits(held) / 8;
   const uint64_t count = src.size() / in_size;
@@ -88,14 +114,34 @@ digest hash_tensor(std::span<const std::byte> src, dtype stored, dtype held) {
     convert_elements(stored, src.data() + i * in_size, held, buf.data(), n);
     h.update(std::span(buf.data(), n * out_size));
   }
+}
+
+digest hash_tensor(std::span<const std::byte> src, dtype stored, dtype held) {
+  sha256 h;
+  hash_bytes(h, src, stored, held);
+  return h.finish();
+}
+
+// SGLang's formula is one stream over the tensors in name order (weights.tensors is ordered by name).
+std::string sglang_module_checksum(const module_weights& weights, const checksum_options& options) {
+  sglang_checksum h;
+  for (const auto& [name, loc] : weights.tensors) {
+    if (options.exclude.count(name)) continue;
+    const tensor_entry& t = *loc.entry;
+    h.begin(name);
+    hash_bytes(h, weights.shards[loc.shard].bytes(t), t.type, held_dtype(t.type, options.float_dtype));
+  }
+  for (const auto& shard : weights.shards) shard.check_unchanged();
   return h.finish();
 }
 
 }  // namespace
 
 std::string module_checksum(const module_weights& weights, const checksum_options& options) {
+  if (options.format == checksum_format::sglang) return sglang_module_checksum(weights, options);
   std::vector<const std::pair<const std::string, tensor_location>*> order;
-  for (const auto& kv : weights.tensors) order.push_back(&kv);
+  for (const auto& kv : weights.tensors)
+    if (!options.exclude.count(kv.first)) order.push_back(&kv);
   // Largest first, so one big tensor does not start last and leave the other threads idle.
   std::stable_sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->second.entry->nbytes() > b->second.entry->nbytes(); });
   std::vector<tensor_digest_record> records(order.size());

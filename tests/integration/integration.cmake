@@ -3,5 +3,5 @@
 add_test(NAME integration.http
   COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/integration)
 set_tests_properties(integration.http PROPERTIES
-  ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>"
+  ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>;REFIT_REMOTE_CLIENT=$<TARGET_FILE:refit_remote_client>"
   TIMEOUT 600)

@@ -87,7 +87,8 @@ def test_openai_client_generates_a_b64_png_equal_to_a_plain_request(server, ckpt
     server.update(ckpt.base, weight_version="openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="dummy-key",
                            http_client=openai.DefaultHttpxClient(trust_env=False), max_retries=0)
-    result = client.images.generate(model="refit", prompt="a lighthouse at dusk", n=1, size="32x32",
+    model = client.models.list().data[0].id  # `model` names the served model (anything else is a 404)
+    result = client.images.generate(model=model, prompt="a lighthouse at dusk", n=1, size="32x32",
                                     response_format="b64_json", extra_body={"seed": 9, "num_inference_steps": 2})
     assert len(result.data) == 1
     png = base64.b64decode(result.data[0].b64_json)
@@ -147,7 +148,7 @@ def test_seed_decides_the_image(server, ckpt):
 BAD_GENERATIONS = {
     "missing_prompt": ({"seed": 1}, r"prompt"),
     "prompt_not_string": ({"prompt": 5}, r"prompt"),
-    "url_format": ({"prompt": "x", "response_format": "url"}, r"response_format"),
+    "html_format": ({"prompt": "x", "response_format": "html"}, r"response_format"),
     "n_zero": ({"prompt": "x", "n": 0}, r"\bn\b"),
     "n_nine": ({"prompt": "x", "n": 9}, r"\bn\b"),
     "size_garbage": ({"prompt": "x", "size": "big"}, r"size"),
@@ -179,9 +180,9 @@ def test_malformed_generation_json_is_400(server):
 def test_body_over_the_limit_is_413_and_the_server_lives_on(server, ckpt, path):
     server.update(ckpt.base, weight_version="limit")
     before = server.checksums()
-    # Unknown fields are ignored, so a padded body just under the limit is an ordinary request.
-    under = b'{"model_path": "%s", "weight_version": "limit", "pad": "' % str(ckpt.base).encode()
-    under += b"x" * (LIMIT - len(under) - 2) + b'"}'
+    # A body padded with JSON whitespace to just under the limit is an ordinary request.
+    under = b'{"model_path": "%s", "weight_version": "limit"' % str(ckpt.base).encode()
+    under += b" " * (LIMIT - len(under) - 1) + b'}'
     assert len(under) == LIMIT
     ok = server.post("/update_weights_from_disk", data=under)
     assert ok.status_code == 200, (ok.status_code, ok.text[:300])

@@ -205,25 +205,44 @@ def python_loaded(root, comp):
     return out
 
 
+def sglang_checksum(tensors: dict, float_dtype=None) -> str:
+    """SGLang's compute_weights_checksum, written from its definition: SHA-256 over the tensors sorted by name, each
+    contributing its UTF-8 name and then its raw bytes (in the dtype held); nothing else."""
+    h = hashlib.sha256()
+    for name in sorted(tensors, key=lambda s: s.encode()):
+        t = tensors[name]
+        if float_dtype is not None and DTYPE_CODE[t.dtype] in CONVERTIBLE:
+            t = t.to(float_dtype)
+        h.update(name.encode())
+        h.update(raw_bytes(t))
+    return h.hexdigest()
+
+
 @pytest.mark.parametrize("flag", [None, "bf16", "fp16", "fp32"])
-def test_checksum_equals_independent_python_computation(pipeline, flag):
+@pytest.mark.parametrize("fmt", [None, "sglang", "refit"])
+def test_checksum_equals_independent_python_computation(pipeline, flag, fmt):
+    # This checkpoint's tensors are not a model refit can build, so no tensor is known to be a buffer and SGLang's
+    # formula covers every one (`refit checksum` says so on stderr).
     root, _ = pipeline
-    args = [REFIT, "checksum", str(root), "--json"] + (["--dtype", flag] if flag else [])
+    args = [REFIT, "checksum", str(root), "--json"] + (["--dtype", flag] if flag else []) + (["--format", fmt] if fmt else [])
     got = json.loads(run(*args).stdout)
-    want = {c: design_checksum(python_loaded(root, c), TARGETS.get(flag)) for c in ("text_encoder", "transformer", "vae")}
+    formula = design_checksum if fmt == "refit" else sglang_checksum  # SGLang's is the default
+    want = {c: formula(python_loaded(root, c), TARGETS.get(flag)) for c in ("text_encoder", "transformer", "vae")}
     assert got == want
 
 
 def test_checksum_module_selection_and_text_output(pipeline):
     root, _ = pipeline
-    got = json.loads(run(REFIT, "checksum", str(root), "--module", "vae", "--module", "text_encoder", "--json").stdout)
+    got = json.loads(run(REFIT, "checksum", str(root), "--module", "vae", "--module", "text_encoder", "--json", "--format", "refit").stdout)
     assert set(got) == {"vae", "text_encoder"}
     assert got["vae"] == design_checksum(python_loaded(root, "vae"))
-    text = run(REFIT, "checksum", str(root), "--module", "vae").stdout.split()
+    text = run(REFIT, "checksum", str(root), "--module", "vae", "--format", "refit").stdout.split()
     assert text == [got["vae"], "vae"]
     # a single component folder works as MODEL_DIR too
-    single = json.loads(run(REFIT, "checksum", str(root / "vae"), "--json").stdout)
+    single = json.loads(run(REFIT, "checksum", str(root / "vae"), "--json", "--format", "refit").stdout)
     assert single == {"vae": got["vae"]}
+    p = run(REFIT, "checksum", str(root), "--format", "md5", check=False)
+    assert p.returncode != 0 and "--format must be sglang or refit" in p.stderr
 
 
 def test_checksum_and_inspect_errors_are_clear(pipeline, tmp_path):

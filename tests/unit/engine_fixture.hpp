@@ -62,9 +62,10 @@ std::pair<msg::module_report, std::string> ask_module(caf::scoped_actor& self, c
                                                       [&](caf::error& e) { out.second = msg::describe(e); });
   return out;
 }
-inline std::string module_checksum(caf::scoped_actor& self, const msg::module_actor& module) {
+inline std::string module_checksum(caf::scoped_actor& self, const msg::module_actor& module,
+                                   msg::checksum_format format = msg::checksum_format::refit) {
   std::string out;
-  self->request(module, caf::infinite, msg::checksum_atom::value).receive([&](std::string& s) { out = s; }, [&](caf::error&) {});
+  self->request(module, caf::infinite, msg::checksum_atom::value, format).receive([&](std::string& s) { out = s; }, [&](caf::error&) {});
   return out;
 }
 inline msg::module_info module_info_of(caf::scoped_actor& self, const msg::module_actor& module) {
@@ -114,9 +115,10 @@ class engine_client {
                  [&](caf::error& e) { out.message = "transport error: " + msg::describe(e); });
     return out;
   }
-  std::map<std::string, std::string> checksums(int32_t worker = 0) {
+  // refit's format, as disk_checksums computes it; tests of SGLang's format ask for it.
+  std::map<std::string, std::string> checksums(int32_t worker = 0, msg::checksum_format format = msg::checksum_format::refit) {
     std::map<std::string, std::string> out;
-    self_->request(scheduler_, caf::infinite, msg::checksum_atom::value, std::vector<std::string>{}, worker)
+    self_->request(scheduler_, caf::infinite, msg::checksum_atom::value, msg::checksum_request{{}, worker, format})
         .receive([&](std::map<std::string, std::string>& m) { out = std::move(m); },
                  [&](caf::error& e) { out["error"] = msg::describe(e); });
     return out;
@@ -130,7 +132,7 @@ class engine_client {
     r.width = r.height = size;
     std::pair<std::string, std::vector<uint8_t>> out;
     self_->request(scheduler_, caf::infinite, msg::generate_atom::value, r)
-        .receive([&](msg::generation_result& g) { out = {g.weight_version, g.png_images.at(0)}; },
+        .receive([&](msg::generation_result& g) { out = {g.weight_version, g.images.at(0)}; },
                  [&](caf::error& e) { out = {"error: " + msg::describe(e), {}}; });
     return out;
   }

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "net/http_bridge.hpp"
+#include "net/images_api.hpp"
 #include "net/json_codec.hpp"
 #include "net/metrics.hpp"
 #include "tests/unit/temp_dir.hpp"
@@ -126,13 +127,59 @@ BOOST_AUTO_TEST_CASE(update_request_empty_target_list_is_not_every_module) {
   BOOST_TEST(update_rejection(R"({"model_path": "/m", "target_modules": []})").find("field 'target_modules' must not be an empty list") == 0);
 }
 
-BOOST_AUTO_TEST_CASE(unknown_fields_are_ignored) {
-  const auto u = net::parse_update_request(R"({"model_path": "/m", "load_format": 3, "extra": {"nested": [1, 2]}})");
-  BOOST_TEST(u.model_path == "/m");
-  const auto c = net::parse_checksum_request(R"({"whatever": null, "worker": 1})");
-  BOOST_TEST(c.worker == 1);
-  const auto i = net::parse_image_request(R"({"prompt": "a fox", "model": 12, "user": "me", "quality": "hd"})");
+// A misspelled field must not be silently dropped (target_module would update every module).
+BOOST_AUTO_TEST_CASE(unknown_fields_are_refused_by_name) {
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "target_module": ["vae"]})") ==
+             "unknown field(s) 'target_module' (this endpoint takes: model_path, flush_cache, target_modules, weight_version, "
+             "abort_all_requests, mode)");
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "load_format": 3, "extra": {"nested": [1, 2]}})").find("unknown field(s) 'extra', 'load_format'") == 0);
+  BOOST_TEST(checksum_rejection(R"({"whatever": null, "worker": 1})").find("unknown field(s) 'whatever'") == 0);
+  BOOST_TEST(image_rejection(R"({"prompt": "a fox", "steps": 4})").find("unknown field(s) 'steps'") == 0);
+  // OpenAI's documented fields are known: honoured, or refused by name with the reason.
+  const auto i = net::parse_image_request(R"({"prompt": "a fox", "model": "m", "user": "me", "quality": "auto", "background": "opaque",
+                                              "moderation": "low", "stream": false, "partial_images": 0, "safety_identifier": null})");
   BOOST_TEST(i.generation.prompts.at(0) == "a fox");
+  BOOST_TEST(*i.model == "m");
+  BOOST_TEST(i.user == "me");
+}
+
+BOOST_AUTO_TEST_CASE(openai_fields_refit_cannot_honour_are_refused_by_name) {
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {R"({"prompt": "p", "quality": "hd"})", "field 'quality' = \"hd\" is not supported"},
+      {R"({"prompt": "p", "background": "transparent"})", "field 'background' = \"transparent\" is not supported"},
+      {R"({"prompt": "p", "style": "vivid"})", "field 'style' (DALL-E 3's vivid/natural) is not supported"},
+      {R"({"prompt": "p", "stream": true})", "field 'stream' = true is not supported"},
+      {R"({"prompt": "p", "partial_images": 2})", "field 'partial_images' is not supported"},
+      {R"({"prompt": "p", "output_format": "gif"})", R"(field 'output_format' must be "png" (the default), "jpeg" or "webp")"},
+      {R"({"prompt": "p", "output_compression": 101})", "field 'output_compression' must be an integer between 0 and 100"},
+      {R"({"prompt": "p", "response_format": "html"})", R"(field 'response_format' must be "b64_json" (the default) or "url")"},
+  };
+  for (const auto& [body, message] : cases) BOOST_TEST(image_rejection(body).find(message) == 0, "body: " << body << " -> " << image_rejection(body));
+}
+
+BOOST_AUTO_TEST_CASE(image_size_width_height_seeds_and_formats) {
+  auto g = net::parse_image_request(R"({"prompt": "p", "width": 96, "height": 64})").generation;
+  BOOST_TEST(g.width == 96);
+  BOOST_TEST(g.height == 64);
+  g = net::parse_image_request(R"({"prompt": "p", "size": "96x64", "width": 96})").generation;  // agreeing is fine
+  BOOST_TEST(g.width == 96);
+  BOOST_TEST(g.height == 64);
+  g = net::parse_image_request(R"({"prompt": "p", "size": "auto"})").generation;  // the model's size
+  BOOST_TEST(g.width == 0);
+  BOOST_TEST(image_rejection(R"({"prompt": "p", "size": "64x64", "width": 96, "height": 64})") ==
+             "fields 'width'/'height' (96x64) disagree with 'size' (64x64): give one or make them agree");
+  BOOST_TEST(image_rejection(R"({"prompt": "p", "width": 4096, "height": 4096})").find("field 'width/height' must be at most") == 0);
+  auto r = net::parse_image_request(R"({"prompt": "p", "n": 3, "seed": [7, 9, 11]})");
+  BOOST_TEST((r.generation.seeds == std::vector<uint64_t>{7, 9, 11}));
+  BOOST_TEST(r.seed_given);
+  BOOST_TEST(image_rejection(R"({"prompt": "p", "n": 2, "seed": [7]})").find("field 'seed' lists 1 seeds for n = 2 images") == 0);
+  BOOST_TEST(image_rejection(R"({"prompt": "p", "seed": [-1]})") == "field 'seed' must be a non-negative integer or a list of them");
+  r = net::parse_image_request(R"({"prompt": "p", "output_format": "jpg", "output_compression": 60, "response_format": "url"})");
+  BOOST_TEST(r.generation.format == msg::image_format::jpeg);
+  BOOST_TEST(r.generation.compression == 60);
+  BOOST_TEST(r.url);
+  BOOST_TEST(net::parse_image_request(R"({"prompt": "p", "output_format": "webp"})").generation.format == msg::image_format::webp);
+  BOOST_TEST(net::parse_image_request(R"({"prompt": "p"})").generation.format == msg::image_format::png);
 }
 
 BOOST_AUTO_TEST_CASE(checksum_request_fields) {
@@ -149,6 +196,9 @@ BOOST_AUTO_TEST_CASE(checksum_request_fields) {
   BOOST_TEST(checksum_rejection(R"({"worker": 1.5})") == "field 'worker' must be a non-negative integer");
   BOOST_TEST(checksum_rejection(R"({"worker": "0"})") == "field 'worker' must be a non-negative integer");
   BOOST_TEST(checksum_rejection(R"({"worker": 99999999999})") == "field 'worker' must be a non-negative integer");
+  BOOST_TEST(d.format == msg::checksum_format::sglang);  // SGLang's formula unless asked otherwise
+  BOOST_TEST(net::parse_checksum_request(R"({"format": "refit"})").format == msg::checksum_format::refit);
+  BOOST_TEST(checksum_rejection(R"({"format": "md5"})") == R"(field 'format' must be "sglang" (the default) or "refit")");
 }
 
 BOOST_AUTO_TEST_CASE(image_request_defaults) {
@@ -194,8 +244,6 @@ BOOST_AUTO_TEST_CASE(image_request_rejections_name_the_field) {
       {R"({"prompt": "p", "n": 9})", "field 'n' must be an integer between 1 and 8"},
       {R"({"prompt": "p", "n": 2.0})", "field 'n' must be an integer between 1 and 8"},
       {R"({"prompt": "p", "n": "2"})", "field 'n' must be an integer between 1 and 8"},
-      {R"({"prompt": "p", "response_format": "url"})",
-       R"(field 'response_format' must be "b64_json" (refit returns images inline; got "url"))"},
       {R"({"prompt": "p", "response_format": 1})", "field 'response_format' must be a string"},
       {R"({"prompt": "p", "num_inference_steps": 0})", "field 'num_inference_steps' must be an integer between 1 and 1000"},
       {R"({"prompt": "p", "num_inference_steps": 4.5})", "field 'num_inference_steps' must be an integer between 1 and 1000"},
@@ -210,7 +258,7 @@ BOOST_AUTO_TEST_CASE(image_request_rejections_name_the_field) {
   };
   for (const auto& [body, message] : cases) BOOST_TEST(image_rejection(body) == message, "body: " << body);
   for (const std::string size : {"64", "64x", "x64", "0x64", "64x0", "-64x64", "64X64", "64x64x64", "6 4x64", "99999x64", "1e2x64"})
-    BOOST_TEST(image_rejection(R"({"prompt": "p", "size": ")" + size + "\"}").find("field 'size' must be \"WIDTHxHEIGHT\"") == 0,
+    BOOST_TEST(image_rejection(R"({"prompt": "p", "size": ")" + size + "\"}").find("field 'size' must be \"auto\" or \"WIDTHxHEIGHT\"") == 0,
                "size: " << size);
   // Within the per-side bound but over the pixel budget of one image.
   BOOST_TEST(image_rejection(R"({"prompt": "p", "size": "4096x2048"})").find("field 'size' must be at most 4194304 pixels") == 0);
@@ -333,15 +381,22 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   BOOST_TEST(json::parse(net::health_json()) == json({{"status", "ok"}}));
 
   msg::generation_result g;
-  g.png_images = {{'f', 'o', 'o'}, {'f', 'o'}};
+  g.images = {{'f', 'o', 'o'}, {'f', 'o'}};
   g.weight_version = "2";
   g.inference_time_s = 0.75;
-  const json im = json::parse(net::image_result_json(g, 1700000000));
-  BOOST_TEST(im == json::parse(R"({"created": 1700000000, "data": [{"b64_json": "Zm9v"}, {"b64_json": "Zm8="}],
-                                   "weight_version": "2", "inference_time_s": 0.75})"));
+  const json im = json::parse(net::image_result_json(g, 1700000000, "abc123"));
+  BOOST_TEST(im == json::parse(R"({"id": "abc123", "created": 1700000000, "data": [{"b64_json": "Zm9v"}, {"b64_json": "Zm8="}],
+                                   "output_format": "png", "weight_version": "2", "inference_time_s": 0.75})"));
+  // response_format "url": the images' URLs instead of their bytes.
+  const json iu = json::parse(net::image_result_json(g, 1700000000, "abc123", {"/v1/images/abc123/content?variant=0", "/v1/images/abc123/content?variant=1"}));
+  BOOST_TEST(iu["data"] == json::parse(R"([{"url": "/v1/images/abc123/content?variant=0"}, {"url": "/v1/images/abc123/content?variant=1"}])"));
   g.teacache_calls = 8;
   g.teacache_skipped = 3;  // only TeaCache requests report the block: plain ones keep the OpenAI shape above
-  BOOST_TEST(json::parse(net::image_result_json(g, 1700000000))["teacache"] == json({{"transformer_calls", 8}, {"skipped", 3}}));
+  BOOST_TEST(json::parse(net::image_result_json(g, 1700000000, "x"))["teacache"] == json({{"transformer_calls", 8}, {"skipped", 3}}));
+  BOOST_TEST(json::parse(net::model_card_json("/ckpt/a")) == json::parse(R"({"id": "/ckpt/a", "object": "model", "owned_by": "refit"})"));
+  const json nf = json::parse(net::model_not_found_json("gpt-image-1"));
+  BOOST_TEST(nf["error"] == json::parse(R"({"message": "The model 'gpt-image-1' does not exist", "type": "invalid_request_error",
+                                            "param": "model", "code": "model_not_found"})"));
   const json oe = json::parse(net::openai_error_json("bad size", "invalid_request_error"));
   BOOST_TEST(oe["error"]["message"] == "bad size");
   BOOST_TEST(oe["error"]["type"] == "invalid_request_error");

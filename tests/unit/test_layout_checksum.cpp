@@ -11,6 +11,7 @@
 #include "pipeline/weights/checksum.hpp"
 #include "pipeline/weights/convert.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
+#include "pipeline/weights/hf_cache.hpp"
 #include "pipeline/weights/host_loader.hpp"
 #include "tests/unit/temp_dir.hpp"
 
@@ -313,4 +314,34 @@ BOOST_AUTO_TEST_CASE(a_shard_written_while_it_is_read_is_refused_and_a_renamed_o
     BOOST_TEST(module_checksum(w) == before);
     BOOST_TEST(module_checksum(open_module_dir("m", dir)) != before);  // the path now names the new file
   }
+}
+
+// Hugging Face ids as model paths: found offline in the hub cache's layout, never downloaded.
+BOOST_AUTO_TEST_CASE(hugging_face_ids_resolve_through_the_local_hub_cache_only) {
+  refit::test::temp_dir tmp;
+  const fs::path hub = tmp.path() / "hub";
+  const std::string commit = "0123456789abcdef0123456789abcdef01234567";
+  const fs::path repo = hub / "models--black-forest-labs--FLUX.2-klein-4B";
+  fs::create_directories(repo / "snapshots" / commit);
+  fs::create_directories(repo / "refs");
+  std::ofstream(repo / "refs" / "main") << commit;  // huggingface_hub writes it without a newline
+  ::setenv("HF_HUB_CACHE", hub.c_str(), 1);
+  BOOST_TEST(hf_hub_cache() == hub);
+  BOOST_TEST(resolve_model_path("black-forest-labs/FLUX.2-klein-4B") == (repo / "snapshots" / commit).string());
+  // An existing path wins over a cached id; paths and odd spellings are left for the caller to report.
+  BOOST_TEST(resolve_model_path(tmp.path().string()) == tmp.path().string());
+  BOOST_TEST(resolve_model_path("/nonexistent/path/to/model") == "/nonexistent/path/to/model");
+  BOOST_TEST(resolve_model_path("../x") == "../x");
+  BOOST_TEST(!looks_like_repo_id("org/../etc"));
+  BOOST_TEST(!looks_like_repo_id("org/name/extra"));
+  BOOST_TEST(looks_like_repo_id("Qwen/Qwen-Image-2512"));
+  try {
+    resolve_model_path("black-forest-labs/FLUX.2-klein-base-4B");
+    BOOST_FAIL("an uncached id must be refused");
+  } catch (const std::runtime_error& e) {
+    BOOST_TEST(std::string(e.what()).find("Failed to download model: 'black-forest-labs/FLUX.2-klein-base-4B'") == 0, e.what());
+  }
+  std::ofstream(repo / "refs" / "main", std::ios::trunc) << "not-a-commit";
+  BOOST_TEST(!find_cached_repo("black-forest-labs/FLUX.2-klein-4B").has_value());
+  ::unsetenv("HF_HUB_CACHE");
 }

@@ -247,7 +247,7 @@ BOOST_AUTO_TEST_CASE(after_a_weight_update_no_teacache_state_of_the_old_weights_
   BOOST_TEST(after.weight_version == "1");
   BOOST_TEST(after.teacache_calls == reference.teacache_calls);
   BOOST_TEST(after.teacache_skipped == reference.teacache_skipped);
-  BOOST_TEST((after.png_images.at(0) == reference.png_images.at(0)));
-  BOOST_TEST((after.png_images.at(0) != before.png_images.at(0)));
+  BOOST_TEST((after.images.at(0) == reference.images.at(0)));
+  BOOST_TEST((after.images.at(0) != before.images.at(0)));
   for (const auto* s : {&e, &fresh}) caf::anon_send_exit(s->scheduler(), caf::exit_reason::user_shutdown);
 }

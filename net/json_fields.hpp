@@ -1,0 +1,111 @@
+// Strict JSON field reading for the HTTP API's codecs (internal to net/): every field type-checked, a bad one
+// a bad_request naming it; null means "not given"; fields an endpoint does not know are refused by name.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "net/json_codec.hpp"
+
+namespace refit::net::fields {
+
+using json = nlohmann::json;
+
+// Replies carry text that did not come from refit: parser messages quoting the request's bytes, file
+// names. Bytes that are not UTF-8 become U+FFFD instead of failing the reply.
+inline std::string text(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+inline json parse_object(std::string_view body) {
+  json j;
+  try {
+    j = json::parse(body.begin(), body.end());
+  } catch (const json::parse_error& e) {
+    throw bad_request(std::string("request body is not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) throw bad_request("request body must be a JSON object");
+  return j;
+}
+
+// The field's value, or nullptr when it is absent or null.
+inline const json* field(const json& o, const char* name) {
+  auto it = o.find(name);
+  return it == o.end() || it->is_null() ? nullptr : &*it;
+}
+
+[[noreturn]] inline void wrong(const char* name, const char* expected) {
+  throw bad_request(std::string("field '") + name + "' must be " + expected);
+}
+
+inline std::optional<std::string> opt_string(const json& o, const char* name) {
+  const json* v = field(o, name);
+  if (!v) return std::nullopt;
+  if (!v->is_string()) wrong(name, "a string");
+  return v->get<std::string>();
+}
+
+inline std::optional<bool> opt_bool(const json& o, const char* name) {
+  const json* v = field(o, name);
+  if (!v) return std::nullopt;
+  if (!v->is_boolean()) wrong(name, "a boolean");
+  return v->get<bool>();
+}
+
+// Integers only: 2.0 is a float in JSON and rejected, so a client's type bug shows up here.
+inline std::optional<int64_t> opt_int(const json& o, const char* name, int64_t lo, int64_t hi, const char* expected) {
+  const json* v = field(o, name);
+  if (!v) return std::nullopt;
+  if (!v->is_number_integer()) wrong(name, expected);
+  if (v->is_number_unsigned() && v->get<uint64_t>() > static_cast<uint64_t>(hi)) wrong(name, expected);
+  const int64_t x = v->get<int64_t>();
+  if (x < lo || x > hi) wrong(name, expected);
+  return x;
+}
+
+inline std::optional<uint64_t> opt_uint64(const json& o, const char* name) {
+  const json* v = field(o, name);
+  if (!v) return std::nullopt;
+  if (!v->is_number_integer() || (!v->is_number_unsigned() && v->get<int64_t>() < 0)) wrong(name, "a non-negative integer");
+  return v->get<uint64_t>();
+}
+
+inline std::optional<double> opt_number(const json& o, const char* name) {
+  const json* v = field(o, name);
+  if (!v) return std::nullopt;
+  if (!v->is_number() || !std::isfinite(v->get<double>())) wrong(name, "a number");
+  return v->get<double>();
+}
+
+inline std::optional<std::vector<std::string>> opt_strings(const json& o, const char* name) {
+  const json* v = field(o, name);
+  if (!v) return std::nullopt;
+  if (!v->is_array()) wrong(name, "a list of strings or null");
+  std::vector<std::string> out;
+  for (const auto& e : *v) {
+    if (!e.is_string()) wrong(name, "a list of strings or null");
+    out.push_back(e.get<std::string>());
+  }
+  return out;
+}
+
+// Refuses fields the endpoint does not take, naming them and listing the ones it does.
+inline void only_known(const json& o, std::initializer_list<std::string_view> known) {
+  std::string unknown;
+  for (auto it = o.begin(); it != o.end(); ++it) {
+    bool ok = false;
+    for (auto k : known) ok |= it.key() == k;
+    if (!ok) unknown += (unknown.empty() ? "'" : ", '") + it.key() + "'";
+  }
+  if (unknown.empty()) return;
+  std::string list;
+  for (auto k : known) list += (list.empty() ? "" : ", ") + std::string(k);
+  throw bad_request("unknown field(s) " + unknown + " (this endpoint takes: " + list + ")");
+}
+
+}  // namespace refit::net::fields
