@@ -9,6 +9,7 @@ msg::client_api_actor spawn_client_gateway(caf::actor_system& sys, msg::client_a
     self->set_down_handler([self](caf::down_msg& dm) { self->quit(dm.reason); });
     return {
         [self, scheduler](msg::generate_atom a, msg::generation_request& r) { return self->delegate(scheduler, a, std::move(r)); },
+        [self, scheduler](msg::rollout_atom a, msg::rollout_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::update_atom a, msg::update_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::checksum_atom a, msg::checksum_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::info_atom a) { return self->delegate(scheduler, a); },

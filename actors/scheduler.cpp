@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <variant>
 
 #include "actors/fan_out.hpp"
 #include "actors/update_transaction.hpp"
@@ -21,11 +22,16 @@ constexpr auto query_timeout = std::chrono::seconds(600);
 
 using module_map = std::map<std::string, msg::module_actor>;
 
-struct pending_generation {
-  msg::generation_request req;
-  caf::typed_response_promise<msg::generation_result> promise;
+// A queued request for a worker: an image generation or a rollout.
+template <class Request, class Result>
+struct job {
+  Request req;
+  caf::typed_response_promise<Result> promise;
   clock::time_point enqueued;
 };
+using generation_job = job<msg::generation_request, msg::generation_result>;
+using rollout_job = job<msg::rollout_request, msg::rollout_result>;
+using pending_generation = std::variant<generation_job, rollout_job>;
 
 struct pending_update {
   msg::update_request req;
@@ -79,18 +85,23 @@ void record_latency(msg::scheduler_stats& stats, double latency) {
   ++stats.latency_count;
 }
 
-void run_on(self_ptr self, size_t w, pending_generation job) {
+// Both carry the weight_version they were computed with: updates commit only while nothing runs.
+void stamp(msg::generation_result& r, const std::string& version) { r.weight_version = version; }
+void stamp(msg::rollout_result& r, const std::string& version) { r.weight_version = version; }
+
+template <class Atom, class Request, class Result>
+void run_on(self_ptr self, size_t w, job<Request, Result> j) {
   auto& st = self->state;
   ++st.in_flight[w];
-  const std::string version = st.weight_version;  // updates commit only while nothing runs
-  auto promise = job.promise;
-  auto enqueued = job.enqueued;
-  self->request(st.setup.workers[w], generation_timeout, msg::generate_atom::value, job.req)
+  const std::string version = st.weight_version;
+  auto promise = j.promise;
+  auto enqueued = j.enqueued;
+  self->request(st.setup.workers[w], generation_timeout, Atom::value, std::move(j.req))
       .then(
-          [self, w, version, promise, enqueued](msg::generation_result& r) mutable {
+          [self, w, version, promise, enqueued](Result& r) mutable {
             auto& st = self->state;
             --st.in_flight[w];
-            r.weight_version = version;
+            stamp(r, version);
             ++st.stats.generations_ok;
             record_latency(st.stats, std::chrono::duration<double>(clock::now() - enqueued).count());
             promise.deliver(std::move(r));
@@ -106,6 +117,11 @@ void run_on(self_ptr self, size_t w, pending_generation job) {
             maybe_finish_pause(self);
             dispatch(self);
           });
+}
+
+void run_on(self_ptr self, size_t w, pending_generation job) {
+  if (auto* g = std::get_if<generation_job>(&job)) run_on<msg::generate_atom>(self, w, std::move(*g));
+  else run_on<msg::rollout_atom>(self, w, std::move(std::get<rollout_job>(job)));
 }
 
 // Starts queued requests on idle workers (one generation per worker at a time), least-loaded first.
@@ -326,7 +342,13 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system& sys, scheduler_setup set
     return {
         [self](msg::generate_atom, msg::generation_request& req) -> caf::result<msg::generation_result> {
           auto promise = self->make_response_promise<msg::generation_result>();
-          self->state.queue.push_back({std::move(req), promise, clock::now()});
+          self->state.queue.push_back(generation_job{std::move(req), promise, clock::now()});
+          dispatch(self);
+          return promise;
+        },
+        [self](msg::rollout_atom, msg::rollout_request& req) -> caf::result<msg::rollout_result> {
+          auto promise = self->make_response_promise<msg::rollout_result>();
+          self->state.queue.push_back(rollout_job{std::move(req), promise, clock::now()});
           dispatch(self);
           return promise;
         },

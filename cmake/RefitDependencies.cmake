@@ -3,7 +3,7 @@
 #   refit::torch              libtorch from the PyPI torch wheel (CUDA libraries when the wheel has them)
 #   refit::cuda               CUDA runtime + NCCL, when the toolkit is found (REFIT_WITH_CUDA)
 #   spdlog::spdlog nlohmann_json::nlohmann_json PkgConfig::HTTPLIB OpenSSL::Crypto CLI11::CLI11
-#   Boost::unit_test_framework PkgConfig::PCRE2 ICU::uc
+#   Boost::unit_test_framework PkgConfig::PCRE2 ICU::uc msgpackc-cxx
 
 find_package(Threads REQUIRED)
 find_package(PkgConfig REQUIRED)
@@ -16,6 +16,7 @@ find_package(Boost 1.74 REQUIRED COMPONENTS unit_test_framework)
 pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib>=0.11)
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)   # PkgConfig::PCRE2 (tokenizer pre-split rules)
 find_package(ICU REQUIRED COMPONENTS uc)                      # ICU::uc (NFC normalisation)
+find_package(msgpack 4 REQUIRED CONFIG)                       # msgpackc-cxx (Debian's libmsgpack-cxx-dev): rollout replies
 find_package(CLI11 QUIET CONFIG)
 if(NOT TARGET CLI11::CLI11)
   find_path(CLI11_INCLUDE_DIR CLI/CLI.hpp REQUIRED)

@@ -12,6 +12,7 @@ using update_atom = caf::atom_constant<caf::atom("update")>;
 using checksum_atom = caf::atom_constant<caf::atom("checksum")>;
 using info_atom = caf::atom_constant<caf::atom("info")>;
 using stats_atom = caf::atom_constant<caf::atom("stats")>;
+using rollout_atom = caf::atom_constant<caf::atom("rollout")>;
 
 // Internal control: update phases, generation gating, supervision, fault injection
 using validate_atom = caf::atom_constant<caf::atom("validate")>;

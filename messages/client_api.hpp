@@ -1,5 +1,5 @@
-// What a client may ask a refit server: generate, update weights, read checksums, model info and
-// counters. The HTTP bridge speaks only this, and it is all that the actor port publishes (through a
+// What a client may ask a refit server: generate, roll out, update weights, read checksums, model info
+// and counters. The HTTP bridge speaks only this, and it is all that the actor port publishes (through a
 // gateway actor that forwards these messages and nothing else), so no client can pause generation or
 // inject faults.
 #pragma once
@@ -14,6 +14,8 @@ namespace refit::msg {
 
 using client_api_actor = caf::typed_actor<
     caf::replies_to<generate_atom, generation_request>::with<generation_result>,
+    // A generation that records the sampler's trajectory and log-probabilities, for RL trainers.
+    caf::replies_to<rollout_atom, rollout_request>::with<rollout_result>,
     // A weight update as one transaction across modules and workers; the result says what changed.
     caf::replies_to<update_atom, update_request>::with<update_result>,
     // module -> hex checksum, "not_found" for a module the pipeline lacks, "error: ..." when it failed.

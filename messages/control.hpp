@@ -44,7 +44,8 @@ using cache_actor = caf::typed_actor<
 using offload_manager_actor = caf::typed_actor<caf::replies_to<info_atom>::with<offload_info>>;
 
 // One device's pipeline; generation runs on the worker's own thread.
-using worker_actor = caf::typed_actor<caf::replies_to<generate_atom, generation_request>::with<generation_result>>;
+using worker_actor = caf::typed_actor<caf::replies_to<generate_atom, generation_request>::with<generation_result>,
+                                      caf::replies_to<rollout_atom, rollout_request>::with<rollout_result>>;
 
 // Supervises one worker's module actors (and answers while the worker is busy generating): one that
 // dies is respawned on the same module state, and the replacement's start-up settles whatever update

@@ -13,6 +13,8 @@ void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<update_result>("refit.update_result");
   cfg.add_message_type<generation_request>("refit.generation_request");
   cfg.add_message_type<generation_result>("refit.generation_result");
+  cfg.add_message_type<rollout_request>("refit.rollout_request");
+  cfg.add_message_type<rollout_result>("refit.rollout_result");
   cfg.add_message_type<module_info>("refit.module_info");
   cfg.add_message_type<std::vector<module_info>>("refit.module_infos");
   cfg.add_message_type<model_info>("refit.model_info");

@@ -43,6 +43,15 @@ std::string to_string(image_format f) {
   return "unknown(" + std::to_string(static_cast<int>(f)) + ")";
 }
 
+std::string to_string(rollout_sde t) {
+  switch (t) {
+    case rollout_sde::sde: return "sde";
+    case rollout_sde::cps: return "cps";
+    case rollout_sde::ode: return "ode";
+  }
+  return "unknown(" + std::to_string(static_cast<int>(t)) + ")";
+}
+
 std::optional<checksum_format> parse_checksum_format(std::string_view text) {
   if (text == "sglang") return checksum_format::sglang;
   if (text == "refit") return checksum_format::refit;

@@ -35,6 +35,9 @@ enum class source_kind : uint8_t { checkpoint };
 // How generated images are encoded for the client.
 enum class image_format : uint8_t { png, jpeg, webp };
 
+// The transition of a rollout's stochastic steps (SGLang's rollout_sde_type).
+enum class rollout_sde : uint8_t { sde, cps, ode };
+
 // The module checksum's definition (DESIGN.md section 4): SGLang's (the default) or refit's.
 enum class checksum_format : uint8_t { sglang, refit };
 
@@ -43,6 +46,7 @@ std::string to_string(write_path p);    // "", staged, in_place, in_place(reread
 std::string to_string(source_kind k);   // checkpoint
 std::string to_string(checksum_format f);  // sglang, refit
 std::string to_string(image_format f);     // png, jpeg, webp
+std::string to_string(rollout_sde t);      // sde, cps, ode
 std::optional<update_mode> parse_update_mode(std::string_view text);
 std::optional<checksum_format> parse_checksum_format(std::string_view text);
 std::ostream& operator<<(std::ostream& os, update_mode m);
@@ -189,6 +193,77 @@ typename Inspector::result_type inspect(Inspector& f, generation_result& x) {
   return f(caf::meta::type_name("generation_result"), x.images, format, x.weight_version, x.inference_time_s, x.worker,
            x.teacache_calls, x.teacache_skipped,
            caf::meta::load_callback([&] { return load_enum(x.format, format, image_format::webp, "image format"); }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RL rollouts (POST /rollout/generate, SGLang's RolloutRequest / RolloutResponse)
+
+// A tensor as SGLang's rollout responses carry it: the safetensors bytes of {"t": tensor}, its shape, and
+// torch's name of its dtype ("torch.float32").
+struct encoded_tensor {
+  std::vector<uint8_t> safetensors;
+  std::vector<int64_t> shape;
+  std::string dtype;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, encoded_tensor& x) {
+  return f(caf::meta::type_name("encoded_tensor"), x.safetensors, x.shape, x.dtype);
+}
+
+struct rollout_request {
+  generation_request generation;  // prompts (one), negative_prompt, size, steps, guidance, seed, images_per_prompt
+  std::string request_id;
+  bool rollout = true;
+  rollout_sde sde_type = rollout_sde::sde;
+  double noise_level = 0.7;
+  bool log_prob_no_const = false;
+  bool debug = true;
+  bool return_denoising_env = false;
+  bool return_dit_trajectory = false;
+  bool sde_steps_given = false;      // else every step is stochastic
+  std::vector<int64_t> sde_step_indices;
+  bool return_steps_given = false;   // else every step's latents are kept
+  std::vector<int64_t> return_step_indices;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, rollout_request& x) {
+  auto sde = static_cast<uint8_t>(x.sde_type);
+  return f(caf::meta::type_name("rollout_request"), x.generation, x.request_id, x.rollout, sde, x.noise_level, x.log_prob_no_const,
+           x.debug, x.return_denoising_env, x.return_dit_trajectory, x.sde_steps_given, x.sde_step_indices, x.return_steps_given,
+           x.return_step_indices, caf::meta::load_callback([&] { return load_enum(x.sde_type, sde, rollout_sde::ode, "rollout sde type"); }));
+}
+
+// One sample of a rollout; empty lists and maps are the response's nil.
+struct rollout_sample_result {
+  encoded_tensor generated_output;
+  std::vector<encoded_tensor> log_probs;                                                    // [T], with rollout
+  std::map<std::string, encoded_tensor> debug_tensors;                                      // with rollout_debug_mode
+  std::map<std::string, std::map<std::string, std::vector<encoded_tensor>>> denoising_env;  // with rollout_return_denoising_env
+  std::map<std::string, encoded_tensor> dit_trajectory;                                     // latents, timesteps, sigmas
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, rollout_sample_result& x) {
+  return f(caf::meta::type_name("rollout_sample_result"), x.generated_output, x.log_probs, x.debug_tensors, x.denoising_env,
+           x.dit_trajectory);
+}
+
+struct rollout_result {
+  std::string request_id, prompt;
+  uint64_t seed = 0;  // the request's; sample i was drawn with seed + i
+  std::vector<rollout_sample_result> samples;
+  double inference_time_s = 0;
+  double peak_memory_mb = 0;  // 0: not measured (CPU)
+  std::string weight_version;  // the weights every step of every sample was computed with
+  int32_t worker = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, rollout_result& x) {
+  return f(caf::meta::type_name("rollout_result"), x.request_id, x.prompt, x.seed, x.samples, x.inference_time_s, x.peak_memory_mb,
+           x.weight_version, x.worker);
 }
 
 // One worker's TeaCache counters since start.

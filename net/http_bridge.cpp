@@ -16,6 +16,7 @@
 #include "net/images_api.hpp"
 #include "net/json_codec.hpp"
 #include "net/metrics.hpp"
+#include "net/rollout_api.hpp"
 #include "pipeline/weights/hf_cache.hpp"
 
 namespace refit::net {
@@ -258,6 +259,32 @@ void generate_images(bridge_context& ctx, const httplib::Request& req, httplib::
   reply(res, 200, image_result_json(result, created, id, urls));
 }
 
+// POST /rollout/generate: SGLang's RolloutRequest in, an msgpack list of RolloutResponse out.
+void rollout(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  rollout_http_request q;
+  try {
+    q = parse_rollout_request(req.body);
+  } catch (const bad_request& e) {
+    reply(res, 400, detail_error_json(e.what()));
+    return;
+  }
+  if (!q.seed_given) {
+    thread_local std::mt19937_64 rng{std::random_device{}()};
+    q.rollout.generation.seed = rng() >> 1;
+  }
+  q.rollout.request_id = new_response_id();
+  auto r = ask<msg::rollout_result>(ctx, ctx.config.request_timeout, msg::rollout_atom::value, q.rollout);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    reply(res, status_for(*e), detail_error_json(describe(*e, ctx.config.request_timeout)));
+    return;
+  }
+  const auto& result = std::get<msg::rollout_result>(r);
+  spdlog::info("http POST /rollout/generate {}: {} sample(s) with weight_version {} in {:.3f} s", result.request_id, result.samples.size(),
+               result.weight_version, result.inference_time_s);
+  res.status = 200;
+  res.set_content(rollout_response_msgpack(result), "application/msgpack");
+}
+
 // GET /v1/images/<id>/content[?variant=i]: an image of a response_format "url" reply, while it is kept.
 void image_content(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
   const std::string id = req.matches[1];
@@ -313,7 +340,7 @@ std::string reason_for(int status) {
 // The methods each path answers, for 405 replies (the routes below).
 std::string allowed_methods(const std::string& path) {
   static const std::vector<std::pair<std::regex, std::string>> table = {
-      {std::regex("/update_weights_from_disk|/get_weights_checksum|/v1/images/generations"), "POST"},
+      {std::regex("/update_weights_from_disk|/get_weights_checksum|/v1/images/generations|/rollout/generate"), "POST"},
       {std::regex("/get_model_info|/v1/model_info|/metrics|/health|/v1/models|/v1/models/.+|/v1/images/[0-9A-Za-z_-]+/content"), "GET"},
   };
   for (const auto& [pattern, methods] : table)
@@ -330,6 +357,7 @@ void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
   srv.Get("/get_model_info", route(model_info));
   srv.Get("/v1/model_info", route(model_info));
   srv.Post("/v1/images/generations", route(generate_images));
+  srv.Post("/rollout/generate", route(rollout));
   srv.Get(R"(/v1/images/([0-9A-Za-z_-]+)/content)", route(image_content));
   srv.Get(R"(/v1/models/(.+))", route(model_card));
   srv.Get("/metrics", route(metrics));

@@ -68,6 +68,10 @@ std::string update_result_json(const msg::update_result& r) {
 
 std::string error_json(std::string_view message) { return text(json{{"success", false}, {"message", message}}); }
 
+std::string detail_error_json(std::string_view message) {
+  return text(json{{"detail", message}, {"success", false}, {"message", message}});
+}
+
 std::string openai_error_json(std::string_view message, std::string_view type, std::string_view param, std::string_view code) {
   json error{{"message", message}, {"type", type}};
   if (!param.empty()) error["param"] = param;

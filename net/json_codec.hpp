@@ -35,6 +35,8 @@ checksum_request parse_checksum_request(std::string_view body);
 // Replies. Failed updates keep SGLang's shape {success: false, message} plus weight_version.
 std::string update_result_json(const msg::update_result& result);
 std::string error_json(std::string_view message);
+// SGLang's post-training routes answer errors as FastAPI does, {"detail": ...}; refit's fields come too.
+std::string detail_error_json(std::string_view message);
 // OpenAI clients read {"error": {"message", "type"[, "param", "code"]}}; success/message are kept for
 // refit's own clients.
 std::string openai_error_json(std::string_view message, std::string_view type, std::string_view param = {}, std::string_view code = {});

@@ -119,15 +119,20 @@ at::Tensor flux2_klein_pipeline::encode_prompts(const std::vector<std::string>& 
 }
 
 at::Tensor flux2_klein_pipeline::initial_noise(int64_t batch, int64_t height, int64_t width, uint64_t seed) const {
-  const int64_t step = vae_scale_factor() * 2;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return initial_noise(batch, height, width, gen);
+}
+
+at::Tensor flux2_klein_pipeline::initial_noise(int64_t batch, int64_t height, int64_t width, at::Generator& gen) const {
+  const int64_t step = vae_scale_factor() * 2;
   const int64_t channels = transformer_->config().in_channels;
   return at::randn({batch, channels, height / step, width / step}, gen, at::TensorOptions().dtype(where_.float_dtype));
 }
 
 at::Tensor flux2_klein_pipeline::sample(const at::Tensor& noise, const at::Tensor& embeds, const std::optional<at::Tensor>& negative,
                                         int64_t steps, double guidance_scale, const std::atomic<bool>* cancel,
-                                        const teacache_settings& teacache, generation_stats* stats) const {
+                                        const teacache_settings& teacache, generation_stats* stats,
+                                        sampling::flow_rollout* rollout) const {
   const int64_t batch = noise.size(0), channels = noise.size(1), h = noise.size(2), w = noise.size(3);
   at::Tensor latents = noise.to(where_.device).reshape({batch, channels, h * w}).permute({0, 2, 1});  // pack
   const at::Tensor img_ids = latent_ids(h, w).to(where_.device);
@@ -156,8 +161,10 @@ at::Tensor flux2_klein_pipeline::sample(const at::Tensor& noise, const at::Tenso
       at::Tensor uncond = transformer_->forward(latents.to(where_.float_dtype), *negative, timestep, img_ids, txt_ids, std::nullopt, cache(1));
       velocity = uncond + guidance_scale * (velocity - uncond);
     }
-    latents = sampling::euler_step(velocity, latents, schedule.sigmas[i], schedule.sigmas[i + 1]);
+    if (rollout) latents = rollout->step(velocity, latents, i, schedule.timesteps[i]).to(velocity.scalar_type());
+    else latents = sampling::euler_step(velocity, latents, schedule.sigmas[i], schedule.sigmas[i + 1]);
   }
+  if (rollout) rollout->finish(latents);
   if (stats) {
     stats->dit_calls += steps * (guided ? 2 : 1);
     for (const auto& c : caches) {

@@ -58,6 +58,7 @@ class flux2_klein_pipeline final : public diffusion_pipeline {
   void load_weights(const std::optional<std::filesystem::path>& from = std::nullopt, weights::device_loader* loader = nullptr) override;
   int64_t default_steps() const override { return is_distilled_ ? 4 : 50; }
   std::vector<rgb_image> generate(const generation_params& params, generation_stats* stats = nullptr) const override;
+  std::vector<rollout_sample> rollout(const rollout_params& params) const override;
 
   const std::filesystem::path& model_dir() const { return model_dir_; }
   bool is_distilled() const { return is_distilled_; }
@@ -69,10 +70,12 @@ class flux2_klein_pipeline final : public diffusion_pipeline {
   at::Tensor encode_prompts(const std::vector<std::string>& prompts) const;
   // Initial noise as diffusers draws it, [B, 4 * latent_channels, H/16', W/16'] on the CPU generator.
   at::Tensor initial_noise(int64_t batch, int64_t height, int64_t width, uint64_t seed) const;
+  at::Tensor initial_noise(int64_t batch, int64_t height, int64_t width, at::Generator& generator) const;
   // Runs the sampler from `noise` and returns the decoded images in [0, 1], [B, 3, H, W].
   at::Tensor sample(const at::Tensor& noise, const at::Tensor& prompt_embeds, const std::optional<at::Tensor>& negative_embeds,
                     int64_t steps, double guidance_scale, const std::atomic<bool>* cancel = nullptr,
-                    const teacache_settings& teacache = {}, generation_stats* stats = nullptr) const;
+                    const teacache_settings& teacache = {}, generation_stats* stats = nullptr,
+                    sampling::flow_rollout* rollout = nullptr) const;
 
   // TeaCache coefficients and default threshold: transformer/teacache.json when the model has one
   // ({"coefficients": [...], "threshold": x}, fitted to this DiT), else FLUX.1-dev's (see teacache_config).

@@ -14,7 +14,12 @@
 #include <string_view>
 #include <vector>
 
+#include <ATen/core/Tensor.h>
+
+#include <map>
+
 #include "pipeline/models/placement.hpp"
+#include "pipeline/sampling/flow_rollout.hpp"
 
 namespace refit::models {
 class layer_offload;
@@ -79,6 +84,31 @@ struct rgb_image {
 };
 
 // ---------------------------------------------------------------------------------------------
+// RL rollouts (POST /rollout/generate): generation that records the sampler's trajectory
+
+struct rollout_params {
+  generation_params generation;          // one prompt; images_per_prompt samples, sample i drawn with seed + i
+  bool rollout = true;                   // false: a plain generation (ODE steps), returned the same way
+  sampling::rollout_config sampler;      // SDE type, noise level, stochastic steps, what to keep
+  bool denoising_env = false;            // return the DiT's conditioning inputs
+};
+
+// One sample of a rollout. Tensors are on the CPU; absent ones are undefined.
+struct rollout_sample {
+  at::Tensor image;                      // [3, H, W] decoded pixels in [0, 1], fp32
+  at::Tensor log_probs;                  // [T] fp32 (0 on ODE steps)
+  std::map<std::string, at::Tensor> debug;  // rollout_variance_noises [T, S, C], rollout_prev_sample_means,
+                                            // rollout_noise_std_devs [T, 1], rollout_model_outputs
+  // The DiT's conditioning: image_kwargs / pos_cond_kwargs / neg_cond_kwargs -> name -> tensors (a
+  // tuple as several), and guidance. Empty maps are absent.
+  std::map<std::string, std::map<std::string, std::vector<at::Tensor>>> denoising_env;
+  at::Tensor guidance;
+  at::Tensor trajectory_latents;         // [K, S, C]: the latents entering each kept step (K = T: the final ones)
+  at::Tensor trajectory_timesteps;       // [K]
+  at::Tensor sigmas;                     // [T + 1]
+};
+
+// ---------------------------------------------------------------------------------------------
 // The interface
 
 class diffusion_pipeline {
@@ -107,6 +137,9 @@ class diffusion_pipeline {
   // Images for the request; throws std::invalid_argument for parameters the model cannot take and
   // generation_cancelled when params.cancel is raised.
   virtual std::vector<rgb_image> generate(const generation_params& params, generation_stats* stats = nullptr) const = 0;
+  // A rollout: the samples with their per-step log-probabilities and what params asks to keep. Throws
+  // std::invalid_argument for parameters the model cannot take.
+  virtual std::vector<rollout_sample> rollout(const rollout_params& params) const = 0;
 };
 
 // The family of the checkpoint at `model_dir` (model_index.json's _class_name), built and placed but

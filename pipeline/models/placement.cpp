@@ -35,6 +35,22 @@ std::string dtype_label(c10::ScalarType t) {
   }
 }
 
+std::string torch_dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return "torch.float32";
+    case c10::kDouble: return "torch.float64";
+    case c10::kHalf: return "torch.float16";
+    case c10::kBFloat16: return "torch.bfloat16";
+    case c10::kLong: return "torch.int64";
+    case c10::kInt: return "torch.int32";
+    case c10::kShort: return "torch.int16";
+    case c10::kChar: return "torch.int8";
+    case c10::kByte: return "torch.uint8";
+    case c10::kBool: return "torch.bool";
+    default: return "torch." + std::string(c10::toString(t));
+  }
+}
+
 weights::dtype stored_dtype(c10::ScalarType t) { return weights::from_scalar_type(t); }
 
 weights::host_load_options load_options(const placement& where) {

@@ -27,6 +27,8 @@ c10::ScalarType parse_float_dtype(std::string_view dtype);
 
 // bf16, fp16, fp32 for the floating dtypes refit holds; libtorch's name otherwise.
 std::string dtype_label(c10::ScalarType t);
+// PyTorch's name of a dtype, as str(tensor.dtype) prints it: torch.float32, torch.bfloat16, torch.int64, ...
+std::string torch_dtype_name(c10::ScalarType t);
 // The safetensors dtype a floating dtype is stored as (BF16, F16, F32).
 weights::dtype stored_dtype(c10::ScalarType t);
 // Reading options that convert floating tensors to the placement's dtype.

@@ -478,4 +478,24 @@ void safetensors_writer::finish() {
   finished_ = true;
 }
 
+std::vector<uint8_t> encode_safetensors(const tensor_spec& t, std::span<const std::byte> data) {
+  unsigned __int128 bits = dtype_bits(t.type);
+  for (auto d : t.shape) {
+    if (d < 0) fail_tensor(weight_errc::bad_shape, "<memory>", t.name, "negative dimension");
+    bits *= static_cast<uint64_t>(d);
+  }
+  if (bits % 8 != 0 || bits / 8 != data.size())
+    fail_tensor(weight_errc::length_mismatch, "<memory>", t.name, "data of " + std::to_string(data.size()) + " bytes does not match the shape");
+  json header = json::object();
+  header[t.name] = {{"dtype", dtype_name(t.type)}, {"shape", t.shape}, {"data_offsets", {0, data.size()}}};
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::vector<uint8_t> out(8 + text.size() + data.size());
+  const uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<uint8_t>(n >> (8 * i));
+  std::memcpy(out.data() + 8, text.data(), text.size());
+  if (!data.empty()) std::memcpy(out.data() + 8 + text.size(), data.data(), data.size());
+  return out;
+}
+
 }  // namespace refit::weights

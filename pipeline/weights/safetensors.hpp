@@ -117,4 +117,8 @@ class safetensors_writer {
   bool finished_ = false;
 };
 
+// One tensor as a complete safetensors file in memory (header padded to 8 bytes with spaces, no metadata):
+// what Python's safetensors.torch.save({name: t}) makes, e.g. for SGLang's rollout responses.
+std::vector<uint8_t> encode_safetensors(const tensor_spec& tensor, std::span<const std::byte> data);
+
 }  // namespace refit::weights

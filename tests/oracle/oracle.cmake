@@ -21,3 +21,11 @@ refit_oracle_test(vae probe_vae test_vae_oracle.py REFIT_PROBE_VAE LIBS refit_mo
 refit_oracle_test(tokenizer probe_tokenizer test_tokenizer_oracle.py REFIT_PROBE_TOKENIZER LIBS refit_models nlohmann_json::nlohmann_json)
 refit_oracle_test(pipeline probe_pipeline test_pipeline_oracle.py REFIT_PROBE_PIPELINE LIBS refit_pipeline refit_test_tensor_io
   EXTRA_ENV "REFIT_BIN=$<TARGET_FILE:refit>")
+
+# /rollout/generate against SGLang's own FlowRolloutController (from its wheel, installed by scripts/setup) and
+# Diffusers' transformer, through the real server.
+add_test(NAME oracle.rollout
+  COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/oracle/test_rollout_oracle.py
+  WORKING_DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR}/oracle)
+set_tests_properties(oracle.rollout PROPERTIES
+  ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>;SGLANG_SITE=${PROJECT_SOURCE_DIR}/.deps-py/sglang" TIMEOUT 900)
