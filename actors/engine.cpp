@@ -10,9 +10,11 @@
 #include "actors/module_supervisor.hpp"
 #include "actors/offload_manager.hpp"
 #include "actors/scheduler.hpp"
+#include "actors/transfer_actor.hpp"
 #include "actors/worker_actor.hpp"
 #include "pipeline/models/layer_offload.hpp"
 #include "pipeline/pipeline.hpp"
+#include "pipeline/transfer/received_weights.hpp"
 #include "pipeline/update/checkpoint_source.hpp"
 #include "pipeline/update/module_updater.hpp"
 #include "pipeline/weights/device_loader.hpp"
@@ -49,13 +51,14 @@ loaded_worker load(const engine_config& config, size_t index) {
 }
 
 // One module state per weight-bearing module: its update core, starting from the folder it was loaded from.
-std::map<std::string, std::shared_ptr<module_state>> module_states(const loaded_worker& w, int32_t index) {
+std::map<std::string, std::shared_ptr<module_state>> module_states(const loaded_worker& w, int32_t index,
+                                                                   const std::shared_ptr<transfer::received_table>& received) {
   std::map<std::string, std::shared_ptr<module_state>> out;
   const auto& layout = w.pipe->layout();
   for (const auto& m : w.pipe->module_names()) {
     const auto* c = layout.find(m);
     auto loaded_from = std::make_shared<update::checkpoint_source>(c->dir);
-    out[m] = make_module_state(std::make_shared<update::module_updater>(w.pipe, m, index, std::move(loaded_from), w.loader));
+    out[m] = make_module_state(std::make_shared<update::module_updater>(w.pipe, m, index, std::move(loaded_from), w.loader), received);
     spdlog::info("worker {}: loaded module {} ({}) from {}", index, m, c->class_name, c->dir.string());
   }
   return out;
@@ -71,12 +74,15 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
   scheduler_setup setup;
   setup.model_path = config.model_path.string();
   setup.modules = loaded.front().pipe->module_names();
+  setup.denoiser = loaded.front().pipe->denoiser();
   for (size_t i = 0; i < loaded.size(); ++i) {
     const auto index = static_cast<int32_t>(i);
     const loaded_worker& w = loaded[i];
     setup.cancels.push_back(std::make_shared<std::atomic<bool>>(false));
     setup.caches.push_back(spawn_cache_actor(sys, index));
-    setup.supervisors.push_back(spawn_module_supervisor(sys, index, module_states(w, index)));
+    auto received = std::make_shared<transfer::received_table>();
+    setup.supervisors.push_back(spawn_module_supervisor(sys, index, module_states(w, index, received)));
+    setup.transfers.push_back(spawn_transfer_actor(sys, {index, w.pipe, received, config.weight_sync_timeout}));
     setup.workers.push_back(spawn_worker(sys, {index, w.pipe, setup.caches.back(), setup.cancels.back()}));
     for (const auto& m : w.pipe->module_names())
       if (w.pipe->offload(m)) setup.offloads.push_back(spawn_offload_manager(sys, index, w.pipe, m));

@@ -1,8 +1,10 @@
 // The engine: loads the pipeline on every device and wires the actors of a server (per worker: cache,
-// module actors under their supervisor, offload managers, the worker; then the scheduler). Everything
+// module actors under their supervisor, offload managers, the transfer actor, the worker; then the
+// scheduler). Everything
 // model-specific comes from the pipeline interface (pipeline/pipeline.hpp).
 #pragma once
 
+#include <chrono>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -17,6 +19,7 @@ struct engine_config {
   std::string dtype;                         // bf16, fp16, fp32; empty: bf16 on CUDA, fp32 on CPU
   bool dit_layerwise_offload = false;        // the DiT's blocks in host memory, prefetched to the device
   double dit_offload_prefetch_size = 1;      // blocks prefetched ahead (>= 1), or a fraction of them
+  std::chrono::milliseconds weight_sync_timeout{600000};  // joining a trainer's group; each broadcast from it
 };
 
 // Loads the model on every worker (throws on a bad model or device), spawns every actor, and returns

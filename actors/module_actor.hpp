@@ -11,6 +11,9 @@
 namespace refit::update {
 class module_updater;
 }
+namespace refit::transfer {
+class received_table;
+}
 
 namespace refit::actors {
 
@@ -18,10 +21,12 @@ namespace refit::actors {
 // waiting for its phase.
 struct module_state {
   std::shared_ptr<update::module_updater> core;
+  std::shared_ptr<const transfer::received_table> received;  // the worker's; distributed updates read it
   msg::fault_spec fault;  // fires once in its phase
 };
 
-std::shared_ptr<module_state> make_module_state(std::shared_ptr<update::module_updater> core);
+std::shared_ptr<module_state> make_module_state(std::shared_ptr<update::module_updater> core,
+                                                std::shared_ptr<const transfer::received_table> received = nullptr);
 
 // Detached: reading weights takes seconds and must not hold a scheduler thread. On start it settles any
 // update its state records as unfinished (update::module_updater::on_actor_start).

@@ -17,9 +17,11 @@ struct scheduler_setup {
   std::vector<msg::worker_actor> workers;
   std::vector<msg::module_supervisor_actor> supervisors;
   std::vector<msg::cache_actor> caches;
+  std::vector<msg::transfer_actor> transfers;
   std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
   std::vector<msg::offload_manager_actor> offloads;  // any number per worker
   std::vector<std::string> modules;                  // the pipeline's weight-bearing modules
+  std::string denoiser;                              // the one a trainer's update targets by default
   std::string model_path;
 };
 

@@ -2,10 +2,9 @@
 
 #include <algorithm>
 
-namespace refit::actors::txn {
+#include "actors/update_plan.hpp"
 
-// SGLang's sentence, which its clients look for ("rolled back"); said only where it is true.
-constexpr const char* all_rolled_back = "All modules rolled back to original weights.";
+namespace refit::actors::txn {
 
 std::string phase_failure(const participant& p, const char* phase, const std::string& error) {
   std::string cause = error;
@@ -48,8 +47,10 @@ std::string describe_committed(const state& st) {
   std::sort(modules.begin(), modules.end());
   std::string names;
   for (const auto& m : modules) names += (names.empty() ? "" : ", ") + m;
-  std::string out = "Updated " + names + " from " + st.req.model_path + " on " + std::to_string(st.ctx.workers.size()) + " worker(s) (" +
-                    msg::to_string(st.result.mode) + ")";
+  // SGLang's sentence for a distributed update comes first: its clients look for it.
+  std::string out = st.req.source == msg::source_kind::distributed ? "Succeeded to update parameter online. " : "";
+  out += "Updated " + names + " from " + source_label(st.req) + " on " + std::to_string(st.ctx.workers.size()) + " worker(s) (" +
+         msg::to_string(st.result.mode) + ")";
   for (const auto& p : st.parts) {
     if (p.fate == participant::after_decision::reapplied)
       out += ". The actor of " + who(p) + " died after its commit and was replaced; the update was applied to it again";

@@ -12,6 +12,9 @@
 
 namespace refit::actors::txn {
 
+// SGLang's sentence, which its clients look for ("rolled back"); said only where it is true.
+inline constexpr const char* all_rolled_back = "All modules rolled back to original weights.";
+
 // A participant's failure in a phase, said once: "Failed to update module 'M' (worker W) in phase 'P':
 // cause" (module actors name themselves and the phase in their errors; that prefix is dropped).
 std::string phase_failure(const participant& p, const char* phase, const std::string& error);

@@ -9,46 +9,119 @@ namespace refit::actors {
 
 namespace {
 
-update_plan plan_checkpoint(const msg::update_request& req, const std::set<std::string>& targets) {
+update_plan plan_checkpoint(const msg::update_request &req,
+                            const std::set<std::string> &targets) {
   update_plan out;
   try {
     const auto layout = weights::read_model_layout(req.model_path);
-    for (const auto& t : targets) {
-      const auto* c = layout.find(t);
+    for (const auto &t : targets) {
+      const auto *c = layout.find(t);
       if (!c || !c->weight_bearing) {
-        out.error = "Checkpoint " + layout.root.string() + " has no weights for module '" + t + "'";
+        out.error = "Checkpoint " + layout.root.string() +
+                    " has no weights for module '" + t + "'";
         return out;
       }
       out.sources[t] = {msg::source_kind::checkpoint, c->dir.string()};
     }
-  } catch (const std::exception& e) {
+  } catch (const std::exception &e) {
     out.error = std::string("Cannot use model_path: ") + e.what();
   }
   return out;
 }
 
-}  // namespace
-
-update_plan plan_update(const msg::update_request& req, const std::vector<std::string>& modules) {
+// Names are the module's own with one target module (SGLang's convention: a
+// trainer updates one module per request), and "module.name" with several.
+update_plan plan_distributed(const msg::update_request &req,
+                             const std::vector<std::string> &targets,
+                             uint64_t update) {
   update_plan out;
-  const std::vector<std::string>& targets = req.target_modules.empty() ? modules : req.target_modules;
+  if (req.group_name.empty()) {
+    out.error = "group_name must not be empty";
+    return out;
+  }
+  if (req.tensors.empty()) {
+    out.error = "names must list at least one tensor";
+    return out;
+  }
+  out.receive.update = update;
+  out.receive.group_name = req.group_name;
+  out.receive.flattened_bucket = req.flattened_bucket;
+  std::set<std::string> fed;
+  for (const auto &t : req.tensors) {
+    msg::routed_tensor r{"", t.name, t.name, t.dtype, t.shape};
+    if (targets.size() == 1) {
+      r.module = targets.front();
+    } else {
+      for (const auto &m : targets)
+        if (t.name.size() > m.size() + 1 &&
+            t.name.compare(0, m.size() + 1, m + ".") == 0 &&
+            m.size() > r.module.size())
+          r.module = m;
+      if (r.module.empty()) {
+        std::string names;
+        for (const auto &m : targets)
+          names += (names.empty() ? "'" : ", '") + m + "'";
+        out.error = "Tensor '" + t.name +
+                    "' names none of the target modules " + names +
+                    ": with several target_modules, each name starts with its "
+                    "module and a dot";
+        return out;
+      }
+      r.name = t.name.substr(r.module.size() + 1);
+    }
+    fed.insert(r.module);
+    out.receive.tensors.push_back(std::move(r));
+  }
+  for (const auto &m : targets) {
+    if (!fed.count(m)) {
+      out.error = "No tensor is announced for target module '" + m + "'";
+      return out;
+    }
+    out.sources[m] = {msg::source_kind::distributed,
+                      "distributed group '" + req.group_name + "'", update};
+  }
+  return out;
+}
+
+} // namespace
+
+std::string source_label(const msg::update_request &req) {
+  return req.source == msg::source_kind::distributed
+             ? "distributed group '" + req.group_name + "'"
+             : req.model_path;
+}
+
+update_plan plan_update(const msg::update_request &req,
+                        const std::vector<std::string> &modules,
+                        const std::string &denoiser, uint64_t update) {
+  update_plan out;
+  const std::vector<std::string> trained{denoiser};
+  const std::vector<std::string> &targets =
+      !req.target_modules.empty()                   ? req.target_modules
+      : req.source == msg::source_kind::distributed ? trained
+                                                    : modules;
   if (req.source == msg::source_kind::checkpoint && req.model_path.empty()) {
     out.error = "model_path is required";
     return out;
   }
-  for (const auto& t : targets)
+  for (const auto &t : targets)
     if (std::find(modules.begin(), modules.end(), t) == modules.end()) {
       std::string names;
-      for (const auto& m : modules) names += (names.empty() ? "" : ", ") + m;
-      out.error = "Module '" + t + "' not found in pipeline (modules: " + names + ")";
+      for (const auto &m : modules)
+        names += (names.empty() ? "" : ", ") + m;
+      out.error =
+          "Module '" + t + "' not found in pipeline (modules: " + names + ")";
       return out;
     }
   const std::set<std::string> unique(targets.begin(), targets.end());
   switch (req.source) {
-    case msg::source_kind::checkpoint: return plan_checkpoint(req, unique);
+  case msg::source_kind::checkpoint:
+    return plan_checkpoint(req, unique);
+  case msg::source_kind::distributed:
+    return plan_distributed(req, {unique.begin(), unique.end()}, update);
   }
   out.error = "unknown weight source kind " + msg::to_string(req.source);
   return out;
 }
 
-}  // namespace refit::actors
+} // namespace refit::actors

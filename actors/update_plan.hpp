@@ -1,6 +1,9 @@
-// The plan phase: from the request alone, which modules take part and where each one's new weights
-// come from (a checkpoint: its layout resolved, each target module's folder). Sources are strategies:
-// each kind of request plans here, and the rest of the transaction only passes weight_source values on.
+// The plan phase: from the request alone, which modules take part and where
+// each one's new weights come from (a checkpoint: its layout resolved, each
+// target module's folder; a distributed update: each announced tensor routed to
+// its target module, and what every worker must receive first). Sources are
+// strategies: each kind of request plans here, and the rest of the transaction
+// only passes weight_source values on.
 #pragma once
 
 #include <map>
@@ -12,10 +15,22 @@
 namespace refit::actors {
 
 struct update_plan {
-  std::map<std::string, msg::weight_source> sources;  // per target module
-  std::string error;                                  // why the request cannot be planned; nothing was touched
+  std::map<std::string, msg::weight_source> sources; // per target module
+  msg::receive_request
+      receive;       // distributed: what every worker receives before validate
+  std::string error; // why the request cannot be planned; nothing was touched
 };
 
-update_plan plan_update(const msg::update_request& request, const std::vector<std::string>& pipeline_modules);
+// `update`: the transaction's number, which names what workers receive for it.
+// A trainer's update (distributed) without target_modules targets `denoiser`,
+// the pipeline's denoising network, as SGLang's diffusion engine does; a checkpoint update
+// without them targets every module.
+update_plan plan_update(const msg::update_request &request,
+                        const std::vector<std::string> &pipeline_modules,
+                        const std::string &denoiser, uint64_t update);
 
-}  // namespace refit::actors
+// Where an update's weights come from, for messages and logs: the checkpoint
+// folder, or "distributed group 'G'".
+std::string source_label(const msg::update_request &request);
+
+} // namespace refit::actors

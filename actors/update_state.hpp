@@ -59,6 +59,7 @@ struct state {
   msg::update_result result;
   clock::time_point start, phase_start, pause_start;
   bool paused = false;
+  bool received = false;  // workers were asked to receive: they release before the reply
   std::string failure;  // the first participant failure (after the decision: each one), worded for the user
   static inline const char* name = "refit.update_transaction";
 };

@@ -1,16 +1,20 @@
 // The update transaction (DESIGN.md section 3): one actor per update, whose participants are the
 // target modules on every worker. The phases run top to bottom in this file:
 //
-//   plan ─► join ─► validate ─► stage ─► pause ─► commit ──every commit ok──► decide ─► flush ─► finalize ─► resume, reply
-//     │       │        │          │        │        │         (the update is decided:     │
-//     │       │        │          │        │        │          the model moves forward)   └ one does not finalize:
-//     │       │        │          │        │        │                                       conclude (update_recovery.cpp)
-//     └───────┴────────┴──────────┴────────┴─► ABORT: discard the staged, settle every participant, resume, reply
-//                                               (nothing was committed: no weight changed)
+//   plan ─► [receive] ─► join ─► validate ─► stage ─► pause ─► commit ──every commit ok──► decide ─► flush ─► finalize ─► resume, release, reply
+//     │         │          │        │          │        │        │         (the update is decided:     │
+//     │         │          │        │          │        │        │          the model moves forward)   └ one does not finalize:
+//     │         │          │        │          │        │        │                                       conclude (update_recovery.cpp)
+//     └─────────┴──────────┴────────┴──────────┴────────┴─► ABORT: discard the staged, settle every participant, resume, release, reply
+//                                                           (nothing was committed: no weight changed)
 //                                                   │
 //                           a commit failed ────────┴─► COMPENSATE: settle the failed, roll back every other one,
 //                                                       settle those whose rollback failed, resume, reply
 //
+// receive (distributed updates only): every worker's transfer actor checks the trainer's announcement
+// against its modules and receives the broadcast into memory; no module is touched, so a trainer that
+// fails mid-transfer only aborts. The modules then update from what their worker received, which is
+// released (release) before the reply.
 // Generation is held back from pause to resume. Once every commit has succeeded the update is decided:
 // each worker records it (decide), so a module actor that dies from then on is replaced by one that
 // keeps the new weights, and generation resumes on the new weight_version whatever fails after that.
@@ -57,6 +61,9 @@ std::string first_failure(self_ptr self, fan_in<msg::module_report>& in, const c
   return phase_failure(self->state.parts[i], phase_name, msg::describe(error));
 }
 
+void refuse_broadcast(self_ptr self, const std::string& why);
+void receive(self_ptr self, update_plan plan);
+void join(self_ptr self, std::map<std::string, msg::weight_source> planned);
 void validate(self_ptr self);
 void stage(self_ptr self);
 void pause(self_ptr self);
@@ -70,27 +77,92 @@ void reply(self_ptr self);
 // ---------------------------------------------------------------------------------------------
 // plan, join
 
-// Plans the sources; then asks every worker for its module actors and makes one participant per
-// target module and worker. Nothing is touched if the plan fails.
+// Plans the sources (a distributed update then receives), then joins the participants. Nothing is
+// touched if the plan fails.
 void start(self_ptr self, const msg::update_request& req) {
   auto& st = self->state;
   st.req = req;
   st.start = st.phase_start = clock::now();
   st.result.weight_version = req.weight_version;
-  if (static_cast<uint8_t>(req.mode) > static_cast<uint8_t>(msg::update_mode::in_place)) {
-    st.result.message = "mode must be auto, staged or in_place, got '" + msg::to_string(req.mode) + "'";
-    return reply(self);
+  update_plan plan = plan_update(req, st.ctx.pipeline_modules, st.ctx.denoiser, st.ctx.update);
+  if (static_cast<uint8_t>(req.mode) > static_cast<uint8_t>(msg::update_mode::in_place))
+    plan.error = "mode must be auto, staged or in_place, got '" + msg::to_string(req.mode) + "'";
+  if (req.source == msg::source_kind::distributed) {
+    // The trainer broadcasts what it announced however refit answers: a refused request still has every
+    // worker take the broadcast (and drop it).
+    if (!req.refused.empty()) plan.error = req.refused;
+    if (!plan.error.empty()) return refuse_broadcast(self, plan.error);
+    record_phase(self, "plan");
+    return receive(self, std::move(plan));
   }
-  update_plan plan = plan_update(req, st.ctx.pipeline_modules);
   if (!plan.error.empty()) {
     st.result.message = plan.error + ". No weights were changed.";
     return reply(self);
   }
   record_phase(self, "plan");
+  join(self, std::move(plan.sources));
+}
+
+// A refused distributed update: every worker drops the broadcast, so the group stays in step with the
+// trainer (or leaves the group when the broadcast's size is unknown), and the reply says which.
+void refuse_broadcast(self_ptr self, const std::string& why) {
+  auto& st = self->state;
+  msg::receive_request r;
+  r.update = st.ctx.update;
+  r.group_name = st.req.group_name;
+  r.flattened_bucket = st.req.flattened_bucket;
+  r.refused = why;
+  for (const auto& t : st.req.tensors) r.tensors.push_back({"", t.name, t.name, t.dtype, t.shape});
+  fan_out<msg::receive_report>(
+      indices(st.ctx.transfers.size()),
+      [self, r](size_t w) { return self->request(self->state.ctx.transfers[w], caf::infinite, msg::receive_atom::value, r); },
+      [self, why](fan_in<msg::receive_report>& in) {
+        auto& st = self->state;
+        std::string outcome = why;
+        if (!in.errors.empty()) outcome = msg::describe(in.errors.begin()->second);
+        if (!outcome.empty() && outcome.back() != '.') outcome += '.';
+        st.result.message = outcome + " No weights were changed.";
+        reply(self);
+      });
+}
+
+// Every worker receives the announced tensors (each is a rank of the trainer's group; rank 0 broadcasts
+// to all of them at once), or the update stops with nothing touched.
+void receive(self_ptr self, update_plan plan) {
+  auto& st = self->state;
+  st.received = true;
+  fan_out<msg::receive_report>(
+      indices(st.ctx.transfers.size()),
+      [self, req = plan.receive](size_t w) { return self->request(self->state.ctx.transfers[w], caf::infinite, msg::receive_atom::value, req); },
+      [self, sources = std::move(plan.sources)](fan_in<msg::receive_report>& in) mutable {
+        auto& st = self->state;
+        if (!in.errors.empty()) {
+          const auto& [w, e] = *in.errors.begin();
+          std::string why = msg::describe(e);
+          if (!why.empty() && why.back() == '.') why.pop_back();
+          st.result.message = "Failed to receive weights on worker " + std::to_string(w) + ": " + why + ". No weights were changed. " +
+                              all_rolled_back;
+          return reply(self);
+        }
+        uint64_t bytes = 0;
+        double slowest = 0;
+        for (auto& [w, r] : in.replies) {
+          bytes = r.bytes;
+          slowest = std::max(slowest, r.seconds);
+        }
+        spdlog::info("update {}: every worker received {:.1f} MB in {:.3f} s", source_label(st.req), bytes / 1e6, slowest);
+        record_phase(self, "receive");
+        join(self, std::move(sources));
+      });
+}
+
+// Asks every worker for its module actors and makes one participant per target module and worker.
+void join(self_ptr self, std::map<std::string, msg::weight_source> planned) {
+  auto& st = self->state;
   fan_out<std::map<std::string, msg::module_actor>>(
       indices(st.ctx.workers.size()),
       [self](size_t w) { return self->request(self->state.ctx.workers[w], phase_timeout, msg::modules_atom::value); },
-      [self, sources = std::move(plan.sources)](fan_in<std::map<std::string, msg::module_actor>>& in) {
+      [self, sources = std::move(planned)](fan_in<std::map<std::string, msg::module_actor>>& in) {
         auto& st = self->state;
         std::string missing;
         for (auto& [w, handles] : in.replies)
@@ -131,7 +203,7 @@ void validate(self_ptr self) {
                 st.parts[i].at = phase::validated;
                 bytes += r.bytes;
               }
-              spdlog::info("update {}: validated {} module(s), {:.1f} MB, from headers", st.req.model_path, st.parts.size(), bytes / 1e6);
+              spdlog::info("update {}: validated {} module(s), {:.1f} MB", source_label(st.req), st.parts.size(), bytes / 1e6);
               record_phase(self, "validate");
               stage(self);
             });
@@ -330,12 +402,30 @@ void resume_and_reply(self_ptr self, bool decided) {
 
 void reply(self_ptr self) {
   auto& st = self->state;
+  if (st.received) {
+    // What the workers received goes before the reply (what the modules adopted lives on as weights), so
+    // the memory is back when the client hears the outcome.
+    st.received = false;
+    fan_out<bool>(
+        indices(st.ctx.transfers.size()),
+        [self](size_t w) {
+          auto& st = self->state;
+          return self->request(st.ctx.transfers[w], phase_timeout, msg::release_atom::value, st.ctx.update, st.req.empty_cache);
+        },
+        [self](fan_in<bool>& in) {
+          for (auto& [w, e] : in.errors)
+            spdlog::warn("update: worker {} did not release what it received: {}", w, msg::describe(e));
+          record_phase(self, "release");
+          reply(self);
+        });
+    return;
+  }
   st.result.timings["total"] = since(st.start);
   if (st.result.success)
-    spdlog::info("update {}: committed {} module(s) in {:.3f} s (pause {:.3f} s)", st.req.model_path, st.parts.size(),
+    spdlog::info("update {}: committed {} module(s) in {:.3f} s (pause {:.3f} s)", source_label(st.req), st.parts.size(),
                  st.result.timings["total"], st.result.timings.count("pause") ? st.result.timings["pause"] : 0.0);
   else
-    spdlog::warn("update {}: failed: {}", st.req.model_path, st.result.message);
+    spdlog::warn("update {}: failed: {}", source_label(st.req), st.result.message);
   st.promise.deliver(st.result);
   self->quit();
 }

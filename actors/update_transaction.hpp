@@ -15,6 +15,9 @@ struct transaction_context {
   std::vector<msg::module_supervisor_actor> workers;  // per worker: module handles, recovery of dead module actors
   std::vector<msg::cache_actor> caches;               // reset when flush_cache
   std::vector<std::string> pipeline_modules;          // the pipeline's weight-bearing modules
+  std::string denoiser;                               // default target of an update from a trainer
+  std::vector<msg::transfer_actor> transfers;         // per worker: receives distributed updates
+  uint64_t update = 0;                                // this transaction's number (names what workers receive)
 };
 
 msg::transaction_actor spawn_update_transaction(caf::actor_system& sys, transaction_context context);

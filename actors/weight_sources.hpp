@@ -1,5 +1,5 @@
 // The module source behind a weight_source message: the one place where the protocol's source kinds
-// meet their implementations under pipeline/update/.
+// meet their implementations under pipeline/.
 #pragma once
 
 #include <memory>
@@ -9,10 +9,14 @@
 namespace refit::update {
 class module_source;
 }
+namespace refit::transfer {
+class received_table;
+}
 
 namespace refit::actors {
 
-// Throws std::invalid_argument for a kind this build does not know.
-std::shared_ptr<update::module_source> open_source(const msg::weight_source& source);
+// `received`: the module's worker's received tensors (distributed sources). Throws std::invalid_argument
+// for a kind this build does not know, or a distributed update whose tensors the worker does not hold.
+std::shared_ptr<update::module_source> open_source(const msg::weight_source& source, const transfer::received_table* received);
 
 }  // namespace refit::actors

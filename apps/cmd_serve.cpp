@@ -5,6 +5,7 @@
 #include <pthread.h>
 
 #include <csignal>
+#include <exception>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -36,7 +37,29 @@ struct serve_args {
   uint64_t image_store_mb = 256;
   bool dit_layerwise_offload = false;
   double dit_offload_prefetch_size = 1;
+  double weight_sync_timeout = 600;
 };
+
+// libtorch's gloo throws on its own I/O threads when a trainer sends more bytes than it announced, which
+// ends the process (torch's Python ranks die the same way); at least the log says why.
+[[noreturn]] void log_and_abort() {
+  std::string what = "no exception";
+  if (auto e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      what = x.what();
+    } catch (...) {
+      what = "an exception that is not a std::exception";
+    }
+  }
+  spdlog::critical("refit serve: terminating on an uncaught exception: {}", what);
+  if (what.find("Received data size doesn't match expected size") != std::string::npos)
+    spdlog::critical("refit serve: a trainer broadcast more bytes than its update_weights_from_distributed request announced "
+                     "(names, dtypes and shapes must describe exactly what it sends)");
+  spdlog::default_logger()->flush();
+  std::abort();
+}
 
 // Written whole and renamed into place, so a poller never reads a half-written number.
 void write_port_file(const std::string& path, uint16_t port) {
@@ -59,6 +82,7 @@ int serve(const serve_args& a) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
+  std::set_terminate(log_and_abort);
   if (a.workers < 1) throw std::invalid_argument("--workers must be at least 1");
   try {
     models::parse_placement(a.device, a.dtype);  // a typo should stop the server before it loads for minutes
@@ -80,7 +104,9 @@ int serve(const serve_args& a) {
                a.dtype.empty() ? "default" : a.dtype);
   if (a.dit_layerwise_offload)
     spdlog::info("refit serve: layerwise offload of the DiT's blocks, prefetch {}", a.dit_offload_prefetch_size);
-  auto scheduler = actors::spawn_engine(sys, {model_path, devices, a.dtype, a.dit_layerwise_offload, a.dit_offload_prefetch_size});
+  const auto sync_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.weight_sync_timeout * 1000));
+  auto scheduler =
+      actors::spawn_engine(sys, {model_path, devices, a.dtype, a.dit_layerwise_offload, a.dit_offload_prefetch_size, sync_timeout});
   caf::scoped_actor self{sys};
   // Whatever goes wrong from here, the engine must not outlive this function (the actor system's
   // destructor would wait for it forever).
@@ -181,6 +207,11 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
   cmd->add_option("--image-store-mb", a->image_store_mb, "MiB of such images kept at most (oldest dropped first)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--weight-sync-timeout", a->weight_sync_timeout,
+                  "Seconds to wait for a trainer: joining its torch.distributed group (init_weights_update_group), and each "
+                  "broadcast of a distributed update; past it the update fails and the group is left")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 86400.0));
   add_offload_options(*cmd, a->dit_layerwise_offload, a->dit_offload_prefetch_size);
   commands.emplace_back(cmd, [a] { return serve(*a); });
 }

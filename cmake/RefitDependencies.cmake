@@ -41,6 +41,23 @@ if(NOT CAF_FOUND)
     INTERFACE_LINK_LIBRARIES CAF::core)
 endif()
 
+# --- The torch wheel (its libraries are imported below).
+execute_process(
+  COMMAND ${Python3_EXECUTABLE} -c "import os, torch; print(os.path.dirname(torch.__file__)); print(torch.__version__); print(torch.version.cuda or '')"
+  OUTPUT_VARIABLE _torch_out RESULT_VARIABLE _torch_rc OUTPUT_STRIP_TRAILING_WHITESPACE)
+if(NOT _torch_rc EQUAL 0)
+  message(FATAL_ERROR "refit: python3 cannot import torch; run scripts/setup")
+endif()
+string(REPLACE "\n" ";" _torch_out "${_torch_out}")
+list(GET _torch_out 0 REFIT_TORCH_DIR)
+list(GET _torch_out 1 REFIT_TORCH_VERSION)
+list(LENGTH _torch_out _n)
+set(REFIT_TORCH_CUDA "")
+if(_n GREATER 2)
+  list(GET _torch_out 2 REFIT_TORCH_CUDA)
+endif()
+message(STATUS "refit: torch ${REFIT_TORCH_VERSION} at ${REFIT_TORCH_DIR} (CUDA '${REFIT_TORCH_CUDA}')")
+
 # --- CUDA toolkit and NCCL (compile and link even where no GPU is present).
 option(REFIT_WITH_CUDA "Build the CUDA/NCCL paths when the toolkit is found" ON)
 set(REFIT_CUDA_FOUND OFF)
@@ -50,8 +67,15 @@ if(REFIT_WITH_CUDA)
   endif()
   find_package(CUDAToolkit QUIET)
   if(CUDAToolkit_FOUND)
-    find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
-    find_library(NCCL_LIBRARY nccl HINTS ${CUDAToolkit_LIBRARY_DIR} /usr/local/cuda/lib64 /usr/local/cuda/lib)
+    # NCCL: the one torch was built with (the wheel's nvidia-nccl package) before the toolkit's. torch's
+    # ProcessGroupNCCL runs in this process, and NCCL refuses peers of another version ("Mismatched NCCL
+    # version detected"), so a trainer with the same torch must meet the same NCCL here.
+    get_filename_component(_wheel_nccl "${REFIT_TORCH_DIR}/../nvidia/nccl" ABSOLUTE)
+    find_path(REFIT_NCCL_INCLUDE_DIR nccl.h HINTS ${_wheel_nccl}/include ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
+    find_library(REFIT_NCCL_LIBRARY NAMES nccl libnccl.so.2 NAMES_PER_DIR
+                 HINTS ${_wheel_nccl}/lib ${CUDAToolkit_LIBRARY_DIR} /usr/local/cuda/lib64 /usr/local/cuda/lib)
+    set(NCCL_INCLUDE_DIR ${REFIT_NCCL_INCLUDE_DIR})
+    set(NCCL_LIBRARY ${REFIT_NCCL_LIBRARY})
     if(NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
       set(REFIT_CUDA_FOUND ON)
       if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
@@ -75,21 +99,6 @@ endif()
 # --- libtorch from the torch wheel. Its include dir also carries fmt 12, which must not shadow
 # Debian's fmt 9 that spdlog was built with, so only torch's own header trees are exposed (via a
 # directory of symlinks), and the libraries are imported by hand rather than with TorchConfig.
-execute_process(
-  COMMAND ${Python3_EXECUTABLE} -c "import os, torch; print(os.path.dirname(torch.__file__)); print(torch.__version__); print(torch.version.cuda or '')"
-  OUTPUT_VARIABLE _torch_out RESULT_VARIABLE _torch_rc OUTPUT_STRIP_TRAILING_WHITESPACE)
-if(NOT _torch_rc EQUAL 0)
-  message(FATAL_ERROR "refit: python3 cannot import torch; run scripts/setup")
-endif()
-string(REPLACE "\n" ";" _torch_out "${_torch_out}")
-list(GET _torch_out 0 REFIT_TORCH_DIR)
-list(GET _torch_out 1 REFIT_TORCH_VERSION)
-list(LENGTH _torch_out _n)
-set(REFIT_TORCH_CUDA "")
-if(_n GREATER 2)
-  list(GET _torch_out 2 REFIT_TORCH_CUDA)
-endif()
-message(STATUS "refit: torch ${REFIT_TORCH_VERSION} at ${REFIT_TORCH_DIR} (CUDA '${REFIT_TORCH_CUDA}')")
 
 set(_shim "${CMAKE_BINARY_DIR}/torch_include")
 file(MAKE_DIRECTORY "${_shim}")
@@ -111,6 +120,10 @@ if(REFIT_CUDA_FOUND AND REFIT_TORCH_CUDA AND EXISTS "${_tl}/libtorch_cuda.so")
   # libtorch_cuda registers the CUDA backend from static initialisers: keep it even though no symbol is used.
   target_link_libraries(refit_torch INTERFACE "-Wl,--no-as-needed,${_tl}/libtorch_cuda.so,--as-needed" "${_tl}/libc10_cuda.so" refit::cuda)
   target_compile_definitions(refit_torch INTERFACE REFIT_TORCH_CUDA=1)
+  set(REFIT_TORCH_WITH_CUDA ON)
+  set(REFIT_TORCH_NCCL_INCLUDE ${NCCL_INCLUDE_DIR})  # torch's c10d headers see the same nccl.h
+else()
+  set(REFIT_TORCH_WITH_CUDA OFF)
 endif()
 set_property(TARGET refit_torch PROPERTY INTERFACE_LINK_OPTIONS "-Wl,-rpath,${_tl}")
 add_library(refit::torch ALIAS refit_torch)

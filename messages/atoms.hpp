@@ -13,6 +13,8 @@ using checksum_atom = caf::atom_constant<caf::atom("checksum")>;
 using info_atom = caf::atom_constant<caf::atom("info")>;
 using stats_atom = caf::atom_constant<caf::atom("stats")>;
 using rollout_atom = caf::atom_constant<caf::atom("rollout")>;
+using join_group_atom = caf::atom_constant<caf::atom("joingroup")>;
+using leave_group_atom = caf::atom_constant<caf::atom("leavegroup")>;
 
 // Internal control: update phases, generation gating, supervision, fault injection
 using validate_atom = caf::atom_constant<caf::atom("validate")>;
@@ -30,5 +32,7 @@ using modules_atom = caf::atom_constant<caf::atom("modules")>;
 using recover_atom = caf::atom_constant<caf::atom("recover")>;
 using decide_atom = caf::atom_constant<caf::atom("decide")>;
 using teacache_atom = caf::atom_constant<caf::atom("teacache")>;
+using receive_atom = caf::atom_constant<caf::atom("receive")>;
+using release_atom = caf::atom_constant<caf::atom("release")>;
 
 }  // namespace refit::msg

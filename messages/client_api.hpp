@@ -18,6 +18,10 @@ using client_api_actor = caf::typed_actor<
     caf::replies_to<rollout_atom, rollout_request>::with<rollout_result>,
     // A weight update as one transaction across modules and workers; the result says what changed.
     caf::replies_to<update_atom, update_request>::with<update_result>,
+    // Join (every worker, as ranks rank_offset + i) or leave a trainer's torch.distributed group, which
+    // distributed updates then receive over.
+    caf::replies_to<join_group_atom, group_request>::with<group_result>,
+    caf::replies_to<leave_group_atom, std::string /*group_name*/>::with<group_result>,
     // module -> hex checksum, "not_found" for a module the pipeline lacks, "error: ..." when it failed.
     caf::replies_to<checksum_atom, checksum_request>::with<std::map<std::string, std::string>>,
     caf::replies_to<info_atom>::with<model_info>,

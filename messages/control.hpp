@@ -30,6 +30,19 @@ using module_actor = caf::typed_actor<
     caf::replies_to<info_atom>::with<module_info>,
     caf::replies_to<fault_atom, fault_spec>::with<bool>>;
 
+// One worker's transfers from trainers: the torch.distributed groups it joined, and what it received for
+// updates in progress (its module actors read those through a shared table). It blocks while it joins
+// or receives, which is why it is not the worker (generation goes on meanwhile).
+using transfer_actor = caf::typed_actor<
+    caf::replies_to<join_group_atom, group_request, int32_t /*rank*/>::with<group_result>,
+    caf::replies_to<leave_group_atom, std::string /*group_name*/>::with<group_result>,
+    // Checks the announcement against the modules, then receives it (a refused announcement is received
+    // and dropped, so that the trainer's broadcasts complete). A failed transfer leaves the group.
+    caf::replies_to<receive_atom, receive_request>::with<receive_report>,
+    // The update ended: drop what was received for it (adopted tensors live on as weights); optionally
+    // return the allocator's cached device memory.
+    caf::replies_to<release_atom, uint64_t /*update*/, bool /*empty cache*/>::with<bool>>;
+
 // TeaCache of one worker. The per-step state lives with each request (one per CFG branch), so no
 // request can read state computed with other weights; this actor keeps the worker's counters.
 using cache_actor = caf::typed_actor<

@@ -16,6 +16,7 @@ enum class refit_errc : uint8_t {
   cancelled,            // generation aborted by an update with abort_all_requests
   generation_failed,
   fault_injection_unavailable,
+  transfer_failed,      // receiving from a trainer failed (the group was left)
 };
 std::string to_string(refit_errc code);
 caf::error make_error(refit_errc code, std::string message);

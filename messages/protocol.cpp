@@ -7,6 +7,14 @@ namespace refit::msg {
 void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<weight_source>("refit.weight_source");
   cfg.add_message_type<update_request>("refit.update_request");
+  cfg.add_message_type<announced_tensor>("refit.announced_tensor");
+  cfg.add_message_type<std::vector<announced_tensor>>("refit.announced_tensors");
+  cfg.add_message_type<group_request>("refit.group_request");
+  cfg.add_message_type<group_result>("refit.group_result");
+  cfg.add_message_type<routed_tensor>("refit.routed_tensor");
+  cfg.add_message_type<std::vector<routed_tensor>>("refit.routed_tensors");
+  cfg.add_message_type<receive_request>("refit.receive_request");
+  cfg.add_message_type<receive_report>("refit.receive_report");
   cfg.add_message_type<checksum_request>("refit.checksum_request");
   cfg.add_message_type<module_report>("refit.module_report");
   cfg.add_message_type<std::vector<module_report>>("refit.module_reports");
@@ -33,6 +41,7 @@ void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<std::vector<uint64_t>>("refit.counts");
   cfg.add_message_type<module_actor>("refit.module_actor");
   cfg.add_message_type<std::map<std::string, module_actor>>("refit.module_actors");
+  cfg.add_message_type<transfer_actor>("refit.transfer_actor");
   cfg.add_error_category(error_category, [](uint8_t code, caf::atom_value, const caf::message& ctx) {
     std::string s = "refit_error(" + to_string(static_cast<refit_errc>(code)) + ")";
     if (ctx.match_elements<std::string>()) s += ": " + ctx.get_as<std::string>(0);

@@ -28,6 +28,7 @@ std::string to_string(write_path p) {
 std::string to_string(source_kind k) {
   switch (k) {
     case source_kind::checkpoint: return "checkpoint";
+    case source_kind::distributed: return "distributed";
   }
   return "unknown(" + std::to_string(static_cast<int>(k)) + ")";
 }

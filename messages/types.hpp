@@ -29,8 +29,10 @@ enum class update_mode : uint8_t { auto_select, staged, in_place };
 // rollback that did so; mixed: modules of one update took different paths.
 enum class write_path : uint8_t { none, staged, in_place, in_place_reread_undo, reread, mixed };
 // What kind of weight source an update reads. New sources add a kind here and a planner and a
-// module source under actors/ and pipeline/update/; the transaction does not change.
-enum class source_kind : uint8_t { checkpoint };
+// module source under actors/ and pipeline/; the transaction's phases do not change. distributed: a
+// trainer broadcasts the tensors over a torch.distributed group the workers joined; each worker receives
+// them first, then its modules update from what it received.
+enum class source_kind : uint8_t { checkpoint, distributed };
 
 // How generated images are encoded for the client.
 enum class image_format : uint8_t { png, jpeg, webp };
@@ -43,7 +45,7 @@ enum class checksum_format : uint8_t { sglang, refit };
 
 std::string to_string(update_mode m);   // auto, staged, in_place
 std::string to_string(write_path p);    // "", staged, in_place, in_place(reread-undo), reread, mixed
-std::string to_string(source_kind k);   // checkpoint
+std::string to_string(source_kind k);   // checkpoint, distributed
 std::string to_string(checksum_format f);  // sglang, refit
 std::string to_string(image_format f);     // png, jpeg, webp
 std::string to_string(rollout_sde t);      // sde, cps, ode
@@ -69,34 +71,125 @@ caf::error load_enum(Enum& out, uint8_t raw, Enum last, const char* what) {
 // per participating module).
 struct weight_source {
   source_kind kind = source_kind::checkpoint;
-  std::string location;  // checkpoint: the module's folder
+  std::string location;  // checkpoint: the module's folder; distributed: the group, for messages
+  uint64_t update = 0;   // distributed: the update whose tensors the module's worker received
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, weight_source& x) {
   auto kind = static_cast<uint8_t>(x.kind);
-  return f(caf::meta::type_name("weight_source"), kind, x.location,
-           caf::meta::load_callback([&] { return load_enum(x.kind, kind, source_kind::checkpoint, "source kind"); }));
+  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update,
+           caf::meta::load_callback([&] { return load_enum(x.kind, kind, source_kind::distributed, "source kind"); }));
+}
+
+// One tensor a trainer announces, as SGLang's update_weights_from_distributed names it: its name (the
+// module's own name; with several target modules, prefixed "module."), torch's dtype name, its shape.
+struct announced_tensor {
+  std::string name;
+  std::string dtype;  // "bfloat16", "float32", ...
+  std::vector<int64_t> shape;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, announced_tensor& x) {
+  return f(caf::meta::type_name("announced_tensor"), x.name, x.dtype, x.shape);
 }
 
 struct update_request {
   source_kind source = source_kind::checkpoint;
   std::string model_path;                   // checkpoint: the Diffusers folder
-  std::vector<std::string> target_modules;  // empty: every weight-bearing module
+  std::vector<std::string> target_modules;  // empty: every weight-bearing module (distributed: the denoiser)
   bool flush_cache = true;
   bool abort_all_requests = false;
   std::string weight_version;               // empty: one is derived from the update count
   update_mode mode = update_mode::auto_select;
+  // distributed: the group the workers joined, and what rank 0 broadcasts, in order (one broadcast per
+  // tensor, or one uint8 broadcast of them all back to back)
+  std::string group_name;
+  std::vector<announced_tensor> tensors;
+  bool flattened_bucket = false;
+  bool empty_cache = false;  // after the update, return the allocator's cached device memory (torch_empty_cache)
+  std::string refused;       // distributed: why the request is refused (its broadcast is still taken and dropped)
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, update_request& x) {
   auto source = static_cast<uint8_t>(x.source), mode = static_cast<uint8_t>(x.mode);
   return f(caf::meta::type_name("update_request"), source, x.model_path, x.target_modules, x.flush_cache, x.abort_all_requests,
-           x.weight_version, mode, caf::meta::load_callback([&]() -> caf::error {
-             if (auto e = load_enum(x.source, source, source_kind::checkpoint, "source kind")) return e;
+           x.weight_version, mode, x.group_name, x.tensors, x.flattened_bucket, x.empty_cache, x.refused,
+           caf::meta::load_callback([&]() -> caf::error {
+             if (auto e = load_enum(x.source, source, source_kind::distributed, "source kind")) return e;
              return load_enum(x.mode, mode, update_mode::in_place, "update mode");
            }));
+}
+
+// Joining a trainer's torch.distributed group (SGLang's init_weights_update_group): the trainer is rank 0
+// and hosts the store at master_address:master_port; worker i joins as rank rank_offset + i.
+struct group_request {
+  std::string master_address;
+  int32_t master_port = 0;
+  int32_t rank_offset = 1;
+  int32_t world_size = 2;
+  std::string group_name = "weight_update_group";
+  std::string backend = "nccl";  // nccl or gloo
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, group_request& x) {
+  return f(caf::meta::type_name("group_request"), x.master_address, x.master_port, x.rank_offset, x.world_size, x.group_name,
+           x.backend);
+}
+
+// The reply to joining or leaving a group, SGLang's shape.
+struct group_result {
+  bool success = false;
+  std::string message;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, group_result& x) {
+  return f(caf::meta::type_name("group_result"), x.success, x.message);
+}
+
+// What a worker receives for one update: the announced tensors routed to their modules.
+struct routed_tensor {
+  std::string module;
+  std::string name;       // in the module
+  std::string wire_name;  // as announced
+  std::string dtype;
+  std::vector<int64_t> shape;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, routed_tensor& x) {
+  return f(caf::meta::type_name("routed_tensor"), x.module, x.name, x.wire_name, x.dtype, x.shape);
+}
+
+struct receive_request {
+  uint64_t update = 0;
+  std::string group_name;
+  std::vector<routed_tensor> tensors;
+  bool flattened_bucket = false;
+  // Non-empty: the update is refused for this reason; the worker takes the broadcast and drops it (or,
+  // when its size cannot be known, leaves the group) and fails with it.
+  std::string refused;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, receive_request& x) {
+  return f(caf::meta::type_name("receive_request"), x.update, x.group_name, x.tensors, x.flattened_bucket, x.refused);
+}
+
+struct receive_report {
+  int32_t worker = 0;
+  uint64_t tensors = 0;
+  uint64_t bytes = 0;
+  double seconds = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, receive_report& x) {
+  return f(caf::meta::type_name("receive_report"), x.worker, x.tensors, x.bytes, x.seconds);
 }
 
 // What one module actor did in one phase.

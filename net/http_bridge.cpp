@@ -12,6 +12,7 @@
 #include <thread>
 #include <variant>
 
+#include "net/distributed_api.hpp"
 #include "net/image_store.hpp"
 #include "net/images_api.hpp"
 #include "net/json_codec.hpp"
@@ -123,6 +124,8 @@ std::string failed_update_json(const std::string& message, const std::string& we
   return update_result_json(r);
 }
 
+void run_update(bridge_context& ctx, const msg::update_request& update, const std::string& label, httplib::Response& res);
+
 void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   msg::update_request update;
@@ -153,12 +156,18 @@ void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::R
     }
     update.model_path = admitted->string();  // load what was checked, even if a symlink changes afterwards
   }
+  run_update(ctx, update, update.model_path, res);
+}
+
+// Runs a parsed update and answers SGLang's way: 200 on success, 400 with {success: false, message} on
+// failure; the reply carries refit's report too. `label` names the source in logs.
+void run_update(bridge_context& ctx, const msg::update_request& update, const std::string& label, httplib::Response& res) {
   const auto t0 = clock::now();
   auto r = ask<msg::update_result>(ctx, ctx.config.request_timeout, msg::update_atom::value, update);
   const double seconds = std::chrono::duration<double>(clock::now() - t0).count();
   if (auto* e = std::get_if<caf::error>(&r)) {
     const std::string why = "update request failed: " + describe(*e, ctx.config.request_timeout);
-    spdlog::warn("refit serve: update from {} failed after {:.3f} s: {}", update.model_path, seconds, why);
+    spdlog::warn("refit serve: update from {} failed after {:.3f} s: {}", label, seconds, why);
     reply(res, status_for(*e) == 504 ? 504 : 500, failed_update_json(why, current_identity(ctx).weight_version));
     return;
   }
@@ -167,15 +176,65 @@ void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::R
   for (const auto& m : result.modules) bytes += m.bytes;
   const double total = result.timings.count("total") ? result.timings.at("total") : seconds;
   if (result.success) {
-    remember(ctx, {update.model_path, result.weight_version});
+    if (update.source == msg::source_kind::checkpoint) remember(ctx, {update.model_path, result.weight_version});
+    else current_identity(ctx);
     spdlog::info("refit serve: update from {} succeeded: weight_version {}, {} module report(s), {:.3f} GB in {:.3f} s ({:.2f} GB/s), {}",
-                 update.model_path, result.weight_version, result.modules.size(), bytes / 1e9, total, gigabytes_per_second(bytes, total),
+                 label, result.weight_version, result.modules.size(), bytes / 1e9, total, gigabytes_per_second(bytes, total),
                  msg::to_string(result.mode));
   } else {
-    spdlog::warn("refit serve: update from {} failed: weight_version stays {}, {:.3f} s: {}", update.model_path, result.weight_version, total,
+    spdlog::warn("refit serve: update from {} failed: weight_version stays {}, {:.3f} s: {}", label, result.weight_version, total,
                  result.message);
   }
   reply(res, result.success ? 200 : 400, update_result_json(result));
+}
+
+void update_weights_from_distributed(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  msg::update_request update;
+  try {
+    update = parse_distributed_update_request(req.body);
+  } catch (const bad_request& e) {
+    // Not even the group is known: nothing can take the trainer's broadcast.
+    spdlog::warn("refit serve: distributed update rejected (400): {}", e.what());
+    reply(res, 400, failed_update_json(std::string(e.what()) + ". No worker took the trainer's broadcast for this request",
+                                       current_identity(ctx).weight_version));
+    return;
+  }
+  run_update(ctx, update, "distributed group '" + update.group_name + "'", res);
+}
+
+// POST /init_weights_update_group and /destroy_weights_update_group: SGLang's {success, message}, 200 or 400.
+void group_reply(const std::variant<msg::group_result, caf::error>& r, std::chrono::seconds timeout, httplib::Response& res) {
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    reply(res, status_for(*e) == 504 ? 504 : 500, group_result_json({false, describe(*e, timeout)}));
+    return;
+  }
+  const auto& g = std::get<msg::group_result>(r);
+  reply(res, g.success ? 200 : 400, group_result_json(g));
+}
+
+void init_weights_update_group(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  msg::group_request g;
+  try {
+    g = parse_group_request(req.body);
+  } catch (const bad_request& e) {
+    reply(res, 400, group_result_json({false, std::string("Failed to initialize custom process group: ") + e.what() + "."}));
+    return;
+  }
+  group_reply(ask<msg::group_result>(ctx, ctx.config.request_timeout, msg::join_group_atom::value, g), ctx.config.request_timeout, res);
+}
+
+void destroy_weights_update_group(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  std::string name;
+  try {
+    name = parse_destroy_group_request(req.body);
+  } catch (const bad_request& e) {
+    reply(res, 400, group_result_json({false, std::string("Failed to destroy custom process group: ") + e.what() + "."}));
+    return;
+  }
+  group_reply(ask<msg::group_result>(ctx, ctx.config.request_timeout, msg::leave_group_atom::value, name), ctx.config.request_timeout, res);
 }
 
 void weights_checksum(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
@@ -340,7 +399,9 @@ std::string reason_for(int status) {
 // The methods each path answers, for 405 replies (the routes below).
 std::string allowed_methods(const std::string& path) {
   static const std::vector<std::pair<std::regex, std::string>> table = {
-      {std::regex("/update_weights_from_disk|/get_weights_checksum|/v1/images/generations|/rollout/generate"), "POST"},
+      {std::regex("/update_weights_from_disk|/update_weights_from_distributed|/init_weights_update_group|/destroy_weights_update_group|"
+                  "/get_weights_checksum|/v1/images/generations|/rollout/generate"),
+       "POST"},
       {std::regex("/get_model_info|/v1/model_info|/metrics|/health|/v1/models|/v1/models/.+|/v1/images/[0-9A-Za-z_-]+/content"), "GET"},
   };
   for (const auto& [pattern, methods] : table)
@@ -353,6 +414,9 @@ void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
     return [ctx, fn](const httplib::Request& req, httplib::Response& res) { fn(*ctx, req, res); };
   };
   srv.Post("/update_weights_from_disk", route(update_weights));
+  srv.Post("/init_weights_update_group", route(init_weights_update_group));
+  srv.Post("/update_weights_from_distributed", route(update_weights_from_distributed));
+  srv.Post("/destroy_weights_update_group", route(destroy_weights_update_group));
   srv.Post("/get_weights_checksum", route(weights_checksum));
   srv.Get("/get_model_info", route(model_info));
   srv.Get("/v1/model_info", route(model_info));

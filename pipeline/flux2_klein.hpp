@@ -50,6 +50,7 @@ class flux2_klein_pipeline final : public diffusion_pipeline {
   std::string_view class_name() const override { return pipeline_class; }
   // text_encoder, transformer, vae.
   std::vector<std::string> module_names() const override;
+  std::string denoiser() const override { return "transformer"; }
   models::tensor_registry& registry(const std::string& module) override;
   // The transformer's when --dit-layerwise-offload is on.
   models::layer_offload* offload(const std::string& module) override;

@@ -119,6 +119,9 @@ class diffusion_pipeline {
   virtual std::string_view class_name() const = 0;
   // Weight-bearing modules by component name, in a stable order.
   virtual std::vector<std::string> module_names() const = 0;
+  // The module the sampler runs every step and trainers train (the denoiser, one of module_names()):
+  // what an update from a trainer targets when it names no module.
+  virtual std::string denoiser() const = 0;
   // A module's parameters and buffers under their checkpoint names; throws std::invalid_argument
   // "module 'X' not found in pipeline" for a name module_names() lacks.
   virtual models::tensor_registry& registry(const std::string& module) = 0;

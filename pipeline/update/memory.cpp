@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #ifdef REFIT_TORCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 #endif
@@ -53,6 +54,14 @@ std::vector<at::Tensor> make_undo_arena(const std::vector<at::Tensor>& like) {
     offset += t.numel();
   }
   return out;
+}
+
+void release_cached_device_memory(const c10::Device& device) {
+#ifdef REFIT_TORCH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#else
+  (void)device;
+#endif
 }
 
 }  // namespace refit::update

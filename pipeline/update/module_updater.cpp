@@ -125,9 +125,15 @@ phase_report module_updater::stage(std::shared_ptr<module_source> source, reques
   auto* off = offload();
   uint64_t shadow_bytes = 0;
   bool touches_store = false;
+  // Values the source already holds exactly as the module would cost no shadow: staging adopts them.
+  std::vector<at::Tensor> adopted(slots.size());
   for (size_t k = 0; k < slots.size(); ++k) {
-    if (offloaded(slots[k])) touches_store = true;
-    else shadow_bytes += live[k].nbytes();
+    if (offloaded(slots[k])) {
+      touches_store = true;
+      continue;
+    }
+    adopted[k] = p->source->adopt(context(), slots[k], live[k]);
+    if (!adopted[k].defined()) shadow_bytes += live[k].nbytes();
   }
   const bool spare_fits = !touches_store || off->spare_allocated() || off->host_bytes() + memory_margin <= available_host_bytes();
   p->path = requested == requested_path::staged   ? write_path::staged
@@ -139,8 +145,18 @@ phase_report module_updater::stage(std::shared_ptr<module_source> source, reques
   pending& u = *pending_;
   if (u.path == write_path::staged) {
     try {
-      for (size_t k = 0; k < slots.size(); ++k)
+      std::vector<size_t> fill_slots;
+      std::vector<at::Tensor> fill_into, fill_current;
+      for (size_t k = 0; k < slots.size(); ++k) {
+        if (adopted[k].defined()) {
+          u.shadows.push_back(adopted[k]);
+          continue;
+        }
         u.shadows.push_back(offloaded(slots[k]) ? off->spare_tensor(slots[k]) : at::empty_like(live[k]));
+        fill_slots.push_back(slots[k]);
+        fill_into.push_back(u.shadows.back());
+        fill_current.push_back(live[k]);
+      }
       if (touches_store) {
         // The swap at commit makes the whole second store live: offloaded slots this update does not
         // write must hold their current values there too.
@@ -151,7 +167,7 @@ phase_report module_updater::stage(std::shared_ptr<module_source> source, reques
           if (off->offloaded(s) && !(k < slots.size() && slots[k] == s)) off->spare_tensor(s).copy_(all[s]);
         }
       }
-      u.source->fill(context(), {slots, u.shadows, live});
+      if (!fill_slots.empty()) u.source->fill(context(), {fill_slots, fill_into, fill_current});
     } catch (...) {
       u.shadows.clear();
       throw;

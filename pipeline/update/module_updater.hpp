@@ -2,7 +2,8 @@
 // in plain C++ (the module actor is only its message adapter, and tests drive it without CAF).
 //
 //   stage   staged: the source fills shadow buffers (layerwise-offloaded slots: the offload's second host
-//           store) while generation continues on the live tensors. in place: only plans.
+//           store), or hands over values it already holds as the module would (adopt), while generation
+//           continues on the live tensors. in place: only plans.
 //   commit  staged: swap storage (the old tensors become the undo record). in place: snapshot the live
 //           values into pinned host memory (or, without room, plan to re-read their previous source),
 //           then the source fills the live tensors.

@@ -3,8 +3,8 @@
 // from metadata, what it will write (plan) and then writes it (fill).
 //
 // Sources that fit this interface (docs/architecture.md): a checkpoint folder on disk
-// (checkpoint_source, the first); a trainer's torch.distributed broadcast (plan from the announced
-// names, dtypes and shapes; fill receives in the announced order, once: not repeatable); tensors a
+// (checkpoint_source, the first); tensors a trainer broadcast over a torch.distributed group, received
+// into memory first (transfer::received_source: plan from what arrived, fill copies); tensors a
 // colocated trainer shares (plan from the handles' metadata; fill copies device to device); a LoRA
 // adapter merged into the base (plan: the slots the adapter targets; fill writes current + scale·B·A
 // computed in fp32, reading `current`).
@@ -63,6 +63,14 @@ class module_source {
   virtual source_plan plan(const module_context& module) = 0;
   // Writes the new values of the planned slots. Throws on any failure; the caller restores.
   virtual void fill(const module_context& module, const fill_target& target) = 0;
+  // Staged updates: a tensor that already holds the slot's new value exactly as the module would hold it
+  // (dtype, shape, device, contiguous, its own storage), which the module may keep instead of a shadow it
+  // fills; undefined when there is none (then fill writes the slot). Sources holding their values in
+  // memory (a received broadcast) offer it; the default offers nothing.
+  virtual at::Tensor adopt(const module_context& module, size_t slot, const at::Tensor& current) {
+    (void)module, (void)slot, (void)current;
+    return {};
+  }
   // Whether fill may run again for any subset of the slots (to undo an in-place commit by re-reading,
   // or to apply the update again after an actor was replaced). A broadcast received once is not.
   virtual bool repeatable() const = 0;

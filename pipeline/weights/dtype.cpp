@@ -53,6 +53,23 @@ std::optional<dtype> parse_target_dtype(std::string_view s) {
   return std::nullopt;
 }
 
+std::optional<dtype> parse_torch_dtype(std::string_view s) {
+  if (s.substr(0, 6) == "torch.") s.remove_prefix(6);
+  static constexpr std::pair<std::string_view, dtype> names[] = {
+      {"float32", dtype::F32}, {"float", dtype::F32}, {"float64", dtype::F64}, {"double", dtype::F64},
+      {"float16", dtype::F16}, {"half", dtype::F16}, {"bfloat16", dtype::BF16},
+      {"uint8", dtype::U8}, {"int8", dtype::I8}, {"int16", dtype::I16}, {"short", dtype::I16},
+      {"uint16", dtype::U16}, {"int32", dtype::I32}, {"int", dtype::I32}, {"uint32", dtype::U32},
+      {"int64", dtype::I64}, {"long", dtype::I64}, {"uint64", dtype::U64}, {"bool", dtype::BOOL},
+      {"complex64", dtype::C64}, {"cfloat", dtype::C64},
+      {"float8_e4m3fn", dtype::F8_E4M3}, {"float8_e5m2", dtype::F8_E5M2}, {"float8_e4m3fnuz", dtype::F8_E4M3FNUZ},
+      {"float8_e5m2fnuz", dtype::F8_E5M2FNUZ}, {"float8_e8m0fnu", dtype::F8_E8M0},
+  };
+  for (const auto& [name, t] : names)
+    if (s == name) return t;
+  return std::nullopt;
+}
+
 std::ostream& operator<<(std::ostream& os, dtype t) { return os << dtype_name(t); }
 
 }  // namespace refit::weights

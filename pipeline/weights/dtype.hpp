@@ -36,6 +36,10 @@ bool is_convertible_float(dtype t);
 // Parses the user-facing spellings of a target dtype: bf16/bfloat16, fp16/f16/float16, fp32/f32/float32.
 std::optional<dtype> parse_target_dtype(std::string_view spelling);
 
+// torch's names of its dtypes, as trainers announce them (str(t.dtype) with or without "torch.": float32,
+// float, bfloat16, half, int64, long, float8_e4m3fn, ...); nullopt for anything else.
+std::optional<dtype> parse_torch_dtype(std::string_view name);
+
 std::ostream& operator<<(std::ostream& os, dtype t);
 
 }  // namespace refit::weights

@@ -1,7 +1,16 @@
 # HTTP integration suite (issue 5): pytest starts the real `refit serve` on free loopback ports with tiny checkpoints
 # from `refit make-model`. Python packages: requests, openai, safetensors, torch; Debian package: prometheus (promtool).
 add_test(NAME integration.http
-  COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/integration)
+  COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/integration
+          --ignore=${CMAKE_CURRENT_SOURCE_DIR}/integration/test_distributed.py)
 set_tests_properties(integration.http PROPERTIES
   ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>;REFIT_REMOTE_CLIENT=$<TARGET_FILE:refit_remote_client>"
+  TIMEOUT 600)
+
+# Weights from a trainer (issue 14): real PyTorch trainer processes (trainer.py, with SGLang's own
+# init_custom_process_group from the wheel scripts/setup installs) broadcast over Gloo on loopback to the real server.
+add_test(NAME integration.distributed
+  COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/integration/test_distributed.py)
+set_tests_properties(integration.distributed PROPERTIES
+  ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>;SGLANG_SITE=${PROJECT_SOURCE_DIR}/.deps-py/sglang;GLOO_SOCKET_IFNAME=lo"
   TIMEOUT 600)

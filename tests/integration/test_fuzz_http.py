@@ -13,7 +13,7 @@ from harness import GEN, truncate_first_shard
 
 # Fixed for CI; REFIT_FUZZ_SEED / REFIT_FUZZ_ROUNDS explore further.
 SEED = int(os.environ.get("REFIT_FUZZ_SEED", "20261129"))
-ROUNDS = int(os.environ.get("REFIT_FUZZ_ROUNDS", "600"))
+ROUNDS = int(os.environ.get("REFIT_FUZZ_ROUNDS", "900"))
 
 # Values that are wrong for (almost) every field, or right but cheap: nothing here asks for a large image or many
 # steps, so an accidentally valid generation stays fast on the CPU.
@@ -34,6 +34,18 @@ def update_body(ckpt, broken):
     return {"model_path": str(random.choice([ckpt.base, broken, ckpt.allowed / "missing"])),
             "target_modules": ["vae"], "mode": "staged", "flush_cache": True, "abort_all_requests": False,
             "weight_version": "fuzz"}
+
+
+def distributed_body():
+    # No group exists on this server: every one is refused (naming the group), quickly.
+    return {"names": ["x_embedder.weight"], "dtypes": ["float32"], "shapes": [[4, 4]], "group_name": "fuzz",
+            "load_format": None, "target_modules": ["transformer"], "flush_cache": True, "weight_version": "fuzz"}
+
+
+def init_group_body():
+    # world_size 1 is refused, and no mutation below makes it valid (so nothing ever tries to connect).
+    return {"master_address": "127.0.0.1", "master_port": 29999, "rank_offset": 1, "world_size": 1, "group_name": "fuzz",
+            "backend": "gloo"}
 
 
 def checksum_body():
@@ -77,7 +89,10 @@ def test_random_bad_requests_get_4xx_and_change_nothing(server, ckpt, tmp_path):
     for i in range(ROUNDS):
         path, body = random.choice([("/v1/images/generations", generation_body()),
                                     ("/update_weights_from_disk", update_body(ckpt, broken)),
-                                    ("/get_weights_checksum", checksum_body())])
+                                    ("/get_weights_checksum", checksum_body()),
+                                    ("/update_weights_from_distributed", distributed_body()),
+                                    ("/init_weights_update_group", init_group_body()),
+                                    ("/destroy_weights_update_group", {"group_name": "fuzz"})])
         data = mutate(body)
         try:
             r = server.post(path, data=data, timeout=120)
@@ -87,11 +102,14 @@ def test_random_bad_requests_get_4xx_and_change_nothing(server, ckpt, tmp_path):
         if r.status_code >= 400:
             assert isinstance(r.json().get("message"), str) and r.json()["message"], (path, data[:300], r.text[:300])
         seen[(path, r.status_code)] = seen.get((path, r.status_code), 0) + 1
-    # The generator reached both the validators and the happy paths of every endpoint (a third of the rounds
-    # go to each; most of them are refused, about one in ten is valid).
+    # The generator reached both the validators and the happy paths of every endpoint (a sixth of the rounds
+    # go to each; most of them are refused, about one in ten is valid). The group endpoints have no happy path
+    # here (no trainer): every reply is a 4xx with a message.
     for path in ("/v1/images/generations", "/update_weights_from_disk", "/get_weights_checksum"):
+        assert seen.get((path, 400), 0) >= ROUNDS // 60, seen
+        assert seen.get((path, 200), 0) >= ROUNDS // 400, seen
+    for path in ("/update_weights_from_distributed", "/init_weights_update_group", "/destroy_weights_update_group"):
         assert seen.get((path, 400), 0) >= ROUNDS // 30, seen
-        assert seen.get((path, 200), 0) >= ROUNDS // 200, seen
     assert server.get("/health").status_code == 200
     assert server.checksums() == before == ckpt.disk[str(ckpt.base)]
     assert server.generate(seed=11)[0] == image_before

@@ -40,8 +40,11 @@ inline std::filesystem::path make_tiny(const std::filesystem::path& dir, uint64_
 inline std::map<std::string, std::string> disk_checksums(const std::filesystem::path& model) {
   std::map<std::string, std::string> out;
   auto layout = weights::read_model_layout(model);
+  weights::checksum_options options;  // refit's format, as the server's default in these tests
+  options.float_dtype = weights::dtype::F32;
+  options.threads = 2;
   for (const auto& name : layout.weight_bearing_names())
-    out[name] = weights::module_checksum(weights::open_module_weights(*layout.find(name)), {weights::dtype::F32, 2});
+    out[name] = weights::module_checksum(weights::open_module_weights(*layout.find(name)), options);
   return out;
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "net/http_bridge.hpp"
+#include "net/distributed_api.hpp"
 #include "net/images_api.hpp"
 #include "net/json_codec.hpp"
 #include "net/metrics.hpp"
@@ -502,4 +503,74 @@ BOOST_AUTO_TEST_CASE(allowed_roots_resolve_symlinks_and_dotdot) {
   BOOST_TEST(!open.restricted());
   BOOST_TEST(open.admit(outside.string()).has_value());
   BOOST_CHECK_THROW(net::model_root_policy({tmp.path() / "missing"}), std::invalid_argument);
+}
+
+BOOST_AUTO_TEST_CASE(distributed_update_defaults_match_sglang_and_refusals_still_carry_the_announcement) {
+  const auto r = net::parse_distributed_update_request(
+      R"({"names": ["a.weight", "b"], "dtypes": ["bfloat16", "torch.float32"], "shapes": [[2, 3], []]})");
+  BOOST_TEST(r.refused == "");
+  BOOST_TEST((r.source == msg::source_kind::distributed));
+  BOOST_TEST(r.group_name == "weight_update_group");
+  BOOST_TEST(r.flush_cache);
+  BOOST_TEST(!r.abort_all_requests);
+  BOOST_TEST(!r.flattened_bucket);
+  BOOST_TEST(!r.empty_cache);
+  BOOST_TEST(r.target_modules.empty());
+  BOOST_TEST(r.tensors.size() == 2u);
+  BOOST_TEST(r.tensors[0].name == "a.weight");
+  BOOST_TEST(r.tensors[1].dtype == "torch.float32");
+  BOOST_TEST((r.tensors[0].shape == std::vector<int64_t>{2, 3}));
+  const auto b = net::parse_distributed_update_request(
+      R"({"names": ["a"], "dtypes": ["float16"], "shapes": [[4]], "load_format": "flattened_bucket", "group_name": "g",
+          "selector": "target", "torch_empty_cache": true, "target_modules": ["vae"], "weight_version": "7", "mode": "in_place"})");
+  BOOST_TEST(b.refused == "");
+  BOOST_TEST(b.flattened_bucket);
+  BOOST_TEST(b.empty_cache);
+  BOOST_TEST(b.group_name == "g");
+  BOOST_TEST((b.mode == msg::update_mode::in_place));
+
+  // The trainer broadcasts whatever refit answers: a refusal keeps what it announced, for the workers to drop.
+  auto refused = [](const std::string& body) { return net::parse_distributed_update_request(body); };
+  auto x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "weight_update_mode": "lora_merge"})");
+  BOOST_TEST(x.refused.find("unknown field(s) 'weight_update_mode'") == 0, x.refused);
+  BOOST_TEST(x.tensors.size() == 1u);
+  x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "load_format": "direct"})");
+  BOOST_TEST(x.refused.find("field 'load_format' must be null") == 0, x.refused);
+  x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "selector": "draft"})");
+  BOOST_TEST(x.refused.find("field 'selector' must be") == 0, x.refused);
+  x = refused(R"({"names": ["a", "b"], "dtypes": ["float32"], "shapes": [[4]]})");
+  BOOST_TEST(x.refused == "names, dtypes and shapes must be equally long (got 2, 1, 1)");
+  BOOST_TEST(x.tensors.empty());  // nothing can be sized: the workers leave the group instead
+  x = refused(R"({"names": ["a"], "dtypes": ["float31"], "shapes": [[4]]})");
+  BOOST_TEST(x.refused.find("dtypes[0] ('a'): unknown dtype 'float31'") == 0, x.refused);
+  x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[-4]]})");
+  BOOST_TEST(x.refused == "shapes[0] must be a list of non-negative integers");
+  x = refused(R"({"dtypes": ["float32"], "shapes": [[4]]})");
+  BOOST_TEST(x.refused == "field 'names' is required");
+  // Without a usable group name nothing can take the broadcast: that alone is thrown.
+  BOOST_TEST(rejection(net::parse_distributed_update_request, R"({"names": ["a"], "group_name": ""})") ==
+             "field 'group_name' must not be empty");
+  BOOST_TEST(rejection(net::parse_distributed_update_request, "[]") == "request body must be a JSON object");
+}
+
+BOOST_AUTO_TEST_CASE(group_requests_take_sglangs_fields) {
+  const auto g = net::parse_group_request(R"({"master_address": "10.0.0.1", "master_port": 29500, "rank_offset": 1, "world_size": 3})");
+  BOOST_TEST(g.master_address == "10.0.0.1");
+  BOOST_TEST(g.master_port == 29500);
+  BOOST_TEST(g.world_size == 3);
+  BOOST_TEST(g.group_name == "weight_update_group");
+  BOOST_TEST(g.backend == "nccl");
+  auto bad = [](const std::string& body) { return rejection(net::parse_group_request, body); };
+  BOOST_TEST(bad(R"({"master_port": 1, "rank_offset": 1, "world_size": 2})") == "field 'master_address' is required");
+  BOOST_TEST(bad(R"({"master_address": "h", "master_port": 70000, "rank_offset": 1, "world_size": 2})") ==
+             "field 'master_port' must be a port number (1..65535)");
+  BOOST_TEST(bad(R"({"master_address": "h", "master_port": 1, "rank_offset": 0, "world_size": 2})") ==
+             "field 'rank_offset' must be an integer >= 1 (rank 0 is the trainer)");
+  BOOST_TEST(bad(R"({"master_address": "h", "master_port": 1, "rank_offset": 1, "world_size": 2, "backend": "mpi"})") ==
+             "field 'backend' must be \"nccl\" (the default) or \"gloo\"");
+  BOOST_TEST(bad(R"({"master_address": "h", "master_port": 1, "rank_offset": 1, "world_size": 2, "timeout": 5})").find(
+                 "unknown field(s) 'timeout'") == 0);
+  BOOST_TEST(net::parse_destroy_group_request("{}") == "weight_update_group");
+  BOOST_TEST(rejection(net::parse_destroy_group_request, R"({"group": "g"})").find("unknown field(s) 'group'") == 0);
+  BOOST_TEST(net::group_result_json({true, "ok"}) == R"({"message":"ok","success":true})");
 }
