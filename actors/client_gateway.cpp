@@ -11,6 +11,8 @@ msg::client_api_actor spawn_client_gateway(caf::actor_system& sys, msg::client_a
         [self, scheduler](msg::generate_atom a, msg::generation_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::rollout_atom a, msg::rollout_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::update_atom a, msg::update_request& r) { return self->delegate(scheduler, a, std::move(r)); },
+        [self, scheduler](msg::lora_atom a, msg::lora_request& r) { return self->delegate(scheduler, a, std::move(r)); },
+        [self, scheduler](msg::list_loras_atom a) { return self->delegate(scheduler, a); },
         [self, scheduler](msg::join_group_atom a, msg::group_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::leave_group_atom a, std::string& name) { return self->delegate(scheduler, a, std::move(name)); },
         [self, scheduler](msg::checksum_atom a, msg::checksum_request& r) { return self->delegate(scheduler, a, std::move(r)); },

@@ -12,6 +12,7 @@
 #include "actors/scheduler.hpp"
 #include "actors/transfer_actor.hpp"
 #include "actors/worker_actor.hpp"
+#include "pipeline/lora/adapter.hpp"
 #include "pipeline/models/layer_offload.hpp"
 #include "pipeline/pipeline.hpp"
 #include "pipeline/transfer/received_weights.hpp"
@@ -52,13 +53,14 @@ loaded_worker load(const engine_config& config, size_t index) {
 
 // One module state per weight-bearing module: its update core, starting from the folder it was loaded from.
 std::map<std::string, std::shared_ptr<module_state>> module_states(const loaded_worker& w, int32_t index,
-                                                                   const std::shared_ptr<transfer::received_table>& received) {
+                                                                   const std::shared_ptr<transfer::received_table>& received,
+                                                                   const std::shared_ptr<lora::adapter_store>& adapters) {
   std::map<std::string, std::shared_ptr<module_state>> out;
   const auto& layout = w.pipe->layout();
   for (const auto& m : w.pipe->module_names()) {
     const auto* c = layout.find(m);
     auto loaded_from = std::make_shared<update::checkpoint_source>(c->dir);
-    out[m] = make_module_state(std::make_shared<update::module_updater>(w.pipe, m, index, std::move(loaded_from), w.loader), received);
+    out[m] = make_module_state(std::make_shared<update::module_updater>(w.pipe, m, index, std::move(loaded_from), w.loader), received, adapters);
     spdlog::info("worker {}: loaded module {} ({}) from {}", index, m, c->class_name, c->dir.string());
   }
   return out;
@@ -75,13 +77,14 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
   setup.model_path = config.model_path.string();
   setup.modules = loaded.front().pipe->module_names();
   setup.denoiser = loaded.front().pipe->denoiser();
+  setup.adapters = std::make_shared<lora::adapter_store>();
   for (size_t i = 0; i < loaded.size(); ++i) {
     const auto index = static_cast<int32_t>(i);
     const loaded_worker& w = loaded[i];
     setup.cancels.push_back(std::make_shared<std::atomic<bool>>(false));
     setup.caches.push_back(spawn_cache_actor(sys, index));
     auto received = std::make_shared<transfer::received_table>();
-    setup.supervisors.push_back(spawn_module_supervisor(sys, index, module_states(w, index, received)));
+    setup.supervisors.push_back(spawn_module_supervisor(sys, index, module_states(w, index, received, setup.adapters)));
     setup.transfers.push_back(spawn_transfer_actor(sys, {index, w.pipe, received, config.weight_sync_timeout}));
     setup.workers.push_back(spawn_worker(sys, {index, w.pipe, setup.caches.back(), setup.cancels.back()}));
     for (const auto& m : w.pipe->module_names())

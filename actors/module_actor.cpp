@@ -13,10 +13,12 @@ namespace refit::actors {
 using msg::refit_errc;
 
 std::shared_ptr<module_state> make_module_state(std::shared_ptr<update::module_updater> core,
-                                                std::shared_ptr<const transfer::received_table> received) {
+                                                std::shared_ptr<const transfer::received_table> received,
+                                                std::shared_ptr<lora::adapter_store> adapters) {
   auto s = std::make_shared<module_state>();
   s->core = std::move(core);
   s->received = std::move(received);
+  s->adapters = std::move(adapters);
   return s;
 }
 
@@ -104,10 +106,10 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
     const bool kept_decided = core.on_actor_start();  // reported by info
     return {
         [self, state](msg::validate_atom, const msg::weight_source& source) {
-          return phase(*state, "validate", self, [&] { return state->core->validate(*open_source(source, state->received.get())); });
+          return phase(*state, "validate", self, [&] { return state->core->validate(*open_source(source, *state)); });
         },
         [self, state](msg::stage_atom, const msg::weight_source& source, msg::update_mode mode) {
-          return phase(*state, "stage", self, [&] { return state->core->stage(open_source(source, state->received.get()), from_msg(mode)); });
+          return phase(*state, "stage", self, [&] { return state->core->stage(open_source(source, *state), from_msg(mode)); });
         },
         [self, state](msg::commit_atom) { return phase(*state, "commit", self, [&] { return state->core->commit(); }); },
         [self, state](msg::rollback_atom) {
@@ -142,6 +144,8 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           i.shadow_bytes = s.shadow_bytes;
           i.problem = s.problem;
           i.kept_decided = kept_decided;
+          for (const auto& a : s.adapters) i.adapters.push_back({a.nickname, a.path, a.strength, 0, false});
+          i.adapter_tensors = s.adapter_tensors;
           return i;
         },
         [state](msg::fault_atom, const msg::fault_spec& f) -> caf::result<bool> {

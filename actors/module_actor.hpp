@@ -14,6 +14,9 @@ class module_updater;
 namespace refit::transfer {
 class received_table;
 }
+namespace refit::lora {
+class adapter_store;
+}
 
 namespace refit::actors {
 
@@ -22,11 +25,13 @@ namespace refit::actors {
 struct module_state {
   std::shared_ptr<update::module_updater> core;
   std::shared_ptr<const transfer::received_table> received;  // the worker's; distributed updates read it
+  std::shared_ptr<lora::adapter_store> adapters;              // the server's LoRA adapters; merges read it
   msg::fault_spec fault;  // fires once in its phase
 };
 
 std::shared_ptr<module_state> make_module_state(std::shared_ptr<update::module_updater> core,
-                                                std::shared_ptr<const transfer::received_table> received = nullptr);
+                                                std::shared_ptr<const transfer::received_table> received = nullptr,
+                                                std::shared_ptr<lora::adapter_store> adapters = nullptr);
 
 // Detached: reading weights takes seconds and must not hold a scheduler thread. On start it settles any
 // update its state records as unfinished (update::module_updater::on_actor_start).

@@ -8,7 +8,9 @@
 #include <variant>
 
 #include "actors/fan_out.hpp"
+#include "actors/lora_ops.hpp"
 #include "actors/update_transaction.hpp"
+#include "pipeline/lora/adapter.hpp"
 
 namespace refit::actors {
 
@@ -52,6 +54,7 @@ struct sched_state {
   uint64_t update_count = 0;
   uint64_t transactions = 0; // every update started, whatever its outcome:
                              // names what workers receive
+  lora_registry lora;
   msg::scheduler_stats stats;
   static inline const char *name = "refit.scheduler";
 };
@@ -184,9 +187,8 @@ std::string resume(self_ptr self, bool committed) {
   auto &st = self->state;
   if (committed) {
     ++st.update_count;
-    st.weight_version = st.current_update.weight_version.empty()
-                            ? std::to_string(st.update_count)
-                            : st.current_update.weight_version;
+    st.weight_version = st.lora.version_after(
+        st.current_update, st.weight_version, std::to_string(st.update_count));
     if (st.current_update.source == msg::source_kind::checkpoint)
       st.model_path = st.current_update.model_path;
   }
@@ -211,11 +213,14 @@ void start_next_update(self_ptr self) {
        st.setup.denoiser, st.setup.transfers, ++st.transactions});
   auto promise = job.promise;
   st.current_update = job.req;
-  auto finished = [self, promise](msg::update_result r) mutable {
+  const uint64_t number = st.transactions;
+  auto finished = [self, promise, number](msg::update_result r) mutable {
     auto &st = self->state;
-    if (r.success)
+    st.setup.adapters->end_update(number, r.success);
+    if (r.success) {
       ++st.stats.updates_ok;
-    else
+      st.lora.committed(st.current_update, st.setup.denoiser);
+    } else
       ++st.stats.updates_failed;
     r.weight_version = st.weight_version;
     st.stats.last_timings = r.timings;
@@ -423,36 +428,69 @@ void offload_infos(self_ptr self,
       });
 }
 
+// What the module actors of workers `which` report; `done` gets one reply (or
+// error) per module that answered the supervisor's listing.
+void module_infos(self_ptr self, std::vector<size_t> which,
+                  std::function<void(fan_in<msg::module_info> &)> done) {
+  module_actors(self, std::move(which),
+                [self, done](fan_in<module_map> &in) mutable {
+                  std::vector<msg::module_actor> actors;
+                  for (auto &[w, map] : in.replies)
+                    for (auto &[name, actor] : map)
+                      actors.push_back(actor);
+                  fan_out<msg::module_info>(
+                      indices(actors.size()),
+                      [self, actors](size_t i) {
+                        return self->request(actors[i], query_timeout,
+                                             msg::info_atom::value);
+                      },
+                      std::move(done));
+                });
+}
+
 caf::result<msg::model_info> model_info(self_ptr self) {
   auto &st = self->state;
   auto promise = self->make_response_promise<msg::model_info>();
   msg::model_info info;
   info.model_path = st.model_path;
   info.weight_version = st.weight_version;
-  module_actors(
+  module_infos(
       self, indices(st.setup.workers.size()),
-      [self, info, promise](fan_in<module_map> &in) mutable {
-        std::vector<msg::module_actor> actors;
-        for (auto &[w, map] : in.replies)
-          for (auto &[name, actor] : map)
-            actors.push_back(actor);
-        fan_out<msg::module_info>(
-            indices(actors.size()),
-            [self, actors](size_t i) {
-              return self->request(actors[i], query_timeout,
-                                   msg::info_atom::value);
-            },
-            [self, info, promise](fan_in<msg::module_info> &in) mutable {
-              for (auto &[i, mi] : in.replies)
-                info.modules.push_back(mi);
-              offload_infos(
-                  self, [info, promise](
-                            std::vector<msg::offload_info> offload) mutable {
-                    info.offload = std::move(offload);
-                    promise.deliver(info);
-                  });
-            });
+      [self, info, promise](fan_in<msg::module_info> &in) mutable {
+        for (auto &[i, mi] : in.replies)
+          info.modules.push_back(mi);
+        offload_infos(self, [info, promise](
+                                std::vector<msg::offload_info> offload) mutable {
+          info.offload = std::move(offload);
+          promise.deliver(info);
+        });
       });
+  return promise;
+}
+
+// SGLang's /v1/list_loras: the adapters loaded, and what worker 0's modules
+// hold merged now.
+caf::result<msg::lora_status> list_loras(self_ptr self) {
+  auto &st = self->state;
+  msg::lora_status status;
+  for (const auto &[nickname, path] : st.setup.adapters->list())
+    status.loaded.push_back({nickname, path, 1.0, 0, false});
+  auto promise = self->make_response_promise<msg::lora_status>();
+  module_infos(self, {0},
+               [status, promise](fan_in<msg::module_info> &in) mutable {
+                 if (!in.errors.empty() || in.replies.empty()) {
+                   promise.deliver(msg::make_error(
+                       refit_errc::phase_failed,
+                       in.errors.empty()
+                           ? std::string("no module of worker 0 answered")
+                           : msg::describe(in.errors.begin()->second)));
+                   return;
+                 }
+                 for (auto &[i, mi] : in.replies)
+                   if (!mi.adapters.empty())
+                     status.active[mi.name] = mi.adapters;
+                 promise.deliver(status);
+               });
   return promise;
 }
 
@@ -556,6 +594,24 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system &sys,
           start_next_update(self);
           return promise;
         },
+        [self](msg::lora_atom,
+               msg::lora_request &req) -> caf::result<msg::update_result> {
+          auto &st = self->state;
+          auto planned =
+              st.lora.plan(req, st.setup.denoiser, *st.setup.adapters);
+          if (auto *why = std::get_if<std::string>(&planned)) {
+            msg::update_result r;
+            r.message = *why;
+            r.weight_version = st.weight_version;
+            return r;
+          }
+          auto promise = self->make_response_promise<msg::update_result>();
+          st.updates.push_back(
+              {std::get<msg::update_request>(std::move(planned)), promise});
+          start_next_update(self);
+          return promise;
+        },
+        [self](msg::list_loras_atom) { return list_loras(self); },
         [self](msg::join_group_atom, const msg::group_request &req) {
           return join_group(self, req);
         },

@@ -10,6 +10,10 @@
 
 #include "messages/protocol.hpp"
 
+namespace refit::lora {
+class adapter_store;
+}
+
 namespace refit::actors {
 
 // What the engine hands the scheduler: per worker (same index everywhere) its actors and cancel flag.
@@ -21,7 +25,8 @@ struct scheduler_setup {
   std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
   std::vector<msg::offload_manager_actor> offloads;  // any number per worker
   std::vector<std::string> modules;                  // the pipeline's weight-bearing modules
-  std::string denoiser;                              // the one a trainer's update targets by default
+  std::string denoiser;                              // the one a trainer's update targets by default (and LoRA)
+  std::shared_ptr<lora::adapter_store> adapters;     // the LoRA adapters the module actors loaded
   std::string model_path;
 };
 

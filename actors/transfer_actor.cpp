@@ -99,6 +99,7 @@ msg::group_result leave(transfer_state& st, const std::string& name) {
 transfer::announcement to_announcement(const msg::receive_request& req) {
   transfer::announcement a;
   a.flattened_bucket = req.flattened_bucket;
+  a.lora = req.lora;
   for (const auto& t : req.tensors) {
     const auto dt = weights::parse_torch_dtype(t.dtype);
     if (!dt) throw std::invalid_argument("tensor '" + t.wire_name + "': unknown dtype '" + t.dtype + "'");

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "pipeline/lora/adapter.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
 
 namespace refit::actors {
@@ -79,16 +80,56 @@ update_plan plan_distributed(const msg::update_request &req,
     }
     out.sources[m] = {msg::source_kind::distributed,
                       "distributed group '" + req.group_name + "'", update};
+    if (req.lora_merge) {
+      // The tensors are an adapter's A/B weights: the modules merge them (SGLang's "lora_merge").
+      out.sources[m].kind = msg::source_kind::lora;
+      out.sources[m].adapters = {{"distributed:" + req.group_name, "", 1.0, req.lora_alpha, true, req.lora_rank}};
+    }
   }
+  out.receive.lora = req.lora_merge;
+  if (req.lora_merge) {
+    // An adapter's names as PEFT or Diffusers save them ("base_model.model.x.lora_A.weight",
+    // "<module>.x.lora_A.weight"): per module, the prefix they all share goes.
+    for (const auto &m : targets) {
+      std::vector<std::string> names;
+      for (const auto &r : out.receive.tensors)
+        if (r.module == m)
+          names.push_back(r.name);
+      const size_t n = lora::shared_prefix(names, m).size();
+      for (auto &r : out.receive.tensors)
+        if (r.module == m)
+          r.name = r.name.substr(n);
+    }
+  }
+  return out;
+}
+
+update_plan plan_lora(const msg::update_request &req,
+                      const std::set<std::string> &targets, uint64_t update) {
+  update_plan out;
+  for (const auto &t : targets)
+    out.sources[t] = {msg::source_kind::lora, source_label(req), update, req.adapters};
   return out;
 }
 
 } // namespace
 
 std::string source_label(const msg::update_request &req) {
-  return req.source == msg::source_kind::distributed
-             ? "distributed group '" + req.group_name + "'"
-             : req.model_path;
+  switch (req.source) {
+  case msg::source_kind::distributed:
+    return "distributed group '" + req.group_name + "'";
+  case msg::source_kind::lora: {
+    if (req.adapters.empty())
+      return "LoRA unmerge";
+    std::string names;
+    for (const auto &a : req.adapters)
+      names += (names.empty() ? "" : ", ") + a.nickname;
+    return "LoRA " + names;
+  }
+  case msg::source_kind::checkpoint:
+    break;
+  }
+  return req.model_path;
 }
 
 update_plan plan_update(const msg::update_request &req,
@@ -98,8 +139,10 @@ update_plan plan_update(const msg::update_request &req,
   const std::vector<std::string> trained{denoiser};
   const std::vector<std::string> &targets =
       !req.target_modules.empty()                   ? req.target_modules
-      : req.source == msg::source_kind::distributed ? trained
-                                                    : modules;
+      : req.source == msg::source_kind::distributed ||
+              req.source == msg::source_kind::lora
+          ? trained
+          : modules;
   if (req.source == msg::source_kind::checkpoint && req.model_path.empty()) {
     out.error = "model_path is required";
     return out;
@@ -119,6 +162,8 @@ update_plan plan_update(const msg::update_request &req,
     return plan_checkpoint(req, unique);
   case msg::source_kind::distributed:
     return plan_distributed(req, {unique.begin(), unique.end()}, update);
+  case msg::source_kind::lora:
+    return plan_lora(req, unique, update);
   }
   out.error = "unknown weight source kind " + msg::to_string(req.source);
   return out;

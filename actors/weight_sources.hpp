@@ -9,14 +9,15 @@
 namespace refit::update {
 class module_source;
 }
-namespace refit::transfer {
-class received_table;
-}
 
 namespace refit::actors {
 
-// `received`: the module's worker's received tensors (distributed sources). Throws std::invalid_argument
-// for a kind this build does not know, or a distributed update whose tensors the worker does not hold.
-std::shared_ptr<update::module_source> open_source(const msg::weight_source& source, const transfer::received_table* received);
+struct module_state;
+
+// For the module of `state`: distributed sources read the worker's received tensors, LoRA merges the
+// server's adapters (loading them on first use) and the module's current sources (for kept base values).
+// Throws std::invalid_argument for a kind this build does not know, a distributed update whose tensors
+// the worker does not hold, or an adapter it cannot read.
+std::shared_ptr<update::module_source> open_source(const msg::weight_source& source, module_state& state);
 
 }  // namespace refit::actors

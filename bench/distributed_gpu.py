@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 from refit_trainer import WeightGroup, WeightSync, _post_all, flatten  # noqa: E402
+from serving import post, refit_server  # noqa: E402
 
 MODULES = ("text_encoder", "transformer", "vae")
 
@@ -45,15 +45,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def post(url, path, body, timeout=900):
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def sglang_checksum(named):
@@ -143,18 +134,8 @@ def main():
 
     # --- refit on GPU 1
     env = dict(os.environ)
-    log = open(work / "server.log", "wb")
-    server = subprocess.Popen([a.refit_bin, "serve", "--model-path", str(model), "--device", "cuda:1", "--port", "0",
-                               "--port-file", str(work / "port"), "--weight-sync-timeout", "20"], stdout=log, stderr=subprocess.STDOUT,
-                              env=env)
-    try:
-        for _ in range(2400):
-            if (work / "port").exists() and (work / "port").read_text().endswith("\n"):
-                break
-            if server.poll() is not None:
-                sys.exit("refit serve exited:\n" + (work / "server.log").read_text()[-4000:])
-            time.sleep(0.25)
-        url = f"http://127.0.0.1:{int((work / 'port').read_text())}"
+    with refit_server(a.refit_bin, ["--model-path", model, "--device", "cuda:1", "--weight-sync-timeout", "20"], work,
+                      env=env, start_timeout_s=1200) as url:
         print("refit serve is up; joining", flush=True)
         sync = WeightSync([url], "127.0.0.1", free_port(), backend="nccl", group_name="bench", device="cuda:0")
         body = {"names": [n for n, _ in named], "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
@@ -244,19 +225,12 @@ def main():
         results["new_group_after_failure"] = status == 200
         assert status == 200, reply
         sync.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
     gb = total / 1e9
     print()
     print(f"| {gb:.2f} GB, {len(named)} tensors, GPU 0 -> GPU 1          | median s |  GB/s  | / torch broadcast |")
     print("|----------------------------------------------|----------|--------|-------------------|")
     for mode in ("per_tensor", "bucket"):
         tb = results["torch_broadcast_s"][mode]
-        e2e = results["refit"][mode]["end_to_end_s"]
         print(f"| torch broadcast, {mode:28} | {tb:8.3f} | {gb / tb:6.1f} |             1.000 |")
         for key in (mode, mode + "_under_load"):
             e2e = results["refit"][key]["end_to_end_s"]

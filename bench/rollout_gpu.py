@@ -21,6 +21,8 @@ from pathlib import Path
 import msgpack
 from safetensors.torch import load
 
+from serving import ensure_model
+
 
 def post(url, path, body, timeout=900):
     req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -38,8 +40,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    if not (Path(a.model) / "model_index.json").exists():
-        subprocess.run([a.refit_bin, "make-model", "--preset", "flux2-klein-4b", "--seed", "1", "--out", a.model], check=True)
+    ensure_model(a.refit_bin, a.model)
     work = Path(tempfile.mkdtemp(prefix="refit-rollout-bench-"))
     log = open(work / "server.log", "wb")
     server = subprocess.Popen([a.refit_bin, "serve", "--model-path", a.model, "--device", a.device, "--port", "0",

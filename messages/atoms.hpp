@@ -34,5 +34,7 @@ using decide_atom = caf::atom_constant<caf::atom("decide")>;
 using teacache_atom = caf::atom_constant<caf::atom("teacache")>;
 using receive_atom = caf::atom_constant<caf::atom("receive")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
+using lora_atom = caf::atom_constant<caf::atom("lora")>;
+using list_loras_atom = caf::atom_constant<caf::atom("listloras")>;
 
 }  // namespace refit::msg

@@ -18,6 +18,9 @@ using client_api_actor = caf::typed_actor<
     caf::replies_to<rollout_atom, rollout_request>::with<rollout_result>,
     // A weight update as one transaction across modules and workers; the result says what changed.
     caf::replies_to<update_atom, update_request>::with<update_result>,
+    // SGLang's LoRA operations, each one update transaction (a merge, a switch of adapters, an unmerge).
+    caf::replies_to<lora_atom, lora_request>::with<update_result>,
+    caf::replies_to<list_loras_atom>::with<lora_status>,
     // Join (every worker, as ranks rank_offset + i) or leave a trainer's torch.distributed group, which
     // distributed updates then receive over.
     caf::replies_to<join_group_atom, group_request>::with<group_result>,

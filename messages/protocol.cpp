@@ -7,6 +7,11 @@ namespace refit::msg {
 void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<weight_source>("refit.weight_source");
   cfg.add_message_type<update_request>("refit.update_request");
+  cfg.add_message_type<lora_entry>("refit.lora_entry");
+  cfg.add_message_type<std::vector<lora_entry>>("refit.lora_entries");
+  cfg.add_message_type<std::map<std::string, std::vector<lora_entry>>>("refit.lora_entries_by_module");
+  cfg.add_message_type<lora_request>("refit.lora_request");
+  cfg.add_message_type<lora_status>("refit.lora_status");
   cfg.add_message_type<announced_tensor>("refit.announced_tensor");
   cfg.add_message_type<std::vector<announced_tensor>>("refit.announced_tensors");
   cfg.add_message_type<group_request>("refit.group_request");

@@ -29,6 +29,7 @@ std::string to_string(source_kind k) {
   switch (k) {
     case source_kind::checkpoint: return "checkpoint";
     case source_kind::distributed: return "distributed";
+    case source_kind::lora: return "lora";
   }
   return "unknown(" + std::to_string(static_cast<int>(k)) + ")";
 }

@@ -31,8 +31,9 @@ enum class write_path : uint8_t { none, staged, in_place, in_place_reread_undo, 
 // What kind of weight source an update reads. New sources add a kind here and a planner and a
 // module source under actors/ and pipeline/; the transaction's phases do not change. distributed: a
 // trainer broadcasts the tensors over a torch.distributed group the workers joined; each worker receives
-// them first, then its modules update from what it received.
-enum class source_kind : uint8_t { checkpoint, distributed };
+// them first, then its modules update from what it received. lora: adapters merged into the base (read
+// from disk, kept from an earlier merge, or received from a trainer); none: the base values back.
+enum class source_kind : uint8_t { checkpoint, distributed, lora };
 
 // How generated images are encoded for the client.
 enum class image_format : uint8_t { png, jpeg, webp };
@@ -45,7 +46,7 @@ enum class checksum_format : uint8_t { sglang, refit };
 
 std::string to_string(update_mode m);   // auto, staged, in_place
 std::string to_string(write_path p);    // "", staged, in_place, in_place(reread-undo), reread, mixed
-std::string to_string(source_kind k);   // checkpoint, distributed
+std::string to_string(source_kind k);   // checkpoint, distributed, lora
 std::string to_string(checksum_format f);  // sglang, refit
 std::string to_string(image_format f);     // png, jpeg, webp
 std::string to_string(rollout_sde t);      // sde, cps, ode
@@ -67,19 +68,35 @@ caf::error load_enum(Enum& out, uint8_t raw, Enum last, const char* what) {
 // ---------------------------------------------------------------------------------------------
 // Weight updates
 
+// One LoRA adapter of a merge: under which nickname, read from where, at which strength.
+struct lora_entry {
+  std::string nickname;
+  std::string path;       // a folder or .safetensors file; empty: the adapter kept under the nickname
+  double strength = 1;
+  int32_t alpha = 0;      // the training alpha when the files do not give it (SGLang's lora_alpha); 0: none
+  bool received = false;  // the adapter is the tensors the worker received for this update (lora_merge)
+  int32_t rank = 0;       // the rank every layer must have (SGLang's lora_rank); 0: any
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, lora_entry& x) {
+  return f(caf::meta::type_name("lora_entry"), x.nickname, x.path, x.strength, x.alpha, x.received, x.rank);
+}
+
 // Where one module's new weights come from, as its module actor is told (plan turns a request into one
 // per participating module).
 struct weight_source {
   source_kind kind = source_kind::checkpoint;
   std::string location;  // checkpoint: the module's folder; distributed: the group, for messages
-  uint64_t update = 0;   // distributed: the update whose tensors the module's worker received
+  uint64_t update = 0;   // distributed (and received adapters): the update whose tensors the module's worker received
+  std::vector<lora_entry> adapters;  // lora: merged in this order into the base; empty: the base back
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, weight_source& x) {
   auto kind = static_cast<uint8_t>(x.kind);
-  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update,
-           caf::meta::load_callback([&] { return load_enum(x.kind, kind, source_kind::distributed, "source kind"); }));
+  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update, x.adapters,
+           caf::meta::load_callback([&] { return load_enum(x.kind, kind, source_kind::lora, "source kind"); }));
 }
 
 // One tensor a trainer announces, as SGLang's update_weights_from_distributed names it: its name (the
@@ -110,15 +127,21 @@ struct update_request {
   bool flattened_bucket = false;
   bool empty_cache = false;  // after the update, return the allocator's cached device memory (torch_empty_cache)
   std::string refused;       // distributed: why the request is refused (its broadcast is still taken and dropped)
+  // lora: the adapters to merge (replacing what is merged on the targets); empty: unmerge.
+  std::vector<lora_entry> adapters;
+  // distributed: the tensors are a LoRA adapter's A/B weights to merge (weight_update_mode "lora_merge")
+  bool lora_merge = false;
+  int32_t lora_alpha = 0;
+  int32_t lora_rank = 0;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, update_request& x) {
   auto source = static_cast<uint8_t>(x.source), mode = static_cast<uint8_t>(x.mode);
   return f(caf::meta::type_name("update_request"), source, x.model_path, x.target_modules, x.flush_cache, x.abort_all_requests,
-           x.weight_version, mode, x.group_name, x.tensors, x.flattened_bucket, x.empty_cache, x.refused,
-           caf::meta::load_callback([&]() -> caf::error {
-             if (auto e = load_enum(x.source, source, source_kind::distributed, "source kind")) return e;
+           x.weight_version, mode, x.group_name, x.tensors, x.flattened_bucket, x.empty_cache, x.refused, x.adapters, x.lora_merge,
+           x.lora_alpha, x.lora_rank, caf::meta::load_callback([&]() -> caf::error {
+             if (auto e = load_enum(x.source, source, source_kind::lora, "source kind")) return e;
              return load_enum(x.mode, mode, update_mode::in_place, "update mode");
            }));
 }
@@ -170,6 +193,8 @@ struct receive_request {
   std::string group_name;
   std::vector<routed_tensor> tensors;
   bool flattened_bucket = false;
+  bool lora = false;  // the tensors are LoRA A/B weights for the modules' 2-D weights, not the weights
+
   // Non-empty: the update is refused for this reason; the worker takes the broadcast and drops it (or,
   // when its size cannot be known, leaves the group) and fails with it.
   std::string refused;
@@ -177,7 +202,7 @@ struct receive_request {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, receive_request& x) {
-  return f(caf::meta::type_name("receive_request"), x.update, x.group_name, x.tensors, x.flattened_bucket, x.refused);
+  return f(caf::meta::type_name("receive_request"), x.update, x.group_name, x.tensors, x.flattened_bucket, x.lora, x.refused);
 }
 
 struct receive_report {
@@ -388,12 +413,43 @@ struct module_info {
   uint64_t shadow_bytes = 0;  // likewise
   std::string problem;        // empty, or why the weights this module holds are not known
   bool kept_decided = false;  // this actor replaced a dead one and kept its decided, unfinalized commit
+  std::vector<lora_entry> adapters;  // LoRA adapters merged into the weights, in the order applied
+  uint64_t adapter_tensors = 0;      // weights that hold merged values
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, module_info& x) {
   return f(caf::meta::type_name("module_info"), x.name, x.class_name, x.dtype, x.device, x.worker, x.tensors, x.bytes,
-           x.source, x.undo_bytes, x.shadow_bytes, x.problem, x.kept_decided);
+           x.source, x.undo_bytes, x.shadow_bytes, x.problem, x.kept_decided, x.adapters, x.adapter_tensors);
+}
+
+// SGLang's LoRA operations (/v1/set_lora, merge_lora_weights, unmerge_lora_weights) on one target.
+enum class lora_op : uint8_t { set, merge, unmerge };
+
+struct lora_request {
+  lora_op op = lora_op::set;
+  std::vector<lora_entry> adapters;  // set: what to merge, in order (path empty: an adapter loaded before)
+  std::string target = "all";        // "all" or a module name
+  double strength = 1;               // merge: the strength every adapter set on the target is merged at
+  std::string weight_version;        // empty: derived from the base's version and the adapters
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, lora_request& x) {
+  auto op = static_cast<uint8_t>(x.op);
+  return f(caf::meta::type_name("lora_request"), op, x.adapters, x.target, x.strength, x.weight_version,
+           caf::meta::load_callback([&] { return load_enum(x.op, op, lora_op::unmerge, "LoRA operation"); }));
+}
+
+// SGLang's /v1/list_loras: the adapters loaded (nickname, path), and per module those merged now.
+struct lora_status {
+  std::vector<lora_entry> loaded;
+  std::map<std::string, std::vector<lora_entry>> active;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, lora_status& x) {
+  return f(caf::meta::type_name("lora_status"), x.loaded, x.active);
 }
 
 // One worker's layerwise offload of a module's blocks (refit serve --dit-layerwise-offload).

@@ -97,7 +97,7 @@ msg::update_request parse_distributed_update_request(std::string_view body) {
                           "' (torch's names: bfloat16, float16, float32, ...)");
     }
     only_known(o, {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version", "load_format",
-                   "target_modules", "selector", "torch_empty_cache", "mode"});
+                   "target_modules", "selector", "torch_empty_cache", "mode", "weight_update_mode", "lora_alpha", "lora_rank"});
     r.flush_cache = opt_bool(o, "flush_cache").value_or(true);
     r.abort_all_requests = opt_bool(o, "abort_all_requests").value_or(false);
     r.weight_version = opt_string(o, "weight_version").value_or("");
@@ -114,6 +114,19 @@ msg::update_request parse_distributed_update_request(std::string_view body) {
     const auto mode = msg::parse_update_mode(opt_string(o, "mode").value_or("auto"));
     if (!mode) wrong("mode", "one of \"auto\", \"staged\", \"in_place\"");
     r.mode = *mode;
+    // weight_update_mode "lora_merge": the tensors are LoRA A/B weights to merge into the base (SGLang's).
+    const auto update_mode = opt_string(o, "weight_update_mode");
+    if (update_mode && *update_mode != "lora_merge") wrong("weight_update_mode", "null (replace the weights) or \"lora_merge\"");
+    const auto alpha = opt_int(o, "lora_alpha", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
+    const auto rank = opt_int(o, "lora_rank", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
+    if (update_mode) {
+      if (r.target_modules.size() > 1) throw bad_request("LoRA IPC weight update requires exactly one target module per request");
+      r.lora_merge = true;
+      r.lora_alpha = static_cast<int32_t>(alpha.value_or(0));
+      r.lora_rank = static_cast<int32_t>(rank.value_or(0));
+    } else if (alpha || rank) {
+      throw bad_request("fields 'lora_alpha' and 'lora_rank' need weight_update_mode \"lora_merge\"");
+    }
   } catch (const bad_request& e) {
     r.refused = e.what();
   }

@@ -16,6 +16,7 @@
 #include "net/image_store.hpp"
 #include "net/images_api.hpp"
 #include "net/json_codec.hpp"
+#include "net/lora_api.hpp"
 #include "net/metrics.hpp"
 #include "net/rollout_api.hpp"
 #include "pipeline/weights/hf_cache.hpp"
@@ -156,6 +157,7 @@ void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::R
     }
     update.model_path = admitted->string();  // load what was checked, even if a symlink changes afterwards
   }
+  for (auto& a : update.adapters) a.path = update.model_path;  // lora_merge: the adapter is what model_path resolved to
   run_update(ctx, update, update.model_path, res);
 }
 
@@ -237,6 +239,68 @@ void destroy_weights_update_group(bridge_context& ctx, const httplib::Request& r
   group_reply(ask<msg::group_result>(ctx, ctx.config.request_timeout, msg::leave_group_atom::value, name), ctx.config.request_timeout, res);
 }
 
+// POST /v1/set_lora, /v1/merge_lora_weights, /v1/unmerge_lora_weights: each one update transaction.
+// SGLang answers a failure with 500 {"detail"}; refit with 400 when the request or the adapter is at fault
+// (nothing changed), 500/504 when the server is.
+void run_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res, lora_call (*parse)(std::string_view),
+              const char* failure_prefix) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  lora_call call;
+  try {
+    call = parse(req.body);
+  } catch (const bad_request& e) {
+    spdlog::warn("refit serve: {} rejected (400): {}", req.path, e.what());
+    reply(res, 400, lora_failure_json(std::string(failure_prefix) + ": " + e.what(), current_identity(ctx).weight_version));
+    return;
+  }
+  for (auto& a : call.request.adapters) {
+    if (a.path.empty() || !ctx.roots.restricted()) continue;
+    auto admitted = ctx.roots.admit(a.path);
+    if (!admitted) {
+      const std::string why = std::string(failure_prefix) + ": lora_path '" + a.path + "' is outside the allowed model roots";
+      spdlog::warn("refit serve: {} refused (403): {}", req.path, why);
+      reply(res, 403, lora_failure_json(why, current_identity(ctx).weight_version));
+      return;
+    }
+    a.path = admitted->string();
+  }
+  auto r = ask<msg::update_result>(ctx, ctx.config.request_timeout, msg::lora_atom::value, call.request);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    reply(res, status_for(*e) == 504 ? 504 : 500,
+          lora_failure_json(std::string(failure_prefix) + ": " + describe(*e, ctx.config.request_timeout), current_identity(ctx).weight_version));
+    return;
+  }
+  auto& result = std::get<msg::update_result>(r);
+  current_identity(ctx);
+  if (!result.success) {
+    spdlog::warn("refit serve: {} failed: {}", req.path, result.message);
+    reply(res, 400, lora_failure_json(std::string(failure_prefix) + ": " + result.message, result.weight_version));
+    return;
+  }
+  spdlog::info("refit serve: {}: {} (weight_version {})", req.path, call.success_message, result.weight_version);
+  reply(res, 200, lora_success_json(call.success_message, result));
+}
+
+void set_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  run_lora(ctx, req, res, parse_set_lora, "Failed to set LoRA adapter");
+}
+void merge_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  run_lora(ctx, req, res, parse_merge_lora, "Failed to merge LoRA weights");
+}
+void unmerge_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  run_lora(ctx, req, res, parse_unmerge_lora, "Failed to unmerge LoRA weights");
+}
+
+void list_loras(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  auto r = ask<msg::lora_status>(ctx, query_timeout, msg::list_loras_atom::value);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    reply(res, 500, lora_failure_json(describe(*e, query_timeout), current_identity(ctx).weight_version));
+    return;
+  }
+  reply(res, 200, lora_status_json(std::get<msg::lora_status>(r)));
+}
+
 void weights_checksum(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   checksum_request q;
@@ -255,6 +319,11 @@ void weights_checksum(bridge_context& ctx, const httplib::Request& req, httplib:
   auto r = ask<std::map<std::string, std::string>>(ctx, ctx.config.request_timeout, msg::checksum_atom::value, request);
   if (auto* e = std::get_if<caf::error>(&r)) {
     reply(res, status_for(*e), error_json(describe(*e, ctx.config.request_timeout)));
+    return;
+  }
+  auto loras = ask<msg::lora_status>(ctx, query_timeout, msg::list_loras_atom::value);
+  if (auto* status = std::get_if<msg::lora_status>(&loras); status && !status->active.empty()) {
+    reply(res, 200, checksums_with_loras_json(std::get<0>(r), *status));
     return;
   }
   reply(res, 200, checksums_json(std::get<0>(r)));
@@ -418,6 +487,10 @@ void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
   srv.Post("/update_weights_from_distributed", route(update_weights_from_distributed));
   srv.Post("/destroy_weights_update_group", route(destroy_weights_update_group));
   srv.Post("/get_weights_checksum", route(weights_checksum));
+  srv.Post("/v1/set_lora", route(set_lora));
+  srv.Post("/v1/merge_lora_weights", route(merge_lora));
+  srv.Post("/v1/unmerge_lora_weights", route(unmerge_lora));
+  srv.Get("/v1/list_loras", route(list_loras));
   srv.Get("/get_model_info", route(model_info));
   srv.Get("/v1/model_info", route(model_info));
   srv.Post("/v1/images/generations", route(generate_images));

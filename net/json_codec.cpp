@@ -13,7 +13,8 @@ using namespace fields;
 msg::update_request parse_update_request(std::string_view body) {
   const json o = parse_object(body);
   // SGLang's fields (model_path, flush_cache, target_modules) and refit's.
-  only_known(o, {"model_path", "flush_cache", "target_modules", "weight_version", "abort_all_requests", "mode"});
+  only_known(o, {"model_path", "flush_cache", "target_modules", "weight_version", "abort_all_requests", "mode", "weight_update_mode",
+                 "lora_alpha", "lora_rank"});
   msg::update_request r;
   auto path = opt_string(o, "model_path");
   if (!path || path->empty()) throw bad_request("model_path is required");
@@ -29,6 +30,19 @@ msg::update_request parse_update_request(std::string_view body) {
   const auto mode = msg::parse_update_mode(opt_string(o, "mode").value_or("auto"));
   if (!mode) wrong("mode", "one of \"auto\", \"staged\", \"in_place\"");
   r.mode = *mode;
+  // weight_update_mode "lora_merge": model_path is a LoRA adapter to merge into the base (SGLang's field).
+  const auto update_mode = opt_string(o, "weight_update_mode");
+  if (update_mode && *update_mode != "lora_merge") wrong("weight_update_mode", "null (replace the weights) or \"lora_merge\"");
+  const auto alpha = opt_int(o, "lora_alpha", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
+  const auto rank = opt_int(o, "lora_rank", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
+  if (!update_mode) {
+    if (alpha || rank) throw bad_request("fields 'lora_alpha' and 'lora_rank' need weight_update_mode \"lora_merge\"");
+    return r;
+  }
+  if (r.target_modules.size() > 1)
+    throw bad_request("weight_update_mode \"lora_merge\" takes exactly one target module per request");
+  r.source = msg::source_kind::lora;
+  r.adapters = {{r.model_path, r.model_path, 1.0, static_cast<int32_t>(alpha.value_or(0)), false, static_cast<int32_t>(rank.value_or(0))}};
   return r;
 }
 
@@ -92,6 +106,12 @@ std::string model_info_json(const msg::model_info& info) {
     json entry{{"name", m.name}, {"class", m.class_name}, {"dtype", m.dtype}, {"device", m.device}, {"worker", m.worker},
                {"tensors", m.tensors}, {"bytes", m.bytes}, {"source_dir", m.source}};
     if (!m.problem.empty()) entry["problem"] = m.problem;  // the weights it holds are not known: update it
+    if (!m.adapters.empty()) {                              // LoRA adapters merged into these weights
+      json loras = json::array();
+      for (const auto& a : m.adapters) loras.push_back({{"nickname", a.nickname}, {"path", a.path}, {"strength", a.strength}});
+      entry["lora"] = std::move(loras);
+      entry["lora_tensors"] = m.adapter_tensors;
+    }
     modules.push_back(std::move(entry));
   }
   json out{{"model_path", info.model_path}, {"weight_version", info.weight_version}, {"modules", std::move(modules)}};

@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "pipeline/models/model_loader.hpp"
+#include "pipeline/lora/adapter.hpp"
 #include "pipeline/models/tensor_registry.hpp"
 #include "pipeline/pipeline.hpp"
 #include "pipeline/transfer/broadcast_group.hpp"
@@ -54,21 +55,40 @@ uint64_t announcement::bytes() const {
   return b;
 }
 
+namespace {
+
+// A weight of its module, with that shape and a dtype that converts to the held one.
+void check_weight(pipeline::diffusion_pipeline& pipe, const announced_tensor& t) {
+  const models::tensor_slot* slot = pipe.registry(t.module).find(t.name);
+  if (!slot) throw std::invalid_argument("module '" + t.module + "' has no tensor '" + t.name + "'");
+  if (t.shape != slot->shape)
+    throw std::invalid_argument("tensor '" + t.wire_name + "': shape " + shape_text(t.shape) + " does not match the module's " +
+                                shape_text(slot->shape));
+  const c10::ScalarType held = models::held_dtype(*slot, pipe.placement());
+  if (t.dtype != held && !(c10::isFloatingType(t.dtype) && c10::isFloatingType(held)))
+    throw std::invalid_argument("tensor '" + t.wire_name + "': dtype " + std::string(c10::toString(t.dtype)) +
+                                " does not convert to the module's " + c10::toString(held));
+}
+
+// A floating LoRA A or B weight whose shape fits the 2-D weight it targets.
+void check_lora_tensor(pipeline::diffusion_pipeline& pipe, const announced_tensor& t) {
+  if (!c10::isFloatingType(t.dtype))
+    throw std::invalid_argument("tensor '" + t.wire_name + "': dtype " + std::string(c10::toString(t.dtype)) + " is not floating point");
+  lora::check_announced(pipe.registry(t.module), t.module, t.name, t.shape);
+}
+
+}  // namespace
+
 void check_announcement(pipeline::diffusion_pipeline& pipe, const announcement& a) {
   std::set<std::pair<std::string, std::string>> seen;
   uint64_t offset = 0;
   for (const auto& t : a.tensors) {
     const uint64_t n = announced_bytes(t);
     if (!seen.insert({t.module, t.name}).second) throw std::invalid_argument("tensor '" + t.wire_name + "' is announced twice");
-    const models::tensor_slot* slot = pipe.registry(t.module).find(t.name);
-    if (!slot) throw std::invalid_argument("module '" + t.module + "' has no tensor '" + t.name + "'");
-    if (t.shape != slot->shape)
-      throw std::invalid_argument("tensor '" + t.wire_name + "': shape " + shape_text(t.shape) + " does not match the module's " +
-                                  shape_text(slot->shape));
-    const c10::ScalarType held = models::held_dtype(*slot, pipe.placement());
-    if (t.dtype != held && !(c10::isFloatingType(t.dtype) && c10::isFloatingType(held)))
-      throw std::invalid_argument("tensor '" + t.wire_name + "': dtype " + std::string(c10::toString(t.dtype)) +
-                                  " does not convert to the module's " + c10::toString(held));
+    if (a.lora)
+      check_lora_tensor(pipe, t);
+    else
+      check_weight(pipe, t);
     if (a.flattened_bucket && offset % c10::elementSize(t.dtype) != 0)
       throw std::invalid_argument("flattened_bucket: tensor '" + t.wire_name + "' starts at byte " + std::to_string(offset) +
                                   ", not a multiple of its element size " + std::to_string(c10::elementSize(t.dtype)));

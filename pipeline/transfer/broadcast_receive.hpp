@@ -31,6 +31,7 @@ struct announced_tensor {
 struct announcement {
   std::vector<announced_tensor> tensors;  // in broadcast order
   bool flattened_bucket = false;          // one uint8 broadcast of the tensors back to back, in order
+  bool lora = false;                      // LoRA A/B weights of the modules' 2-D weights (lora_merge)
   uint64_t bytes() const;
 };
 
@@ -39,7 +40,7 @@ struct announcement {
 uint64_t announced_bytes(const announced_tensor& t);
 
 // Before any byte moves: every tensor exists in its module with that shape and a dtype that converts to
-// the held one, none is announced twice, and (flattened_bucket) each starts at a multiple of its element
+// the held one (LoRA: is an A or B weight whose shape fits the weight it targets), none is announced twice, and (flattened_bucket) each starts at a multiple of its element
 // size. Throws std::invalid_argument naming the tensor as the trainer named it.
 void check_announcement(pipeline::diffusion_pipeline& pipe, const announcement& a);
 

@@ -369,6 +369,13 @@ module_status module_updater::status() const {
   s.tensors = registry().slots().size();
   s.bytes = total_bytes(models::held_tensors(registry(), offload()));
   s.source = source_of();
+  const module_source* with_adapters = nullptr;
+  for (const auto& o : origins_)
+    if (o && !o->merged_adapters().empty()) {
+      ++s.adapter_tensors;
+      with_adapters = o.get();
+    }
+  if (with_adapters) s.adapters = with_adapters->merged_adapters();
   if (pending_) {
     s.undo_bytes = total_bytes(pending_->undo);
     s.shadow_bytes = total_bytes(pending_->shadows);

@@ -55,6 +55,8 @@ struct module_status {
   std::string module, class_name, dtype, device, source, problem;
   int32_t worker = 0;
   uint64_t tensors = 0, bytes = 0, undo_bytes = 0, shadow_bytes = 0;
+  std::vector<adapter_info> adapters;  // LoRA adapters merged into the held values, in the order applied
+  uint64_t adapter_tensors = 0;        // slots holding merged values
 };
 
 class module_updater {
@@ -92,6 +94,8 @@ class module_updater {
   // SGLang's format (parameters only) or refit's (every parameter and buffer).
   std::string checksum(weights::checksum_format format) const;
   module_status status() const;
+  // Where each registry slot's values came from (a LoRA merge reads the base of earlier merges from them).
+  const std::vector<std::shared_ptr<module_source>>& origins() const { return origins_; }
 
   // Test builds: in-place commits find no room for the undo snapshot; the next decision is lost.
   void simulate_no_room_for_undo(bool on) { force_reread_undo_ = on; }

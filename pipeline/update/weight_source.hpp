@@ -5,9 +5,9 @@
 // Sources that fit this interface (docs/architecture.md): a checkpoint folder on disk
 // (checkpoint_source, the first); tensors a trainer broadcast over a torch.distributed group, received
 // into memory first (transfer::received_source: plan from what arrived, fill copies); tensors a
-// colocated trainer shares (plan from the handles' metadata; fill copies device to device); a LoRA
-// adapter merged into the base (plan: the slots the adapter targets; fill writes current + scale·B·A
-// computed in fp32, reading `current`).
+// colocated trainer shares (plan from the handles' metadata; fill copies device to device); LoRA
+// adapters merged into the base (lora::lora_source: plan the slots the adapters target; fill writes
+// base + Σ scale·B·A computed in fp32 from a kept copy of the base).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -34,6 +34,12 @@ struct module_context {
   const models::tensor_registry& registry;
   const models::placement& where;
   weights::device_loader* loader = nullptr;  // the worker's GPU fast path; null on CPU
+};
+
+// An adapter merged into a module's weights, as a source that holds it reports it.
+struct adapter_info {
+  std::string nickname, path;
+  double strength = 1;
 };
 
 // What a source will write: registry slots in ascending order, and the bytes it provides for them.
@@ -71,6 +77,8 @@ class module_source {
     (void)module, (void)slot, (void)current;
     return {};
   }
+  // The adapters merged into the values this source provides (a LoRA merge), in the order applied.
+  virtual std::vector<adapter_info> merged_adapters() const { return {}; }
   // Whether fill may run again for any subset of the slots (to undo an in-place commit by re-reading,
   // or to apply the update again after an actor was replaced). A broadcast received once is not.
   virtual bool repeatable() const = 0;

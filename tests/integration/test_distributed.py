@@ -2,8 +2,10 @@
 destroy_weights_update_group against the real `refit serve`, with a real PyTorch trainer process (trainer.py) on the
 other side of a Gloo group made by SGLang's own init_custom_process_group. Values are checked with SGLang's own
 compute_weights_checksum of what the trainer sent, against servers started from the same weights on disk."""
+import hashlib
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from harness import Server, http
@@ -189,10 +192,15 @@ def test_a_refused_announcement_changes_nothing_and_keeps_the_group(dserver, tra
     shape_differs = "does not match the module's" in body["message"]
     assert status == 400 and f"tensor '{names[1]}'" in body["message"] and shape_differs, body
     assert "No weights were changed" in body["message"] and body["weight_version"] == "base"
-    # A field refit cannot honour is named, and the broadcast is still taken.
+    # A field refit does not know is named, and the broadcast is still taken.
+    u = update(trainer, [dserver], shard(ckpt.seed2, "transformer"), fields={"lora_strength": 1.0})
+    status, body = u["replies"][0]
+    assert status == 400 and "unknown field(s) 'lora_strength'" in body["message"], body
+    # Full weights announced as a LoRA adapter to merge: the first name that is no lora_A / lora_B is named.
     u = update(trainer, [dserver], shard(ckpt.seed2, "transformer"), fields={"weight_update_mode": "lora_merge"})
     status, body = u["replies"][0]
-    assert status == 400 and "unknown field(s) 'weight_update_mode'" in body["message"], body
+    assert status == 400 and f"tensor '{names[0]}' is not a LoRA weight" in body["message"], body
+    assert "received and dropped; group 'g' is still usable" in body["message"], body
     u = update(trainer, [dserver], shard(ckpt.seed2, "transformer"), fields={"load_format": "direct"})
     assert u["replies"][0][0] == 400 and "field 'load_format' must be null" in u["replies"][0][1]["message"]
     assert dserver.checksums() == before
@@ -325,3 +333,143 @@ print("ok")
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
     assert dserver.checksums()["transformer"] == ckpt.disk[str(ckpt.base)]["transformer"]
     assert dserver.info()["weight_version"] == "helper"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# weight_update_mode "lora_merge": the trainer broadcasts a PEFT adapter's lora_A / lora_B tensors and refit merges
+# W + (B @ A) * lora_alpha / r into the transformer. The oracle is PEFT 0.21.2's own merge_and_unload of the same adapter
+# on the same base checkpoint, checked with SGLang's checksum formula over the merged module's parameters.
+
+LORA_RANK, LORA_ALPHA = 4, 8
+
+
+def sglang_checksum(params):
+    """SGLang's compute_weights_checksum: SHA-256 over the parameters sorted by name, each its UTF-8 name then the raw
+    bytes of the contiguous tensor."""
+    h = hashlib.sha256()
+    for name in sorted(params, key=lambda n: n.encode()):
+        h.update(name.encode())
+        h.update(params[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def peft_lora(tmp_path_factory, ckpt):
+    """A PEFT LoRA (r 4, lora_alpha 8, seeded random non-zero A and B in fp32) on every Linear of base's transformer
+    blocks plus x_embedder and proj_out, saved as get_peft_model_state_dict gives it; and PEFT's merge of it at a
+    strength (PEFT's LoraLayer.set_scale: scaling = strength * lora_alpha / r), as SGLang checksums of the merged module."""
+    import copy
+    from diffusers import Flux2Transformer2DModel
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    def checksum(model):
+        params = dict(model.named_parameters())
+        assert not [n for n in params if "lora_" in n or "base_layer" in n] and all(p.dtype == torch.float32 for p in params.values())
+        return sglang_checksum(params)
+
+    base = Flux2Transformer2DModel.from_pretrained(str(ckpt.base / "transformer"), torch_dtype=torch.float32)
+    base_checksum = checksum(base)
+    targets = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n]
+    targets += ["x_embedder", "proj_out"]
+    model = get_peft_model(base, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets))
+    gen = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for _, p in sorted((n, p) for n, p in model.named_parameters() if "lora_" in n):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    assert len(state) == 2 * len(targets) and all(k.startswith("base_model.model.") for k in state)
+    assert all(v.abs().min() > 0 for v in state.values())  # no zero lora_B: the adapter changes every layer it targets
+    path = tmp_path_factory.mktemp("peft-lora") / "adapter.safetensors"
+    save_file(state, str(path))
+
+    merged = {}
+    for strength in (1.0, 0.5):
+        m = copy.deepcopy(model)
+        for layer in m.modules():
+            if isinstance(layer, LoraLayer):
+                layer.set_scale("default", strength)
+        merged[strength] = checksum(m.merge_and_unload())
+    assert len({base_checksum, *merged.values()}) == 3
+    return {"file": str(path), "names": sorted(state), "base": base_checksum, "merged": merged}
+
+
+def test_lora_merge_from_the_trainer_equals_peft_merge(dserver, trainer, ckpt, peft_lora):
+    reset(dserver, ckpt)
+    base = dserver.checksums(["transformer"])["transformer"]
+    assert base == peft_lora["base"] == ckpt.disk[str(ckpt.base)]["transformer"]
+    init(trainer, [dserver])
+    lora = {"weight_update_mode": "lora_merge", "lora_alpha": LORA_ALPHA}
+
+    def send(names, expect, bucket=False, **fields):
+        """Broadcasts the adapter's tensors under `names` (PEFT's, in order); returns the reply body."""
+        tensors = [[wire, peft_lora["file"], key] for wire, key in zip(names, peft_lora["names"])]
+        u = update(trainer, [dserver], tensors, bucket=bucket, fields=fields)
+        status, body = u["replies"][0]
+        assert status == expect and body["success"] is (expect == 200), body
+        return body
+
+    def transformer():
+        got = dserver.checksums(["transformer"])
+        assert ("active_loras" in got) is (got["transformer"] != base), got
+        return got["transformer"]
+
+    def active():
+        r = dserver.get("/v1/list_loras")
+        assert r.status_code == 200, r.text
+        return r.json()["active"]
+
+    def entry(strength):
+        return {"nickname": "distributed:g", "nicknames": ["distributed:g"], "path": "", "merged": True, "mode": "merged",
+                "strength": strength, "strengths": [strength]}
+
+    def lora_call(path, body):
+        r = dserver.post(path, body)
+        assert r.status_code == 200 and r.json()["status"] == "ok", (path, body, r.status_code, r.text)
+        return r.json()
+
+    # One broadcast per tensor, named as get_peft_model_state_dict gives them ("base_model.model." prefix).
+    body = send(peft_lora["names"], 200, target_modules=["transformer"], weight_version="lora-1", lora_rank=LORA_RANK, **lora)
+    assert body["weight_version"] == "lora-1" and dserver.info()["weight_version"] == "lora-1"
+    assert transformer() == peft_lora["merged"][1.0]
+    assert active() == {"transformer": [entry(1.0)]}
+    # merge_lora_weights re-merges the received adapter at another strength; unmerge restores the base bit for bit.
+    lora_call("/v1/merge_lora_weights", {"strength": 0.5})
+    assert transformer() == peft_lora["merged"][0.5]
+    assert active() == {"transformer": [entry(0.5)]}
+    lora_call("/v1/unmerge_lora_weights", {})
+    assert transformer() == base and active() == {}
+
+    # One flattened bucket, Diffusers' "transformer." names, target_modules null (the denoiser).
+    diffusers_names = ["transformer." + n.removeprefix("base_model.model.") for n in peft_lora["names"]]
+    body = send(diffusers_names, 200, bucket=True, weight_version="lora-2", **lora)
+    assert body["weight_version"] == "lora-2" and transformer() == peft_lora["merged"][1.0]
+    assert active() == {"transformer": [entry(1.0)]}
+    # Another merge replaces it (not stacked): no lora_alpha is alpha = r, scaling 1 = strength 0.5 of alpha 8 / r 4.
+    send(peft_lora["names"], 200, weight_update_mode="lora_merge", weight_version="lora-3")
+    merged = transformer()
+    assert merged == peft_lora["merged"][0.5]
+
+    # Refusals: 400 naming the tensor or layer; the broadcast is drained, nothing changes, the group stays usable.
+    listing, version = active(), dserver.info()["weight_version"]
+    bad = list(peft_lora["names"])
+    i = bad.index("base_model.model.transformer_blocks.0.attn.to_k.lora_A.weight")
+    bad[i] = bad[i].replace(".attn.to_k.", ".attn.no_such.")
+    body = send(bad, 400, weight_version="never", **lora)
+    assert "transformer_blocks.0.attn.no_such.lora_A.weight" in body["message"], body
+    assert "received and dropped; group 'g' is still usable" in body["message"], body
+    assert "No weights were changed" in body["message"] and body["weight_version"] == version, body
+    assert transformer() == merged and active() == listing and dserver.info()["weight_version"] == version
+    body = send(peft_lora["names"], 400, weight_version="never", lora_rank=2, **lora)
+    layer = re.search(r"layer '([\w.]+)' has rank 4, not the lora_rank 2", body["message"])
+    assert layer and f"base_model.model.{layer[1].removesuffix('.weight')}.lora_A.weight" in peft_lora["names"], body
+    assert "No weights were changed" in body["message"] and body["weight_version"] == version, body
+    assert transformer() == merged and active() == listing and dserver.info()["weight_version"] == version
+
+    body = send(peft_lora["names"], 200, weight_version="lora-4", **lora)
+    assert transformer() == peft_lora["merged"][1.0]
+    lora_call("/v1/unmerge_lora_weights", {})
+    assert transformer() == base and active() == {}
+    trainer.call(op="destroy", servers=[dserver.url], group="g")

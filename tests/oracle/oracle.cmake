@@ -29,3 +29,10 @@ add_test(NAME oracle.rollout
   WORKING_DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR}/oracle)
 set_tests_properties(oracle.rollout PROPERTIES
   ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>;SGLANG_SITE=${PROJECT_SOURCE_DIR}/.deps-py/sglang" TIMEOUT 900)
+
+# LoRA (/v1/set_lora, merge/unmerge, list_loras, update_weights_from_disk "lora_merge") against Diffusers' load_lora_weights +
+# fuse_lora and PEFT's merge, through the real server.
+add_test(NAME oracle.lora
+  COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/oracle/test_lora_oracle.py
+  WORKING_DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR}/oracle)
+set_tests_properties(oracle.lora PROPERTIES ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>" TIMEOUT 900)

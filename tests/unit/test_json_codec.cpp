@@ -128,11 +128,24 @@ BOOST_AUTO_TEST_CASE(update_request_empty_target_list_is_not_every_module) {
   BOOST_TEST(update_rejection(R"({"model_path": "/m", "target_modules": []})").find("field 'target_modules' must not be an empty list") == 0);
 }
 
+// SGLang's weight_update_mode "lora_merge": model_path is an adapter, merged into the base.
+BOOST_AUTO_TEST_CASE(update_request_lora_merge_names_the_adapter) {
+  auto r = net::parse_update_request(R"({"model_path": "/loras/a", "weight_update_mode": "lora_merge", "lora_alpha": 8})");
+  BOOST_TEST((r.source == msg::source_kind::lora));
+  BOOST_REQUIRE(r.adapters.size() == 1u);
+  BOOST_TEST(r.adapters[0].path == "/loras/a");
+  BOOST_TEST(r.adapters[0].alpha == 8);
+  BOOST_TEST(r.adapters[0].strength == 1.0);
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "lora_rank": 4})") == "fields 'lora_alpha' and 'lora_rank' need weight_update_mode \"lora_merge\"");
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "weight_update_mode": "lora_merge", "target_modules": ["a", "b"]})") ==
+             "weight_update_mode \"lora_merge\" takes exactly one target module per request");
+}
+
 // A misspelled field must not be silently dropped (target_module would update every module).
 BOOST_AUTO_TEST_CASE(unknown_fields_are_refused_by_name) {
   BOOST_TEST(update_rejection(R"({"model_path": "/m", "target_module": ["vae"]})") ==
              "unknown field(s) 'target_module' (this endpoint takes: model_path, flush_cache, target_modules, weight_version, "
-             "abort_all_requests, mode)");
+             "abort_all_requests, mode, weight_update_mode, lora_alpha, lora_rank)");
   BOOST_TEST(update_rejection(R"({"model_path": "/m", "load_format": 3, "extra": {"nested": [1, 2]}})").find("unknown field(s) 'extra', 'load_format'") == 0);
   BOOST_TEST(checksum_rejection(R"({"whatever": null, "worker": 1})").find("unknown field(s) 'whatever'") == 0);
   BOOST_TEST(image_rejection(R"({"prompt": "a fox", "steps": 4})").find("unknown field(s) 'steps'") == 0);
@@ -531,9 +544,22 @@ BOOST_AUTO_TEST_CASE(distributed_update_defaults_match_sglang_and_refusals_still
 
   // The trainer broadcasts whatever refit answers: a refusal keeps what it announced, for the workers to drop.
   auto refused = [](const std::string& body) { return net::parse_distributed_update_request(body); };
-  auto x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "weight_update_mode": "lora_merge"})");
-  BOOST_TEST(x.refused.find("unknown field(s) 'weight_update_mode'") == 0, x.refused);
+  auto x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "lora_strength": 2})");
+  BOOST_TEST(x.refused.find("unknown field(s) 'lora_strength'") == 0, x.refused);
   BOOST_TEST(x.tensors.size() == 1u);
+  // SGLang's lora_merge: the tensors are an adapter's A/B weights.
+  x = refused(R"({"names": ["a.lora_A.weight"], "dtypes": ["float32"], "shapes": [[4, 8]], "weight_update_mode": "lora_merge",
+                  "lora_alpha": 16, "lora_rank": 4})");
+  BOOST_TEST(x.refused == "");
+  BOOST_TEST(x.lora_merge);
+  BOOST_TEST(x.lora_alpha == 16);
+  BOOST_TEST(x.lora_rank == 4);
+  x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "weight_update_mode": "lora_add"})");
+  BOOST_TEST(x.refused.find("field 'weight_update_mode' must be null (replace the weights) or \"lora_merge\"") == 0, x.refused);
+  x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "lora_alpha": 16})");
+  BOOST_TEST(x.refused == "fields 'lora_alpha' and 'lora_rank' need weight_update_mode \"lora_merge\"");
+  x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "weight_update_mode": "lora_merge", "lora_alpha": 0})");
+  BOOST_TEST(x.refused == "field 'lora_alpha' must be a positive integer or null");
   x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "load_format": "direct"})");
   BOOST_TEST(x.refused.find("field 'load_format' must be null") == 0, x.refused);
   x = refused(R"({"names": ["a"], "dtypes": ["float32"], "shapes": [[4]], "selector": "draft"})");
