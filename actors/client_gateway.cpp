@@ -16,7 +16,12 @@ msg::client_api_actor spawn_client_gateway(caf::actor_system& sys, msg::client_a
         [self, scheduler](msg::join_group_atom a, msg::group_request& r) { return self->delegate(scheduler, a, std::move(r)); },
         [self, scheduler](msg::leave_group_atom a, std::string& name) { return self->delegate(scheduler, a, std::move(name)); },
         [self, scheduler](msg::checksum_atom a, msg::checksum_request& r) { return self->delegate(scheduler, a, std::move(r)); },
+        [self, scheduler](msg::tensor_hashes_atom a, std::string& module, std::vector<std::string>& names) {
+          return self->delegate(scheduler, a, std::move(module), std::move(names));
+        },
         [self, scheduler](msg::info_atom a) { return self->delegate(scheduler, a); },
+        [self, scheduler](msg::release_memory_atom a) { return self->delegate(scheduler, a); },
+        [self, scheduler](msg::resume_memory_atom a) { return self->delegate(scheduler, a); },
         [self, scheduler](msg::stats_atom a) { return self->delegate(scheduler, a); },
     };
   });

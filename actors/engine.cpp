@@ -75,6 +75,7 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
   for (size_t i = 0; i < config.devices.size(); ++i) loaded.push_back(load(config, i));
   scheduler_setup setup;
   setup.model_path = config.model_path.string();
+  setup.devices = config.devices;
   setup.modules = loaded.front().pipe->module_names();
   setup.denoiser = loaded.front().pipe->denoiser();
   setup.adapters = std::make_shared<lora::adapter_store>();

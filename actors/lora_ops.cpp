@@ -2,6 +2,7 @@
 
 #include <cstdio>
 
+#include "actors/update_plan.hpp"
 #include "pipeline/lora/adapter.hpp"
 
 namespace refit::actors {
@@ -55,7 +56,7 @@ std::string lora_registry::version_after(const msg::update_request& u, const std
   } else {
     derived += "+lora:";
     const auto& entries = u.adapters;
-    if (u.lora_merge) derived += "distributed:" + u.group_name + "@1.00";
+    if (u.lora_merge) derived += received_adapter(u, u.target_modules.empty() ? std::string() : u.target_modules.front()) + "@1.00";
     for (size_t i = 0; i < entries.size(); ++i) {
       char strength[32];
       std::snprintf(strength, sizeof strength, "%.2f", entries[i].strength);
@@ -68,7 +69,7 @@ std::string lora_registry::version_after(const msg::update_request& u, const std
 void lora_registry::committed(const msg::update_request& u, const std::string& denoiser) {
   const std::vector<std::string> targets = u.target_modules.empty() ? std::vector<std::string>{denoiser} : u.target_modules;
   if (u.lora_merge) {
-    for (const auto& m : targets) set_[m] = {{"distributed:" + u.group_name, "", 1.0, u.lora_alpha, false}};
+    for (const auto& m : targets) set_[m] = {{received_adapter(u, m), "", 1.0, u.lora_alpha, false}};
     return;
   }
   if (u.source != msg::source_kind::lora || u.adapters.empty()) return;

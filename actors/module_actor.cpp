@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "actors/weight_sources.hpp"
+#include "pipeline/update/memory.hpp"
 #include "pipeline/update/module_updater.hpp"
 
 namespace refit::actors {
@@ -127,6 +128,23 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
                                                                                 : weights::checksum_format::refit);
           } catch (const std::exception& e) {
             return msg::make_error(refit_errc::phase_failed, "module '" + state->core->module() + "' checksum: " + e.what());
+          }
+        },
+        [state](msg::release_memory_atom) {
+          return phase(*state, "release memory", nullptr, [&] {
+            auto r = state->core->release_memory();
+            update::release_cached_device_memory(state->core->device());
+            return r;
+          });
+        },
+        [state](msg::resume_memory_atom) {
+          return phase(*state, "resume memory", nullptr, [&] { return state->core->resume_memory(); });
+        },
+        [state](msg::tensor_hashes_atom, const std::vector<std::string>& names) -> caf::result<std::map<std::string, std::string>> {
+          try {
+            return state->core->tensor_sha256(names);
+          } catch (const std::exception& e) {
+            return msg::make_error(refit_errc::phase_failed, "module '" + state->core->module() + "' tensor hashes: " + e.what());
           }
         },
         [state, kept_decided](msg::info_atom) {

@@ -11,6 +11,7 @@
 #include "actors/lora_ops.hpp"
 #include "actors/update_transaction.hpp"
 #include "pipeline/lora/adapter.hpp"
+#include "pipeline/update/memory.hpp"
 
 namespace refit::actors {
 
@@ -55,6 +56,8 @@ struct sched_state {
   uint64_t transactions = 0; // every update started, whatever its outcome:
                              // names what workers receive
   lora_registry lora;
+  bool sleeping = false;  // release_memory_occupation: generation and updates wait for resume
+  bool memory_busy = false;  // a release or resume is running
   msg::scheduler_stats stats;
   static inline const char *name = "refit.scheduler";
 };
@@ -149,8 +152,22 @@ void run_on(self_ptr self, size_t w, pending_generation job) {
 
 // Starts queued requests on idle workers (one generation per worker at a time),
 // least-loaded first.
+const char *const sleeping_message =
+    "Server is sleeping. Call resume_memory_occupation first.";
+
 void dispatch(self_ptr self) {
   auto &st = self->state;
+  if (st.sleeping) {
+    for (auto &job : st.queue)
+      std::visit(
+          [](auto &j) {
+            j.promise.deliver(
+                msg::make_error(refit_errc::sleeping, sleeping_message));
+          },
+          job);
+    st.queue.clear();
+    return;
+  }
   while (!st.paused && !st.queue.empty()) {
     const size_t n = st.setup.workers.size();
     size_t best = n;
@@ -202,11 +219,20 @@ std::string resume(self_ptr self, bool committed) {
 
 void start_next_update(self_ptr self) {
   auto &st = self->state;
-  if (st.updating || st.updates.empty())
+  if (st.updating || st.updates.empty() || st.memory_busy)
     return;
   st.updating = true;
   auto job = std::move(st.updates.front());
   st.updates.pop_front();
+  if (st.sleeping) {
+    msg::update_result r;
+    r.message = "Cannot update weights while the server is sleeping. Call "
+                "resume_memory_occupation first.";
+    r.weight_version = st.weight_version;
+    job.promise.deliver(std::move(r));
+    st.updating = false;
+    return start_next_update(self);
+  }
   auto txn = spawn_update_transaction(
       self->system(),
       {self, st.setup.supervisors, st.setup.caches, st.setup.modules,
@@ -454,6 +480,7 @@ caf::result<msg::model_info> model_info(self_ptr self) {
   msg::model_info info;
   info.model_path = st.model_path;
   info.weight_version = st.weight_version;
+  info.sleeping = st.sleeping;
   module_infos(
       self, indices(st.setup.workers.size()),
       [self, info, promise](fan_in<msg::module_info> &in) mutable {
@@ -464,6 +491,146 @@ caf::result<msg::model_info> model_info(self_ptr self) {
           info.offload = std::move(offload);
           promise.deliver(info);
         });
+      });
+  return promise;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device memory: released between rollouts for a colocated trainer, resumed before the next
+
+uint64_t devices_used(const sched_state &st) {
+  uint64_t n = 0;
+  for (const auto &d : st.setup.devices)
+    n += update::device_used_bytes(c10::Device(d));
+  return n;
+}
+
+// Every module actor of every worker does `Atom`; on a failure the ones that
+// did are undone with `Undo`, so the workers stay alike.
+template <class Atom, class Undo>
+void memory_step(self_ptr self, caf::typed_response_promise<msg::memory_result> promise,
+                 msg::memory_result r, bool sleeping_after,
+                 clock::time_point t0) {
+  module_actors(
+      self, indices(self->state.setup.workers.size()),
+      [self, promise, r, sleeping_after, t0](fan_in<module_map> &in) mutable {
+        std::vector<msg::module_actor> actors;
+        for (auto &[w, map] : in.replies)
+          for (auto &[name, actor] : map)
+            actors.push_back(actor);
+        const bool all_listed = in.errors.empty();
+        fan_out<msg::module_report>(
+            indices(actors.size()),
+            [self, actors](size_t i) {
+              return self->request(actors[i], query_timeout, Atom::value);
+            },
+            [self, actors, promise, r, sleeping_after, all_listed,
+             t0](fan_in<msg::module_report> &in) mutable {
+              auto &st = self->state;
+              for (auto &[i, rep] : in.replies)
+                r.moved_bytes += rep.bytes;
+              if (in.errors.empty() && all_listed) {
+                st.sleeping = sleeping_after;
+                r.success = true;
+                if (r.moved_bytes == 0)
+                  r.message = sleeping_after ? "nothing to release on the devices (the weights are in host memory); "
+                                               "generation waits for resume_memory_occupation"
+                                             : "resumed (the weights stayed in host memory)";
+              } else {
+                r.message = in.errors.empty()
+                                ? std::string("a worker did not list its modules")
+                                : msg::describe(in.errors.begin()->second);
+                for (auto &[i, rep] : in.replies)  // undo where it happened
+                  self->request(actors[i], query_timeout, Undo::value);
+              }
+              r.sleeping = st.sleeping;
+              r.device_used_after = devices_used(st);
+              r.seconds = std::chrono::duration<double>(clock::now() - t0).count();
+              st.memory_busy = false;
+              st.paused = false;  // a release paused generation while the weights moved
+              spdlog::info("memory: {} ({:.1f} MB moved in {:.3f} s; devices use {:.1f} MB, were {:.1f} MB)",
+                           r.success ? r.message : "failed: " + r.message, r.moved_bytes / 1e6, r.seconds,
+                           r.device_used_after / 1e6, r.device_used_before / 1e6);
+              promise.deliver(r);
+              dispatch(self);
+              start_next_update(self);
+            });
+      });
+}
+
+caf::result<msg::memory_result> release_memory(self_ptr self) {
+  auto &st = self->state;
+  msg::memory_result r;
+  r.device_used_before = devices_used(st);
+  if (st.sleeping || st.memory_busy || st.updating) {
+    r.success = st.sleeping;
+    r.sleeping = st.sleeping;
+    r.message = st.sleeping ? "already sleeping"
+                            : "a weight update or a memory change is in "
+                              "progress; try again when it ends";
+    r.device_used_after = r.device_used_before;
+    return r;
+  }
+  st.memory_busy = true;
+  auto promise = self->make_response_promise<msg::memory_result>();
+  const auto t0 = clock::now();
+  // Nothing generates while the weights move.
+  self->request(caf::actor_cast<msg::scheduler_actor>(self), caf::infinite,
+                msg::pause_atom::value, false)
+      .then([self, promise, r, t0](uint64_t) mutable {
+        r.message = "released GPU memory (moved the weights to pinned host memory)";
+        memory_step<msg::release_memory_atom, msg::resume_memory_atom>(
+            self, promise, r, true, t0);
+      });
+  return promise;
+}
+
+caf::result<msg::memory_result> resume_memory(self_ptr self) {
+  auto &st = self->state;
+  msg::memory_result r;
+  r.device_used_before = devices_used(st);
+  if (!st.sleeping || st.memory_busy) {
+    r.success = !st.sleeping;
+    r.sleeping = st.sleeping;
+    r.message = !st.sleeping ? "already awake"
+                             : "a memory change is in progress; try again "
+                               "when it ends";
+    r.device_used_after = r.device_used_before;
+    return r;
+  }
+  st.memory_busy = true;
+  auto promise = self->make_response_promise<msg::memory_result>();
+  r.message = "resumed GPU memory (restored the weights to their devices)";
+  memory_step<msg::resume_memory_atom, msg::release_memory_atom>(
+      self, promise, r, false, clock::now());
+  return promise;
+}
+
+// SGLang's update_weights_from_tensor_checker: worker 0's per-tensor hashes.
+caf::result<std::map<std::string, std::string>>
+tensor_hashes(self_ptr self, const std::string &module,
+              const std::vector<std::string> &names) {
+  auto promise =
+      self->make_response_promise<std::map<std::string, std::string>>();
+  module_actors(
+      self, {0},
+      [self, module, names, promise](fan_in<module_map> &in) mutable {
+        const module_map *map =
+            in.replies.empty() ? nullptr : &in.replies.begin()->second;
+        auto it = map ? map->find(module) : module_map::const_iterator{};
+        if (!map || it == map->end()) {
+          promise.deliver(msg::make_error(
+              refit_errc::module_not_found,
+              "Module '" + module + "' is not initialized"));
+          return;
+        }
+        self->request(it->second, query_timeout,
+                      msg::tensor_hashes_atom::value, names)
+            .then(
+                [promise](std::map<std::string, std::string> &m) mutable {
+                  promise.deliver(std::move(m));
+                },
+                [promise](caf::error &e) mutable { promise.deliver(e); });
       });
   return promise;
 }
@@ -612,6 +779,12 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system &sys,
           return promise;
         },
         [self](msg::list_loras_atom) { return list_loras(self); },
+        [self](msg::release_memory_atom) { return release_memory(self); },
+        [self](msg::resume_memory_atom) { return resume_memory(self); },
+        [self](msg::tensor_hashes_atom, const std::string &module,
+               const std::vector<std::string> &names) {
+          return tensor_hashes(self, module, names);
+        },
         [self](msg::join_group_atom, const msg::group_request &req) {
           return join_group(self, req);
         },

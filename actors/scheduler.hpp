@@ -28,6 +28,7 @@ struct scheduler_setup {
   std::string denoiser;                              // the one a trainer's update targets by default (and LoRA)
   std::shared_ptr<lora::adapter_store> adapters;     // the LoRA adapters the module actors loaded
   std::string model_path;
+  std::vector<std::string> devices;  // per worker, e.g. "cuda:0" (device memory is reported for these)
 };
 
 // Links itself to every actor it is given: stopping the scheduler stops them all.

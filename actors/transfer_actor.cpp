@@ -4,12 +4,14 @@
 #include <c10/util/Exception.h>
 #include <spdlog/spdlog.h>
 
+#include <cctype>
 #include <map>
 
 #include "pipeline/pipeline.hpp"
 #include "pipeline/transfer/broadcast_group.hpp"
 #include "pipeline/transfer/broadcast_receive.hpp"
 #include "pipeline/transfer/received_weights.hpp"
+#include "pipeline/transfer/shared_tensors.hpp"
 #include "pipeline/update/memory.hpp"
 #include "pipeline/weights/dtype.hpp"
 #include "pipeline/weights/host_loader.hpp"
@@ -108,7 +110,66 @@ transfer::announcement to_announcement(const msg::receive_request& req) {
   return a;
 }
 
+// SGLang's payload selection: one payload for every worker; else the one exported from this worker's GPU
+// (payload_gpu_uuids); else one per worker, by index.
+const msg::shared_payload& payload_for(const transfer_state& st, const std::vector<msg::shared_payload>& payloads) {
+  if (!payloads.front().gpu_uuid.empty()) {
+    if (!st.setup.pipeline->placement().device.is_cuda())
+      throw std::invalid_argument("payload_gpu_uuids name GPUs, but " + st.worker() + " runs on " +
+                                  st.setup.pipeline->placement().device.str() + "; leave them out for CPU tensors");
+    const std::string own = transfer::gpu_uuid(st.setup.pipeline->placement().device);
+    auto norm = [](std::string u) {
+      for (const char* p : {"MIG-", "GPU-"})
+        if (u.rfind(p, 0) == 0) u = u.substr(4);
+      for (auto& c : u) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return u;
+    };
+    for (const auto& p : payloads)
+      if (!own.empty() && norm(p.gpu_uuid) == norm(own)) return p;
+    throw std::invalid_argument("no payload was exported from this worker's GPU " + (own.empty() ? std::string("(none: a CPU worker)") : own));
+  }
+  if (payloads.size() == 1) return payloads.front();
+  return payloads.at(static_cast<size_t>(st.setup.index));  // the transaction checked there is one per worker
+}
+
+// A colocated trainer's shared tensors: checked against the modules, then opened (nothing is copied yet).
+caf::result<msg::receive_report> open_shared(transfer_state& st, const msg::receive_request& req) {
+  const auto t0 = clock::now();
+  try {
+    const msg::shared_payload& p = payload_for(st, req.shared);
+    transfer::announcement a;
+    a.lora = req.lora;
+    std::vector<transfer::shared_view> views;
+    for (const auto& t : p.tensors) {
+      const auto dt = weights::parse_torch_dtype(t.dtype);
+      if (!dt) throw std::invalid_argument("tensor '" + t.name + "': unknown dtype '" + t.dtype + "'");
+      a.tensors.push_back({t.module, t.name, t.name, weights::to_scalar_type(*dt), t.shape});
+      views.push_back({t.module, t.name, weights::to_scalar_type(*dt), t.shape, t.stride, t.offset_bytes, t.storage});
+    }
+    transfer::check_announcement(*st.setup.pipeline, a);
+    std::vector<transfer::shared_segment> segments;
+    for (const auto& s : p.storages)
+      segments.push_back({s.kind == msg::storage_kind::cuda_ipc, s.handle, s.size_bytes, s.offset_bytes, s.device, s.event_handle});
+    // One payload for every worker: worker 0 takes over the pickle's references; else each its own.
+    const bool consume = req.shared.size() > 1 || st.setup.index == 0;
+    auto set = transfer::open_shared(segments, views, st.setup.pipeline->placement().device,
+                                     "tensors shared by the trainer (" + std::to_string(views.size()) + ")", consume);
+    msg::receive_report r;
+    r.worker = st.setup.index;
+    r.tensors = views.size();
+    r.bytes = a.bytes();
+    r.seconds = since(t0);
+    st.setup.received->put(req.update, std::move(set));
+    spdlog::info("{}: opened {} shared tensor(s), {:.1f} MB, in {} storage(s) in {:.3f} s", st.worker(), r.tensors, r.bytes / 1e6,
+                 segments.size(), r.seconds);
+    return r;
+  } catch (const std::exception& e) {
+    return msg::make_error(refit_errc::invalid_request, describe(e));
+  }
+}
+
 caf::result<msg::receive_report> receive(transfer_state& st, const msg::receive_request& req) {
+  if (!req.shared.empty()) return open_shared(st, req);
   auto it = st.groups.find(req.group_name);
   if (it == st.groups.end())
     return msg::make_error(refit_errc::invalid_request, "Group '" + req.group_name + "' not in " + st.group_list() + " on " + st.worker() +

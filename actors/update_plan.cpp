@@ -83,7 +83,8 @@ update_plan plan_distributed(const msg::update_request &req,
     if (req.lora_merge) {
       // The tensors are an adapter's A/B weights: the modules merge them (SGLang's "lora_merge").
       out.sources[m].kind = msg::source_kind::lora;
-      out.sources[m].adapters = {{"distributed:" + req.group_name, "", 1.0, req.lora_alpha, true, req.lora_rank}};
+      out.sources[m].adapters = {{received_adapter(req, m), "", 1.0,
+                                  req.lora_alpha, true, req.lora_rank}};
     }
   }
   out.receive.lora = req.lora_merge;
@@ -104,6 +105,72 @@ update_plan plan_distributed(const msg::update_request &req,
   return out;
 }
 
+// A colocated trainer's tensors: each worker opens its payload first. A tensor without a module belongs to
+// the single target module; every target needs tensors in every payload.
+update_plan plan_tensor(const msg::update_request &req,
+                        const std::vector<std::string> &targets,
+                        uint64_t update) {
+  update_plan out;
+  if (req.payloads.empty()) {
+    out.error = "serialized_named_tensors is required";
+    return out;
+  }
+  out.receive.update = update;
+  out.receive.lora = req.lora_merge;
+  out.receive.shared = req.payloads;
+  for (auto &p : out.receive.shared) {
+    std::set<std::string> provided;
+    for (auto &t : p.tensors) {
+      if (t.module.empty()) {
+        if (targets.size() != 1) {
+          out.error = "Ambiguous tensor payload for multi-module update. Send a dict {module: payload}";
+          return out;
+        }
+        t.module = targets.front();
+      }
+      if (std::find(targets.begin(), targets.end(), t.module) == targets.end()) {
+        out.error = "The payload carries tensors for module '" + t.module +
+                    "', which target_modules does not name";
+        return out;
+      }
+      provided.insert(t.module);
+    }
+    std::string missing, have;
+    for (const auto &m : targets)
+      if (!provided.count(m))
+        missing += (missing.empty() ? "'" : ", '") + m + "'";
+    for (const auto &m : provided)
+      have += (have.empty() ? "'" : ", '") + m + "'";
+    if (!missing.empty()) {
+      out.error = "Missing tensor payload for module(s): [" + missing +
+                  "]. Provided modules: [" + have + "]";
+      return out;
+    }
+  }
+  if (req.lora_merge)
+    for (const auto &m : targets) {
+      std::vector<std::string> names;
+      for (const auto &p : out.receive.shared)
+        for (const auto &t : p.tensors)
+          if (t.module == m)
+            names.push_back(t.name);
+      const size_t n = lora::shared_prefix(names, m).size();
+      for (auto &p : out.receive.shared)
+        for (auto &t : p.tensors)
+          if (t.module == m)
+            t.name = t.name.substr(n);
+    }
+  for (const auto &m : targets) {
+    out.sources[m] = {msg::source_kind::distributed, source_label(req), update};
+    if (req.lora_merge) {
+      out.sources[m].kind = msg::source_kind::lora;
+      out.sources[m].adapters = {{received_adapter(req, m), "", 1.0,
+                                  req.lora_alpha, true, req.lora_rank}};
+    }
+  }
+  return out;
+}
+
 update_plan plan_lora(const msg::update_request &req,
                       const std::set<std::string> &targets, uint64_t update) {
   update_plan out;
@@ -114,10 +181,18 @@ update_plan plan_lora(const msg::update_request &req,
 
 } // namespace
 
+std::string received_adapter(const msg::update_request &req,
+                             const std::string &module) {
+  return req.source == msg::source_kind::tensor ? "tensor:" + module
+                                                 : "distributed:" + req.group_name;
+}
+
 std::string source_label(const msg::update_request &req) {
   switch (req.source) {
   case msg::source_kind::distributed:
     return "distributed group '" + req.group_name + "'";
+  case msg::source_kind::tensor:
+    return "tensors shared by the trainer";
   case msg::source_kind::lora: {
     if (req.adapters.empty())
       return "LoRA unmerge";
@@ -136,13 +211,22 @@ update_plan plan_update(const msg::update_request &req,
                         const std::vector<std::string> &modules,
                         const std::string &denoiser, uint64_t update) {
   update_plan out;
-  const std::vector<std::string> trained{denoiser};
+  // A trainer's update targets the denoiser unless it says otherwise (a
+  // shared-tensor payload by its modules); a checkpoint every module.
+  std::vector<std::string> trained{denoiser};
+  if (req.source == msg::source_kind::tensor) {
+    std::set<std::string> named;
+    for (const auto &p : req.payloads)
+      for (const auto &t : p.tensors)
+        if (!t.module.empty())
+          named.insert(t.module);
+    if (!named.empty())
+      trained.assign(named.begin(), named.end());
+  }
   const std::vector<std::string> &targets =
       !req.target_modules.empty()                   ? req.target_modules
-      : req.source == msg::source_kind::distributed ||
-              req.source == msg::source_kind::lora
-          ? trained
-          : modules;
+      : req.source == msg::source_kind::checkpoint ? modules
+                                                    : trained;
   if (req.source == msg::source_kind::checkpoint && req.model_path.empty()) {
     out.error = "model_path is required";
     return out;
@@ -164,6 +248,8 @@ update_plan plan_update(const msg::update_request &req,
     return plan_distributed(req, {unique.begin(), unique.end()}, update);
   case msg::source_kind::lora:
     return plan_lora(req, unique, update);
+  case msg::source_kind::tensor:
+    return plan_tensor(req, {unique.begin(), unique.end()}, update);
   }
   out.error = "unknown weight source kind " + msg::to_string(req.source);
   return out;

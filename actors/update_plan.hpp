@@ -25,6 +25,11 @@ struct update_plan {
 // A trainer's update (distributed) without target_modules targets `denoiser`,
 // the pipeline's denoising network, as SGLang's diffusion engine does; a checkpoint update
 // without them targets every module.
+// The nickname of the adapter a trainer sends as tensors (weight_update_mode "lora_merge"): "distributed:<group>"
+// or "tensor:<module>".
+std::string received_adapter(const msg::update_request &request,
+                             const std::string &module);
+
 update_plan plan_update(const msg::update_request &request,
                         const std::vector<std::string> &pipeline_modules,
                         const std::string &denoiser, uint64_t update);

@@ -87,6 +87,18 @@ void start(self_ptr self, const msg::update_request& req) {
   update_plan plan = plan_update(req, st.ctx.pipeline_modules, st.ctx.denoiser, st.ctx.update);
   if (static_cast<uint8_t>(req.mode) > static_cast<uint8_t>(msg::update_mode::in_place))
     plan.error = "mode must be auto, staged or in_place, got '" + msg::to_string(req.mode) + "'";
+  if (req.source == msg::source_kind::tensor) {
+    // SGLang's rule: one payload for all, one per worker, or one per GPU (payload_gpu_uuids).
+    const size_t n = req.payloads.size(), workers = st.ctx.transfers.size();
+    if (plan.error.empty() && n != 1 && n != workers && (n == 0 || req.payloads.front().gpu_uuid.empty()))
+      plan.error = "serialized_named_tensors size must be 1 or world_size (" + std::to_string(workers) + "), got " + std::to_string(n);
+    if (!plan.error.empty()) {
+      st.result.message = plan.error + ". No weights were changed.";
+      return reply(self);
+    }
+    record_phase(self, "plan");
+    return receive(self, std::move(plan));
+  }
   if (req.source == msg::source_kind::distributed) {
     // The trainer broadcasts what it announced however refit answers: a refused request still has every
     // worker take the broadcast (and drop it).
@@ -140,8 +152,9 @@ void receive(self_ptr self, update_plan plan) {
           const auto& [w, e] = *in.errors.begin();
           std::string why = msg::describe(e);
           if (!why.empty() && why.back() == '.') why.pop_back();
-          st.result.message = "Failed to receive weights on worker " + std::to_string(w) + ": " + why + ". No weights were changed. " +
-                              all_rolled_back;
+          st.result.message = (st.req.source == msg::source_kind::tensor ? "Failed to open the trainer's tensors on worker "
+                                                                          : "Failed to receive weights on worker ") +
+                              std::to_string(w) + ": " + why + ". No weights were changed. " + all_rolled_back;
           return reply(self);
         }
         uint64_t bytes = 0;

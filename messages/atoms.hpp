@@ -36,5 +36,8 @@ using receive_atom = caf::atom_constant<caf::atom("receive")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
 using lora_atom = caf::atom_constant<caf::atom("lora")>;
 using list_loras_atom = caf::atom_constant<caf::atom("listloras")>;
+using tensor_hashes_atom = caf::atom_constant<caf::atom("tenshashes")>;
+using release_memory_atom = caf::atom_constant<caf::atom("relmemory")>;
+using resume_memory_atom = caf::atom_constant<caf::atom("resmemory")>;
 
 }  // namespace refit::msg

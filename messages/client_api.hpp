@@ -27,7 +27,13 @@ using client_api_actor = caf::typed_actor<
     caf::replies_to<leave_group_atom, std::string /*group_name*/>::with<group_result>,
     // module -> hex checksum, "not_found" for a module the pipeline lacks, "error: ..." when it failed.
     caf::replies_to<checksum_atom, checksum_request>::with<std::map<std::string, std::string>>,
+    // Worker 0's per-tensor hashes (SGLang's update_weights_from_tensor_checker) of a module's named tensors.
+    caf::replies_to<tensor_hashes_atom, std::string /*module*/, std::vector<std::string>>::with<std::map<std::string, std::string>>,
     caf::replies_to<info_atom>::with<model_info>,
+    // Give the device memory back (weights to pinned host memory; generation refused until resume), and take
+    // it again: each across every worker at once, idempotent.
+    caf::replies_to<release_memory_atom>::with<memory_result>,
+    caf::replies_to<resume_memory_atom>::with<memory_result>,
     caf::replies_to<stats_atom>::with<scheduler_stats>>;
 
 }  // namespace refit::msg

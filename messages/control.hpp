@@ -27,7 +27,13 @@ using module_actor = caf::typed_actor<
     // The update stopped before commit: free shadows (and finish undoing anything half done).
     caf::replies_to<discard_atom>::with<module_report>,
     caf::replies_to<checksum_atom, checksum_format>::with<std::string>,
+    // SGLang's per-tensor hashes of the named tensors the module holds (absent names are left out).
+    caf::replies_to<tensor_hashes_atom, std::vector<std::string>>::with<std::map<std::string, std::string>>,
     caf::replies_to<info_atom>::with<module_info>,
+    // Move the module's device weights to pinned host memory (the slots point there) and back; the report's
+    // bytes are what moved.
+    caf::replies_to<release_memory_atom>::with<module_report>,
+    caf::replies_to<resume_memory_atom>::with<module_report>,
     caf::replies_to<fault_atom, fault_spec>::with<bool>>;
 
 // One worker's transfers from trainers: the torch.distributed groups it joined, and what it received for

@@ -17,6 +17,7 @@ enum class refit_errc : uint8_t {
   generation_failed,
   fault_injection_unavailable,
   transfer_failed,      // receiving from a trainer failed (the group was left)
+  sleeping,             // the server released its device memory (release_memory_occupation)
 };
 std::string to_string(refit_errc code);
 caf::error make_error(refit_errc code, std::string message);

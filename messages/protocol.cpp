@@ -7,6 +7,13 @@ namespace refit::msg {
 void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<weight_source>("refit.weight_source");
   cfg.add_message_type<update_request>("refit.update_request");
+  cfg.add_message_type<shared_storage>("refit.shared_storage");
+  cfg.add_message_type<std::vector<shared_storage>>("refit.shared_storages");
+  cfg.add_message_type<shared_tensor>("refit.shared_tensor");
+  cfg.add_message_type<std::vector<shared_tensor>>("refit.shared_tensors");
+  cfg.add_message_type<shared_payload>("refit.shared_payload");
+  cfg.add_message_type<std::vector<shared_payload>>("refit.shared_payloads");
+  cfg.add_message_type<memory_result>("refit.memory_result");
   cfg.add_message_type<lora_entry>("refit.lora_entry");
   cfg.add_message_type<std::vector<lora_entry>>("refit.lora_entries");
   cfg.add_message_type<std::map<std::string, std::vector<lora_entry>>>("refit.lora_entries_by_module");

@@ -30,6 +30,7 @@ std::string to_string(source_kind k) {
     case source_kind::checkpoint: return "checkpoint";
     case source_kind::distributed: return "distributed";
     case source_kind::lora: return "lora";
+    case source_kind::tensor: return "tensor";
   }
   return "unknown(" + std::to_string(static_cast<int>(k)) + ")";
 }

@@ -32,8 +32,9 @@ enum class write_path : uint8_t { none, staged, in_place, in_place_reread_undo, 
 // module source under actors/ and pipeline/; the transaction's phases do not change. distributed: a
 // trainer broadcasts the tensors over a torch.distributed group the workers joined; each worker receives
 // them first, then its modules update from what it received. lora: adapters merged into the base (read
-// from disk, kept from an earlier merge, or received from a trainer); none: the base values back.
-enum class source_kind : uint8_t { checkpoint, distributed, lora };
+// from disk, kept from an earlier merge, or received from a trainer); none: the base values back. tensor:
+// a colocated trainer shares its tensors (shared memory, CUDA IPC); each worker opens them first.
+enum class source_kind : uint8_t { checkpoint, distributed, lora, tensor };
 
 // How generated images are encoded for the client.
 enum class image_format : uint8_t { png, jpeg, webp };
@@ -112,6 +113,51 @@ typename Inspector::result_type inspect(Inspector& f, announced_tensor& x) {
   return f(caf::meta::type_name("announced_tensor"), x.name, x.dtype, x.shape);
 }
 
+// Tensors a colocated trainer shares (SGLang's update_weights_from_tensor), as the HTTP layer decoded them
+// from the trainer's pickle: where each storage lives and how each tensor views it. Nothing is opened yet.
+enum class storage_kind : uint8_t { shared_memory, cuda_ipc };
+
+struct shared_storage {
+  storage_kind kind = storage_kind::shared_memory;
+  std::string handle;      // shared_memory: torch's segment name ("/torch_<pid>_<n>_<n>"); cuda_ipc: the 64-byte handle
+  uint64_t size_bytes = 0; // the storage's size
+  uint64_t offset_bytes = 0;  // cuda_ipc: where the storage starts in the IPC allocation
+  std::string device;      // cuda_ipc: the producer's GPU (its UUID "GPU-..." or an ordinal)
+  std::string event_handle;   // cuda_ipc: the producer's event to wait for (64 bytes), or empty
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, shared_storage& x) {
+  auto kind = static_cast<uint8_t>(x.kind);
+  return f(caf::meta::type_name("shared_storage"), kind, x.handle, x.size_bytes, x.offset_bytes, x.device, x.event_handle,
+           caf::meta::load_callback([&] { return load_enum(x.kind, kind, storage_kind::cuda_ipc, "storage kind"); }));
+}
+
+struct shared_tensor {
+  std::string module;  // empty: the request's single target module
+  std::string name;
+  std::string dtype;   // torch's name: "bfloat16", ...
+  std::vector<int64_t> shape, stride;  // stride in elements
+  uint64_t offset_bytes = 0;           // of the first element in its storage
+  uint32_t storage = 0;                // index into the payload's storages
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, shared_tensor& x) {
+  return f(caf::meta::type_name("shared_tensor"), x.module, x.name, x.dtype, x.shape, x.stride, x.offset_bytes, x.storage);
+}
+
+struct shared_payload {
+  std::vector<shared_storage> storages;
+  std::vector<shared_tensor> tensors;
+  std::string gpu_uuid;  // payload_gpu_uuids: the GPU it was exported from ("" when not given)
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, shared_payload& x) {
+  return f(caf::meta::type_name("shared_payload"), x.storages, x.tensors, x.gpu_uuid);
+}
+
 struct update_request {
   source_kind source = source_kind::checkpoint;
   std::string model_path;                   // checkpoint: the Diffusers folder
@@ -133,6 +179,8 @@ struct update_request {
   bool lora_merge = false;
   int32_t lora_alpha = 0;
   int32_t lora_rank = 0;
+  // tensor: what the trainer shares, one payload for every worker or one per worker (or per GPU UUID)
+  std::vector<shared_payload> payloads;
 };
 
 template <class Inspector>
@@ -140,8 +188,8 @@ typename Inspector::result_type inspect(Inspector& f, update_request& x) {
   auto source = static_cast<uint8_t>(x.source), mode = static_cast<uint8_t>(x.mode);
   return f(caf::meta::type_name("update_request"), source, x.model_path, x.target_modules, x.flush_cache, x.abort_all_requests,
            x.weight_version, mode, x.group_name, x.tensors, x.flattened_bucket, x.empty_cache, x.refused, x.adapters, x.lora_merge,
-           x.lora_alpha, x.lora_rank, caf::meta::load_callback([&]() -> caf::error {
-             if (auto e = load_enum(x.source, source, source_kind::lora, "source kind")) return e;
+           x.lora_alpha, x.lora_rank, x.payloads, caf::meta::load_callback([&]() -> caf::error {
+             if (auto e = load_enum(x.source, source, source_kind::tensor, "source kind")) return e;
              return load_enum(x.mode, mode, update_mode::in_place, "update mode");
            }));
 }
@@ -194,6 +242,8 @@ struct receive_request {
   std::vector<routed_tensor> tensors;
   bool flattened_bucket = false;
   bool lora = false;  // the tensors are LoRA A/B weights for the modules' 2-D weights, not the weights
+  // tensor updates: the payloads the trainer shares (the worker opens the one for its GPU); no group
+  std::vector<shared_payload> shared;
 
   // Non-empty: the update is refused for this reason; the worker takes the broadcast and drops it (or,
   // when its size cannot be known, leaves the group) and fails with it.
@@ -202,7 +252,7 @@ struct receive_request {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, receive_request& x) {
-  return f(caf::meta::type_name("receive_request"), x.update, x.group_name, x.tensors, x.flattened_bucket, x.lora, x.refused);
+  return f(caf::meta::type_name("receive_request"), x.update, x.group_name, x.tensors, x.flattened_bucket, x.lora, x.shared, x.refused);
 }
 
 struct receive_report {
@@ -478,11 +528,30 @@ struct model_info {
   std::string weight_version;
   std::vector<module_info> modules;   // every module on every worker
   std::vector<offload_info> offload;  // one per worker and offloaded module; empty when offload is off
+  bool sleeping = false;              // the device memory was released (release_memory_occupation)
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, model_info& x) {
-  return f(caf::meta::type_name("model_info"), x.model_path, x.weight_version, x.modules, x.offload);
+  return f(caf::meta::type_name("model_info"), x.model_path, x.weight_version, x.modules, x.offload, x.sleeping);
+}
+
+// SGLang's release_memory_occupation / resume_memory_occupation: {success, sleeping, message}, plus what
+// moved and what the devices hold before and after (bytes in use as the driver reports it, summed over GPUs).
+struct memory_result {
+  bool success = false;
+  bool sleeping = false;
+  std::string message;
+  uint64_t moved_bytes = 0;
+  uint64_t device_used_before = 0;
+  uint64_t device_used_after = 0;
+  double seconds = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, memory_result& x) {
+  return f(caf::meta::type_name("memory_result"), x.success, x.sleeping, x.message, x.moved_bytes, x.device_used_before,
+           x.device_used_after, x.seconds);
 }
 
 // Counters for /metrics and tests.

@@ -115,18 +115,7 @@ msg::update_request parse_distributed_update_request(std::string_view body) {
     if (!mode) wrong("mode", "one of \"auto\", \"staged\", \"in_place\"");
     r.mode = *mode;
     // weight_update_mode "lora_merge": the tensors are LoRA A/B weights to merge into the base (SGLang's).
-    const auto update_mode = opt_string(o, "weight_update_mode");
-    if (update_mode && *update_mode != "lora_merge") wrong("weight_update_mode", "null (replace the weights) or \"lora_merge\"");
-    const auto alpha = opt_int(o, "lora_alpha", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
-    const auto rank = opt_int(o, "lora_rank", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
-    if (update_mode) {
-      if (r.target_modules.size() > 1) throw bad_request("LoRA IPC weight update requires exactly one target module per request");
-      r.lora_merge = true;
-      r.lora_alpha = static_cast<int32_t>(alpha.value_or(0));
-      r.lora_rank = static_cast<int32_t>(rank.value_or(0));
-    } else if (alpha || rank) {
-      throw bad_request("fields 'lora_alpha' and 'lora_rank' need weight_update_mode \"lora_merge\"");
-    }
+    parse_lora_merge(o, r);
   } catch (const bad_request& e) {
     r.refused = e.what();
   }

@@ -17,6 +17,7 @@
 #include "net/images_api.hpp"
 #include "net/json_codec.hpp"
 #include "net/lora_api.hpp"
+#include "net/tensor_api.hpp"
 #include "net/metrics.hpp"
 #include "net/rollout_api.hpp"
 #include "pipeline/weights/hf_cache.hpp"
@@ -91,6 +92,7 @@ int status_for(const caf::error& e) {
       case refit_errc::invalid_request:
       case refit_errc::module_not_found: return 400;
       case refit_errc::cancelled: return 503;  // aborted by an update with abort_all_requests: retry
+      case refit_errc::sleeping: return 503;   // released its device memory: resume_memory_occupation first
       default: return 500;
     }
   return 500;
@@ -203,6 +205,66 @@ void update_weights_from_distributed(bridge_context& ctx, const httplib::Request
     return;
   }
   run_update(ctx, update, "distributed group '" + update.group_name + "'", res);
+}
+
+// POST /release_memory_occupation, /resume_memory_occupation: 200 when done (or already so), 400 when refused
+// or rolled back (every worker stays as it was).
+template <class Atom>
+void memory_occupation(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  try {
+    parse_memory_request(req.body);
+  } catch (const bad_request& e) {
+    msg::memory_result r;
+    r.message = e.what();
+    reply(res, 400, memory_result_json(r));
+    return;
+  }
+  auto r = ask<msg::memory_result>(ctx, ctx.config.request_timeout, Atom::value);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    msg::memory_result failed;
+    failed.message = describe(*e, ctx.config.request_timeout);
+    reply(res, status_for(*e) == 504 ? 504 : 500, memory_result_json(failed));
+    return;
+  }
+  const auto& m = std::get<msg::memory_result>(r);
+  reply(res, m.success ? 200 : 400, memory_result_json(m));
+}
+
+// POST /update_weights_from_tensor: the trainer's tensors are shared, not sent; each worker opens its payload.
+void update_weights_from_tensor(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  msg::update_request update;
+  try {
+    update = parse_tensor_update_request(req.body);
+  } catch (const bad_request& e) {
+    spdlog::warn("refit serve: tensor update rejected (400): {}", e.what());
+    reply(res, 400, failed_update_json(e.what(), current_identity(ctx).weight_version));
+    return;
+  }
+  run_update(ctx, update, "tensors shared by the trainer", res);
+}
+
+// POST /update_weights_from_tensor_checker: SGLang's {success, message}, 200 or 400.
+void update_weights_from_tensor_checker(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+  if (reject_unauthorized(ctx, req, res)) return;
+  checker_request check;
+  try {
+    check = parse_checker_request(req.body);
+  } catch (const bad_request& e) {
+    reply(res, 400, group_result_json({false, e.what()}));
+    return;
+  }
+  std::vector<std::string> names;
+  for (const auto& [name, hex] : check.expected) names.push_back(name);
+  auto r = ask<std::map<std::string, std::string>>(ctx, ctx.config.request_timeout, msg::tensor_hashes_atom::value, check.target_module, names);
+  if (auto* e = std::get_if<caf::error>(&r)) {
+    const int status = status_for(*e);
+    reply(res, status == 400 ? 400 : status, group_result_json({false, describe(*e, ctx.config.request_timeout)}));
+    return;
+  }
+  const auto [ok, message] = check_tensor_hashes(check, std::get<0>(r));
+  reply(res, ok ? 200 : 400, group_result_json({ok, message}));
 }
 
 // POST /init_weights_update_group and /destroy_weights_update_group: SGLang's {success, message}, 200 or 400.
@@ -485,6 +547,10 @@ void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
   srv.Post("/update_weights_from_disk", route(update_weights));
   srv.Post("/init_weights_update_group", route(init_weights_update_group));
   srv.Post("/update_weights_from_distributed", route(update_weights_from_distributed));
+  srv.Post("/update_weights_from_tensor", route(update_weights_from_tensor));
+  srv.Post("/release_memory_occupation", route(memory_occupation<msg::release_memory_atom>));
+  srv.Post("/resume_memory_occupation", route(memory_occupation<msg::resume_memory_atom>));
+  srv.Post("/update_weights_from_tensor_checker", route(update_weights_from_tensor_checker));
   srv.Post("/destroy_weights_update_group", route(destroy_weights_update_group));
   srv.Post("/get_weights_checksum", route(weights_checksum));
   srv.Post("/v1/set_lora", route(set_lora));

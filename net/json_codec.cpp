@@ -31,18 +31,11 @@ msg::update_request parse_update_request(std::string_view body) {
   if (!mode) wrong("mode", "one of \"auto\", \"staged\", \"in_place\"");
   r.mode = *mode;
   // weight_update_mode "lora_merge": model_path is a LoRA adapter to merge into the base (SGLang's field).
-  const auto update_mode = opt_string(o, "weight_update_mode");
-  if (update_mode && *update_mode != "lora_merge") wrong("weight_update_mode", "null (replace the weights) or \"lora_merge\"");
-  const auto alpha = opt_int(o, "lora_alpha", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
-  const auto rank = opt_int(o, "lora_rank", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
-  if (!update_mode) {
-    if (alpha || rank) throw bad_request("fields 'lora_alpha' and 'lora_rank' need weight_update_mode \"lora_merge\"");
-    return r;
-  }
-  if (r.target_modules.size() > 1)
-    throw bad_request("weight_update_mode \"lora_merge\" takes exactly one target module per request");
+  parse_lora_merge(o, r);
+  if (!r.lora_merge) return r;
   r.source = msg::source_kind::lora;
-  r.adapters = {{r.model_path, r.model_path, 1.0, static_cast<int32_t>(alpha.value_or(0)), false, static_cast<int32_t>(rank.value_or(0))}};
+  r.adapters = {{r.model_path, r.model_path, 1.0, r.lora_alpha, false, r.lora_rank}};
+  r.lora_merge = false;  // the adapter is read from disk, not received
   return r;
 }
 
@@ -93,6 +86,24 @@ std::string openai_error_json(std::string_view message, std::string_view type, s
   return text(json{{"success", false}, {"message", message}, {"error", std::move(error)}});
 }
 
+std::string memory_result_json(const msg::memory_result& r) {
+  return text(json{{"success", r.success},
+                   {"sleeping", r.sleeping},
+                   {"message", r.message},
+                   {"moved_bytes", r.moved_bytes},
+                   {"device_used_bytes_before", r.device_used_before},
+                   {"device_used_bytes_after", r.device_used_after},
+                   {"seconds", r.seconds}});
+}
+
+void parse_memory_request(std::string_view body) {
+  if (body.find_first_not_of(" \t\r\n") == std::string_view::npos) return;  // SGLang's clients send no body
+  const json o = parse_object(body);
+  std::string fields;
+  for (auto it = o.begin(); it != o.end(); ++it) fields += (fields.empty() ? "'" : ", '") + it.key() + "'";
+  if (!fields.empty()) throw bad_request("this endpoint takes no fields, got " + fields + " (refit releases and resumes every weight)");
+}
+
 std::string checksums_json(const std::map<std::string, std::string>& checksums) { return text(json(checksums)); }
 
 std::string model_info_json(const msg::model_info& info) {
@@ -114,7 +125,8 @@ std::string model_info_json(const msg::model_info& info) {
     }
     modules.push_back(std::move(entry));
   }
-  json out{{"model_path", info.model_path}, {"weight_version", info.weight_version}, {"modules", std::move(modules)}};
+  json out{{"model_path", info.model_path}, {"weight_version", info.weight_version}, {"modules", std::move(modules)},
+           {"sleeping", info.sleeping}};
   if (!info.offload.empty()) {
     std::vector<msg::offload_info> offload = info.offload;
     std::sort(offload.begin(), offload.end(), [](const auto& a, const auto& b) { return a.worker < b.worker; });

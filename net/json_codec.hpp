@@ -46,4 +46,9 @@ std::string health_json();
 
 std::string base64_encode(const std::vector<uint8_t>& bytes);
 
+// POST /release_memory_occupation and /resume_memory_occupation: no body (or {}); any field is refused.
+void parse_memory_request(std::string_view body);
+// SGLang's {"success", "sleeping", "message"} plus moved_bytes, device_used_bytes_before/after, seconds.
+std::string memory_result_json(const msg::memory_result& result);
+
 }  // namespace refit::net

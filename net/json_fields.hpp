@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -92,6 +93,25 @@ inline std::optional<std::vector<std::string>> opt_strings(const json& o, const 
     out.push_back(e.get<std::string>());
   }
   return out;
+}
+
+// SGLang's weight_update_mode ("lora_merge": the tensors a trainer sends are a LoRA adapter's A/B weights),
+// lora_alpha and lora_rank, into `r` (target_modules already parsed: lora_merge takes one).
+template <class Request>
+void parse_lora_merge(const json& o, Request& r) {
+  const auto update_mode = opt_string(o, "weight_update_mode");
+  if (update_mode && *update_mode != "lora_merge") wrong("weight_update_mode", "null (replace the weights) or \"lora_merge\"");
+  const auto alpha = opt_int(o, "lora_alpha", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
+  const auto rank = opt_int(o, "lora_rank", 1, std::numeric_limits<int32_t>::max(), "a positive integer or null");
+  if (!update_mode) {
+    if (alpha || rank) throw bad_request("fields 'lora_alpha' and 'lora_rank' need weight_update_mode \"lora_merge\"");
+    return;
+  }
+  if (r.target_modules.size() > 1)  // SGLang's wording
+    throw bad_request("LoRA IPC weight update requires exactly one target module per request");
+  r.lora_merge = true;
+  r.lora_alpha = static_cast<int32_t>(alpha.value_or(0));
+  r.lora_rank = static_cast<int32_t>(rank.value_or(0));
 }
 
 // Refuses fields the endpoint does not take, naming them and listing the ones it does.

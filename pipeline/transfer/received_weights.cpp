@@ -153,6 +153,7 @@ void received_source::fill(const update::module_context& m, const update::fill_t
 }
 
 at::Tensor received_source::adopt(const update::module_context& m, size_t slot, const at::Tensor& current) {
+  if (set_->borrowed()) return {};  // the trainer's memory: copied, never kept
   const auto received = set_->module(m.module);
   if (!received) return {};
   auto it = received->find(m.registry.slots().at(slot).name);

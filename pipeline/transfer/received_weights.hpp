@@ -22,8 +22,11 @@ namespace refit::transfer {
 // shape). Released when the update ends; whatever a module adopted lives on as its weights.
 class received_weights {
  public:
-  explicit received_weights(std::string origin) : origin_(std::move(origin)) {}
+  // `borrowed`: the values live in someone else's memory (a colocated trainer's shared tensors), so a module
+  // copies them and never keeps them as its weights.
+  explicit received_weights(std::string origin, bool borrowed = false) : origin_(std::move(origin)), borrowed_(borrowed) {}
   const std::string& origin() const { return origin_; }  // e.g. "distributed group 'g' (3 tensors)"
+  bool borrowed() const { return borrowed_; }
 
   void add(const std::string& module, const std::string& name, at::Tensor value);
   // Null when absent or released.
@@ -36,6 +39,7 @@ class received_weights {
  private:
   mutable std::mutex mutex_;
   std::string origin_;
+  bool borrowed_ = false;
   std::map<std::string, std::shared_ptr<std::map<std::string, at::Tensor>>> by_module_;
   bool released_ = false;
 };

@@ -56,6 +56,19 @@ std::vector<at::Tensor> make_undo_arena(const std::vector<at::Tensor>& like) {
   return out;
 }
 
+uint64_t device_used_bytes(const c10::Device& device) {
+#ifdef REFIT_TORCH_CUDA
+  if (device.is_cuda()) {
+    c10::cuda::CUDAGuard guard(device);
+    size_t free_bytes = 0, total = 0;
+    if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0;
+    return total - free_bytes;
+  }
+#endif
+  (void)device;
+  return 0;
+}
+
 void release_cached_device_memory(const c10::Device& device) {
 #ifdef REFIT_TORCH_CUDA
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();

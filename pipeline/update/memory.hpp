@@ -21,6 +21,8 @@ bool fits_on(const c10::Device& device, uint64_t bytes);
 // Host tensors shaped like `like`, for undo snapshots: device tensors get page-locked memory (one
 // exact-size allocation per dtype, sliced), host tensors (offloaded blocks) plain memory.
 std::vector<at::Tensor> make_undo_arena(const std::vector<at::Tensor>& like);
+// Device memory in use as the driver reports it (total - free; 0 on the CPU).
+uint64_t device_used_bytes(const c10::Device& device);
 // Returns the caching allocator's unused device memory to the driver (a GPU; nothing on the CPU).
 void release_cached_device_memory(const c10::Device& device);
 

@@ -1,8 +1,10 @@
-// module_updater::checksum: the module checksums over the values the module holds.
+// module_updater::checksum: the module checksums over the values the module holds; tensor_sha256: SGLang's
+// per-tensor hashes (update_weights_from_tensor_checker).
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <map>
 
 #include "pipeline/models/layer_offload.hpp"
 #include "pipeline/models/model_loader.hpp"
@@ -40,7 +42,49 @@ std::string refit_format(const models::tensor_registry& registry, const std::vec
   return weights::combine_module_checksum(std::move(records));
 }
 
+// torch's str(dtype): "torch.float32", ...
+std::string torch_dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return "torch.float32";
+    case c10::ScalarType::BFloat16: return "torch.bfloat16";
+    case c10::ScalarType::Half: return "torch.float16";
+    case c10::ScalarType::Double: return "torch.float64";
+    case c10::ScalarType::Long: return "torch.int64";
+    case c10::ScalarType::Int: return "torch.int32";
+    case c10::ScalarType::Short: return "torch.int16";
+    case c10::ScalarType::Char: return "torch.int8";
+    case c10::ScalarType::Byte: return "torch.uint8";
+    case c10::ScalarType::Bool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// Python's repr(tuple(shape)): "()", "(3,)", "(3, 4)".
+std::string tuple_repr(at::IntArrayRef shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + (shape.size() == 1 ? ",)" : ")");
+}
+
 }  // namespace
+
+std::map<std::string, std::string> module_updater::tensor_sha256(const std::vector<std::string>& names) const {
+  c10::InferenceMode inference;
+  const std::vector<at::Tensor> values = models::held_tensors(registry(), offload());
+  std::map<std::string, std::string> out;
+  for (const auto& name : names) {
+    const models::tensor_slot* slot = registry().find(name);
+    if (!slot) continue;
+    const at::Tensor t = values.at(static_cast<size_t>(slot - registry().slots().data())).to(at::kCPU).contiguous();
+    weights::sha256 h;
+    h.update(torch_dtype(t.scalar_type()));
+    h.update(tuple_repr(t.sizes()));
+    h.update(bytes_of(t));
+    const auto d = h.finish();
+    out[name] = weights::to_hex(d);
+  }
+  return out;
+}
 
 std::string module_updater::checksum(weights::checksum_format format) const {
   c10::InferenceMode inference;

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -70,6 +71,8 @@ bool module_updater::offloaded(size_t slot) const {
   return off && off->offloaded(slot);
 }
 
+c10::Device module_updater::device() const { return pipe_->placement().device; }
+
 module_context module_updater::context() const { return {module_, worker_, registry(), pipe_->placement(), loader_.get()}; }
 
 std::vector<at::Tensor> module_updater::held(const std::vector<size_t>& slots) const {
@@ -115,6 +118,7 @@ phase_report module_updater::stage(std::shared_ptr<module_source> source, reques
     spdlog::warn("module {} (worker {}): undid an earlier update that was never decided ({})", module_, worker_, label(how));
   }
   end_update();
+  if (released_) throw std::runtime_error("the module's device memory is released (release_memory_occupation): resume it first");
   auto p = std::make_unique<pending>();
   p->source = std::move(source);
   p->plan = p->source->plan(context());
@@ -357,6 +361,52 @@ std::string module_updater::source_of() const {
   std::string out;
   for (const auto& d : distinct) out += (out.empty() ? "" : ", ") + d;
   return out;
+}
+
+phase_report module_updater::release_memory() {
+  c10::InferenceMode inference;
+  const auto t0 = clock::now();
+  if (released_) return {write_path::none, 0, 0, since(t0), "already released"};
+  if (pending_) throw std::logic_error("an update is in progress; release the memory after it ends");
+  auto& reg = registry().slots();
+  const std::vector<at::Tensor> values = models::held_tensors(registry(), offload());
+  uint64_t bytes = 0;
+  released_slots_.clear();
+  if (pipe_->placement().device.is_cuda()) {
+    if (undo_arena_.size() != reg.size()) undo_arena_ = make_undo_arena(values);
+    for (size_t s = 0; s < reg.size(); ++s)
+      if (!offloaded(s) && values[s].is_cuda()) {
+        undo_arena_[s].copy_(values[s], /*non_blocking=*/true);
+        released_slots_.push_back(s);
+        bytes += values[s].nbytes();
+      }
+    const auto dev = pipe_->placement().device;
+    c10::impl::getDeviceGuardImpl(dev.type())->synchronizeDevice(dev.has_index() ? dev.index() : 0);
+    for (size_t s : released_slots_) *reg[s].tensor = undo_arena_[s];  // the device tensors go with their last reference
+  }
+  released_ = true;
+  return {write_path::none, released_slots_.size(), bytes, since(t0), "released to pinned host memory"};
+}
+
+phase_report module_updater::resume_memory() {
+  c10::InferenceMode inference;
+  const auto t0 = clock::now();
+  if (!released_) return {write_path::none, 0, 0, since(t0), "already resident"};
+  auto& reg = registry().slots();
+  const auto dev = pipe_->placement().device;
+  std::vector<at::Tensor> back;
+  uint64_t bytes = 0;
+  for (size_t s : released_slots_) {  // all allocated before any slot changes: an allocation failure changes nothing
+    back.push_back(at::empty_like(undo_arena_[s], undo_arena_[s].options().device(dev).pinned_memory(false)));
+    bytes += back.back().nbytes();
+  }
+  for (size_t k = 0; k < back.size(); ++k) back[k].copy_(undo_arena_[released_slots_[k]], /*non_blocking=*/true);
+  if (!back.empty()) c10::impl::getDeviceGuardImpl(dev.type())->synchronizeDevice(dev.has_index() ? dev.index() : 0);
+  for (size_t k = 0; k < back.size(); ++k) *reg[released_slots_[k]].tensor = back[k];
+  released_ = false;
+  const size_t n = released_slots_.size();
+  released_slots_.clear();
+  return {write_path::none, n, bytes, since(t0), "resumed on " + dev.str()};
 }
 
 module_status module_updater::status() const {

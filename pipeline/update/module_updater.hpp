@@ -19,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <atomic>
+#include <map>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -70,6 +71,7 @@ class module_updater {
   module_updater& operator=(const module_updater&) = delete;
 
   const std::string& module() const { return module_; }
+  c10::Device device() const;
   int32_t worker() const { return worker_; }
 
   // The phases, in the order a transaction runs them. Each throws on failure with a message that
@@ -93,9 +95,20 @@ class module_updater {
   // The module checksum (DESIGN.md section 4) of the values held (the host store for offloaded slots), in
   // SGLang's format (parameters only) or refit's (every parameter and buffer).
   std::string checksum(weights::checksum_format format) const;
+  // SGLang's per-tensor hash (its update_weights_from_tensor_checker): SHA-256 of str(dtype) ("torch.float32"),
+  // repr(tuple(shape)) and the raw bytes, for each of `names` the module holds (absent names are left out).
+  std::map<std::string, std::string> tensor_sha256(const std::vector<std::string>& names) const;
   module_status status() const;
   // Where each registry slot's values came from (a LoRA merge reads the base of earlier merges from them).
   const std::vector<std::shared_ptr<module_source>>& origins() const { return origins_; }
+
+  // SGLang's release/resume_memory_occupation: the device weights move to pinned host memory (the undo arena,
+  // kept once pinned) and the slots point there, so the device memory can go back to the driver; resume
+  // copies them to fresh device tensors. Only between updates (throws while one is in progress); both are
+  // idempotent (nothing moves the second time). A CPU module has nothing to move.
+  phase_report release_memory();
+  phase_report resume_memory();
+  bool memory_released() const { return released_; }
 
   // Test builds: in-place commits find no room for the undo snapshot; the next decision is lost.
   void simulate_no_room_for_undo(bool on) { force_reread_undo_ = on; }
@@ -126,6 +139,8 @@ class module_updater {
   // GPU modules: pinned host buffers for in-place undo snapshots, allocated at the first in-place commit
   // and reused (pinning 16 GB costs seconds; it must not happen on every update).
   std::vector<at::Tensor> undo_arena_;
+  bool released_ = false;              // release_memory: the slots below hold their values in undo_arena_
+  std::vector<size_t> released_slots_;
   std::atomic<uint64_t> commits_{0};  // successful commits so far
   std::atomic<uint64_t> decided_{0};  // the value of commits_ when the last decision was recorded
   std::atomic<bool> lose_decision_{false};

@@ -13,9 +13,11 @@ import ctypes
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -256,3 +258,43 @@ def promtool_check(promtool, text):
 
 def metric(samples, name, **labels):
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+class TrainerProcess:
+    """A trainer script (trainer.py, tensor_trainer.py) in its own process, with SGLang's wheel (`site`) on its path;
+    call() sends one JSON command and returns its JSON reply (json_lines.serve on the other side)."""
+
+    def __init__(self, script, tmp_path, site, timeout=120):
+        assert (Path(site) / "sglang").is_dir(), f"SGLang's wheel is not installed in {site}: run scripts/setup"
+        env = dict(os.environ, PYTHONPATH=f"{site}:{os.environ.get('PYTHONPATH', '')}")
+        self.timeout = timeout
+        self.log_path = Path(tmp_path) / (Path(script).stem + ".log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, env=env, text=True)
+
+    def call(self, timeout=None, **cmd):
+        timeout = timeout or self.timeout
+        self.send(**cmd)
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"trainer did not answer {cmd['op']} within {timeout} s\n{self.log_path.read_text()}"
+        line = self.proc.stdout.readline()
+        assert line, f"trainer exited ({self.proc.poll()})\n{self.log_path.read_text()}"
+        reply = json.loads(line)
+        assert "exception" not in reply, f"{reply['exception']}\n{self.log_path.read_text()}"
+        return reply
+
+    def send(self, **cmd):
+        """A command without waiting for its answer (e.g. one the trainer exits on)."""
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.send(op="quit")
+                self.proc.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

@@ -2,7 +2,8 @@
 # from `refit make-model`. Python packages: requests, openai, safetensors, torch; Debian package: prometheus (promtool).
 add_test(NAME integration.http
   COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/integration
-          --ignore=${CMAKE_CURRENT_SOURCE_DIR}/integration/test_distributed.py)
+          --ignore=${CMAKE_CURRENT_SOURCE_DIR}/integration/test_distributed.py
+          --ignore=${CMAKE_CURRENT_SOURCE_DIR}/integration/test_tensor_update.py)
 set_tests_properties(integration.http PROPERTIES
   ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>;REFIT_REMOTE_CLIENT=$<TARGET_FILE:refit_remote_client>"
   TIMEOUT 600)
@@ -13,4 +14,13 @@ add_test(NAME integration.distributed
   COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/integration/test_distributed.py)
 set_tests_properties(integration.distributed PROPERTIES
   ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>;SGLANG_SITE=${PROJECT_SOURCE_DIR}/.deps-py/sglang;GLOO_SOCKET_IFNAME=lo"
+  TIMEOUT 600)
+
+# Weights from a colocated trainer (SGLang's update_weights_from_tensor and its checker): a real PyTorch trainer
+# process (tensor_trainer.py, with SGLang's own MultiprocessingSerializer and FlattenedTensorBucket from the wheel
+# scripts/setup installs) shares its tensors through torch's "file_system" strategy (/dev/shm) with the real server.
+add_test(NAME integration.tensor
+  COMMAND ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider ${CMAKE_CURRENT_SOURCE_DIR}/integration/test_tensor_update.py)
+set_tests_properties(integration.tensor PROPERTIES
+  ENVIRONMENT "REFIT_BIN=$<TARGET_FILE:refit>;SGLANG_SITE=${PROJECT_SOURCE_DIR}/.deps-py/sglang"
   TIMEOUT 600)

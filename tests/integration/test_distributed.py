@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from harness import Server, http
+from harness import Server, TrainerProcess, http
 
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # servers and trainers advertise loopback, whatever the host name
 HERE = Path(__file__).resolve().parent
@@ -37,43 +37,11 @@ def shard(ckpt_dir, module):
     return str(files[0])
 
 
-class Trainer:
-    """trainer.py in its own process; call() sends one command and returns its reply."""
+class Trainer(TrainerProcess):
+    """trainer.py in its own process."""
 
     def __init__(self, tmp_path):
-        assert (SITE / "sglang").is_dir(), f"SGLang's wheel is not installed in {SITE}: run scripts/setup"
-        env = dict(os.environ, PYTHONPATH=f"{SITE}:{os.environ.get('PYTHONPATH', '')}")
-        self.log_path = tmp_path / "trainer.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "trainer.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, env=env, text=True)
-
-    def call(self, timeout=120, **cmd):
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, f"trainer did not answer {cmd['op']} within {timeout} s\n{self.log_path.read_text()}"
-        line = self.proc.stdout.readline()
-        assert line, f"trainer exited ({self.proc.poll()})\n{self.log_path.read_text()}"
-        reply = json.loads(line)
-        assert "exception" not in reply, f"{reply['exception']}\n{self.log_path.read_text()}"
-        return reply
-
-    def send(self, **cmd):
-        """A command the trainer will not answer (it exits on the way)."""
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def close(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write('{"op": "quit"}\n')
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=30)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(HERE / "trainer.py", tmp_path, SITE, timeout=120)
 
 
 @pytest.fixture

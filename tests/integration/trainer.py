@@ -26,6 +26,8 @@ import requests
 import torch
 from safetensors.torch import load_file
 
+import json_lines  # beside this script
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent / "clients" / "python"))
 
@@ -141,16 +143,7 @@ def handle(cmd):
 
 
 def main():
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["op"] == "quit":
-            break
-        try:
-            reply = handle(cmd)
-        except Exception as e:
-            reply = {"exception": f"{type(e).__name__}: {e}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+    json_lines.serve(handle)
 
 
 if __name__ == "__main__":

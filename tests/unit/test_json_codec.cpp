@@ -138,7 +138,7 @@ BOOST_AUTO_TEST_CASE(update_request_lora_merge_names_the_adapter) {
   BOOST_TEST(r.adapters[0].strength == 1.0);
   BOOST_TEST(update_rejection(R"({"model_path": "/m", "lora_rank": 4})") == "fields 'lora_alpha' and 'lora_rank' need weight_update_mode \"lora_merge\"");
   BOOST_TEST(update_rejection(R"({"model_path": "/m", "weight_update_mode": "lora_merge", "target_modules": ["a", "b"]})") ==
-             "weight_update_mode \"lora_merge\" takes exactly one target module per request");
+             "LoRA IPC weight update requires exactly one target module per request");
 }
 
 // A misspelled field must not be silently dropped (target_module would update every module).
@@ -368,7 +368,7 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   first.name = "text_encoder";
   info.modules = {mi, other, first};
   const json i = json::parse(net::model_info_json(info));
-  BOOST_TEST((keys(i) == std::set<std::string>{"model_path", "weight_version", "modules"}));
+  BOOST_TEST((keys(i) == std::set<std::string>{"model_path", "weight_version", "modules", "sleeping"}));
   // Sorted by worker, then name, whatever order the module actors answered in.
   BOOST_TEST(i["modules"][0]["name"] == "text_encoder");
   BOOST_TEST(i["modules"][1]["name"] == "transformer");
