@@ -22,7 +22,7 @@ update_plan plan_checkpoint(const msg::update_request &req,
                     " has no weights for module '" + t + "'";
         return out;
       }
-      out.sources[t] = {msg::source_kind::checkpoint, c->dir.string()};
+      out.sources[t] = {msg::source_kind::checkpoint, c->dir.string(), 0, {}};
     }
   } catch (const std::exception &e) {
     out.error = std::string("Cannot use model_path: ") + e.what();
@@ -79,7 +79,7 @@ update_plan plan_distributed(const msg::update_request &req,
       return out;
     }
     out.sources[m] = {msg::source_kind::distributed,
-                      "distributed group '" + req.group_name + "'", update};
+                      "distributed group '" + req.group_name + "'", update, {}};
     if (req.lora_merge) {
       // The tensors are an adapter's A/B weights: the modules merge them (SGLang's "lora_merge").
       out.sources[m].kind = msg::source_kind::lora;
@@ -161,7 +161,8 @@ update_plan plan_tensor(const msg::update_request &req,
             t.name = t.name.substr(n);
     }
   for (const auto &m : targets) {
-    out.sources[m] = {msg::source_kind::distributed, source_label(req), update};
+    out.sources[m] = {msg::source_kind::distributed, source_label(req), update,
+                      {}};
     if (req.lora_merge) {
       out.sources[m].kind = msg::source_kind::lora;
       out.sources[m].adapters = {{received_adapter(req, m), "", 1.0,
@@ -220,8 +221,11 @@ update_plan plan_update(const msg::update_request &req,
       for (const auto &t : p.tensors)
         if (!t.module.empty())
           named.insert(t.module);
-    if (!named.empty())
-      trained.assign(named.begin(), named.end());
+    if (!named.empty()) {
+      trained.clear();
+      for (const auto &n : named)
+        trained.push_back(n);
+    }
   }
   const std::vector<std::string> &targets =
       !req.target_modules.empty()                   ? req.target_modules

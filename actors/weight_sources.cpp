@@ -61,6 +61,7 @@ std::shared_ptr<update::module_source> open_source(const msg::weight_source& sou
     case msg::source_kind::checkpoint: return std::make_shared<update::checkpoint_source>(source.location);
     case msg::source_kind::distributed: return std::make_shared<transfer::received_source>(received_for(source, state));
     case msg::source_kind::lora: return open_lora(source, state);
+    case msg::source_kind::tensor: break;  // shared tensors reach modules as what their worker opened (distributed)
   }
   throw std::invalid_argument("unknown weight source kind " + msg::to_string(source.kind));
 }

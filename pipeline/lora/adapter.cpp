@@ -188,7 +188,7 @@ std::shared_ptr<adapter> build(const std::string& nickname, const std::string& p
 
 std::string shared_prefix(const std::vector<std::string>& names, const std::string& module) {
   std::string prefix;
-  for (const std::string step : {std::string("base_model.model."), module + ".", std::string("diffusion_model.")}) {
+  for (const std::string& step : {std::string("base_model.model."), module + ".", std::string("diffusion_model.")}) {
     bool all = !names.empty();
     for (const auto& k : names) all &= k.size() > prefix.size() + step.size() && k.compare(0, prefix.size() + step.size(), prefix + step) == 0;
     if (all) prefix += step;

@@ -76,6 +76,14 @@ weight_errc open_error(const fs::path& dir, std::string* msg = nullptr) {
   return weight_errc::io_error;
 }
 
+// Checksum options in refit's format with these conversion and thread settings.
+checksum_options options(std::optional<dtype> float_dtype, unsigned threads) {
+  checksum_options o;
+  o.float_dtype = float_dtype;
+  o.threads = threads;
+  return o;
+}
+
 }  // namespace
 
 BOOST_AUTO_TEST_CASE(model_index_lists_components_and_finds_their_weights) {
@@ -168,7 +176,7 @@ BOOST_AUTO_TEST_CASE(checksum_depends_on_content_not_on_sharding) {
   fs::create_directories(tmp.path() / "single");
   write_file(tmp.path() / "single/model.safetensors", ts);
   const std::string sharded = module_checksum(open_module_dir("m", tmp.path() / "sharded"));
-  const std::string single = module_checksum(open_module_dir("m", tmp.path() / "single"), {std::nullopt, 1});
+  const std::string single = module_checksum(open_module_dir("m", tmp.path() / "single"), options(std::nullopt, 1));
   BOOST_TEST(sharded == single);
   BOOST_TEST(sharded.size() == 64u);
 
@@ -243,8 +251,8 @@ BOOST_AUTO_TEST_CASE(checksum_with_dtype_equals_checksum_of_the_converted_file) 
   write_file(tmp.path() / "bf/model.safetensors", {bf, steps});
   write_file(tmp.path() / "f32/model.safetensors", {f32, steps});
   auto bf_w = open_module_dir("m", tmp.path() / "bf");
-  BOOST_TEST(module_checksum(bf_w, {dtype::F32, 2}) == module_checksum(open_module_dir("m", tmp.path() / "f32")));
-  BOOST_TEST(module_checksum(bf_w, {dtype::F32, 2}) != module_checksum(bf_w));
+  BOOST_TEST(module_checksum(bf_w, options(dtype::F32, 2)) == module_checksum(open_module_dir("m", tmp.path() / "f32")));
+  BOOST_TEST(module_checksum(bf_w, options(dtype::F32, 2)) != module_checksum(bf_w));
 }
 
 namespace {
