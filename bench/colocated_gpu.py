@@ -8,8 +8,8 @@ the same run:
   * refit's update end to end, per tensor and as flattened buckets, with the reply's phase timings and the pause;
   * release: the GPU memory refit uses before and after (cudaMemGetInfo, from the trainer's side as well);
   * resume against the pinned host-to-device rate measured in the trainer;
-  * correctness: /get_weights_checksum after the update equals SGLang's formula over the trainer's tensors, and after
-    a release/resume round trip it is unchanged.
+  * correctness: /get_weights_checksum after the update equals SGLang's formula over the trainer's tensors; with a
+    LoRA merged, a release/resume round trip leaves it unchanged and an unmerge afterwards gives the base back.
 
 Run on the GPU machine after `scripts/device-build refit`:
     python3 bench/colocated_gpu.py --refit-bin build-gpu/apps/refit --model /tmp/flux2-klein-4b [--repeat 3]
@@ -29,6 +29,7 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's reductions with ForkingPickler)
 from safetensors.torch import load_file
 
+from lora_gpu import linear_weights, write_adapter
 from serving import ensure_model, post, refit_server
 
 MODULES = ("text_encoder", "transformer", "vae")
@@ -141,6 +142,13 @@ def main():
         print("checksums equal the trainer's:", results["checksum_matches"], flush=True)
         assert all(results["checksum_matches"].values()), (results["checksum_matches"], sums)
 
+        # A rank-16 LoRA merged before the release: its kept base values must leave the GPU too, and come back.
+        adapter = work / "adapter"
+        write_adapter(adapter, linear_weights(Path(a.model) / "transformer"), 16, seed=1)
+        status, reply = post(url, "/v1/set_lora", {"lora_nickname": "bench", "lora_path": str(adapter)})
+        assert status == 200, reply
+        _, merged = post(url, "/get_weights_checksum", {})
+
         mem = []
         for r in range(a.repeat):
             before = gpu_used()
@@ -159,8 +167,13 @@ def main():
         results["memory"] = {k: statistics.median(x[k] for x in mem) for k in mem[0]}
         results["memory"]["first_release_s"] = mem[0]["release_s"]
         _, after = post(url, "/get_weights_checksum", {})
-        results["checksum_after_round_trip_unchanged"] = after == sums
-        assert after == sums, (after, sums)
+        results["checksum_after_round_trip_unchanged"] = after == merged
+        assert after == merged, (after, merged)
+        status, reply = post(url, "/v1/unmerge_lora_weights", {})
+        assert status == 200, reply
+        _, unmerged = post(url, "/get_weights_checksum", {})
+        results["unmerge_after_round_trip_gives_base"] = unmerged["transformer"] == sums["transformer"]
+        assert results["unmerge_after_round_trip_gives_base"], (unmerged, sums)
         status, gen = post(url, "/v1/images/generations", {"prompt": "a fox", "size": "256x256", "num_inference_steps": 2, "seed": 1})
         results["generates_after_resume"] = status == 200
     gb = total / 1e9
@@ -173,7 +186,7 @@ def main():
         print(f"|   plan {t.get('plan', 0):.4f}, receive (open handles) {t.get('receive', 0):.4f}, validate {t.get('validate', 0):.4f}, "
               f"stage {t.get('stage', 0):.4f}, pause {t.get('pause', 0) * 1e3:.1f} ms")
     m = results["memory"]
-    print(f"| release: {m['moved_bytes'] / 1e9:.2f} GB to pinned host memory                 | {m['release_s']:7.3f} |       |"
+    print(f"| release (LoRA merged): {m['moved_bytes'] / 1e9:.2f} GB to pinned host memory   | {m['release_s']:7.3f} |       |"
           f" (first {m['first_release_s']:.3f} s)")
     print(f"|   GPU memory in use: {m['gpu_used_before'] / 1e9:.2f} GB before, {m['gpu_used_released'] / 1e9:.2f} GB released "
           f"({m['freed_bytes'] / 1e9:.2f} GB freed; the trainer's own {gb:.2f} GB included)")
@@ -181,6 +194,7 @@ def main():
           f" {m['resume_gbps'] / results['pinned_h2d_gbps']:5.2f} |")
     print("checksums after the update equal the trainer's:", results["checksum_matches"],
           "| unchanged after release/resume:", results["checksum_after_round_trip_unchanged"],
+          "| unmerge afterwards gives the base:", results["unmerge_after_round_trip_gives_base"],
           "| generates after resume:", results["generates_after_resume"])
     if a.out:
         a.out.write_text(json.dumps(results, indent=2))

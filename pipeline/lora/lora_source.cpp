@@ -39,6 +39,18 @@ std::vector<update::adapter_info> lora_source::merged_adapters() const {
   return out;
 }
 
+uint64_t lora_source::release_device_memory() {
+  uint64_t moved = 0;
+  for (auto& [slot, t] : base_)
+    if (t.is_cuda()) {
+      at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+      host.copy_(t);
+      moved += t.nbytes();
+      t = host;
+    }
+  return moved;
+}
+
 uint64_t lora_source::kept_bytes() const {
   uint64_t n = 0;
   for (const auto& [s, t] : base_) n += t.nbytes();

@@ -38,6 +38,8 @@ class lora_source : public update::module_source {
   void fill(const update::module_context& module, const update::fill_target& target) override;
   bool repeatable() const override { return true; }
   std::vector<update::adapter_info> merged_adapters() const override;
+  // The kept base values on the device move to pinned host memory (later merges read them from there).
+  uint64_t release_device_memory() override;
 
   // Weights whose base this source keeps, and their bytes (host memory).
   size_t kept_weights() const { return base_.size(); }

@@ -383,6 +383,13 @@ phase_report module_updater::release_memory() {
     const auto dev = pipe_->placement().device;
     c10::impl::getDeviceGuardImpl(dev.type())->synchronizeDevice(dev.has_index() ? dev.index() : 0);
     for (size_t s : released_slots_) *reg[s].tensor = undo_arena_[s];  // the device tensors go with their last reference
+    // What sources keep on the device for later fills (a LoRA merge's base values) goes to host memory too.
+    std::vector<module_source*> seen;
+    for (const auto& o : origins_)
+      if (o && std::find(seen.begin(), seen.end(), o.get()) == seen.end()) {
+        seen.push_back(o.get());
+        bytes += o->release_device_memory();
+      }
   }
   released_ = true;
   return {write_path::none, released_slots_.size(), bytes, since(t0), "released to pinned host memory"};

@@ -77,6 +77,9 @@ class module_source {
     (void)module, (void)slot, (void)current;
     return {};
   }
+  // The module releases its device memory (release_memory_occupation): device memory the source keeps for
+  // later fills moves to host memory; returns the bytes moved.
+  virtual uint64_t release_device_memory() { return 0; }
   // The adapters merged into the values this source provides (a LoRA merge), in the order applied.
   virtual std::vector<adapter_info> merged_adapters() const { return {}; }
   // Whether fill may run again for any subset of the slots (to undo an in-place commit by re-reading,
