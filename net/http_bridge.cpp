@@ -12,12 +12,12 @@
 #include <thread>
 #include <variant>
 
+#include "net/bridge_context.hpp"
 #include "net/distributed_api.hpp"
 #include "net/image_store.hpp"
 #include "net/images_api.hpp"
 #include "net/json_codec.hpp"
 #include "net/lora_api.hpp"
-#include "net/tensor_api.hpp"
 #include "net/metrics.hpp"
 #include "net/rollout_api.hpp"
 #include "pipeline/weights/hf_cache.hpp"
@@ -28,45 +28,11 @@ namespace fs = std::filesystem;
 using clock = std::chrono::steady_clock;
 using msg::refit_errc;
 
-namespace {
-
-constexpr auto query_timeout = std::chrono::seconds(60);
-// /metrics and /v1/models must answer while an update keeps the module actors busy reading weights;
-// past this they use the identity last seen.
-constexpr auto identity_timeout = std::chrono::seconds(2);
+namespace bridge {
 
 // httplib serves one request start to end on one pool thread, so the pre-routing handler can leave
 // the start time here for the logger.
 thread_local clock::time_point request_start{};
-
-struct identity {
-  std::string model_path, weight_version;
-};
-
-// Shared by every handler thread.
-struct bridge_context {
-  bridge_context(caf::actor_system& s, msg::client_api_actor sched, http_bridge_config c)
-      : sys(s), scheduler(std::move(sched)), config(std::move(c)), roots(config.allowed_model_roots),
-        images({config.image_url_ttl, config.image_store_bytes}) {}
-  caf::actor_system& sys;
-  msg::client_api_actor scheduler;
-  http_bridge_config config;
-  model_root_policy roots;
-  image_store images;             // response_format "url"
-  std::string started_with;       // the model path served at start: a model id clients may keep using
-  std::mutex identity_mutex;      // handlers run concurrently on httplib's pool
-  identity known;
-};
-
-// One blocking request to the scheduler, from the calling HTTP thread.
-template <class Result, class... Ts>
-std::variant<Result, caf::error> ask(bridge_context& ctx, std::chrono::seconds timeout, Ts&&... xs) {
-  caf::scoped_actor self{ctx.sys};  // fresh per request: a reply that missed its timeout cannot reach a later request
-  std::variant<Result, caf::error> out{caf::error{}};
-  self->request(ctx.scheduler, timeout, std::forward<Ts>(xs)...)
-      .receive([&](Result& r) { out = std::move(r); }, [&](caf::error& e) { out = std::move(e); });
-  return out;
-}
 
 void remember(bridge_context& ctx, identity id) {
   std::lock_guard lock(ctx.identity_mutex);
@@ -127,7 +93,6 @@ std::string failed_update_json(const std::string& message, const std::string& we
   return update_result_json(r);
 }
 
-void run_update(bridge_context& ctx, const msg::update_request& update, const std::string& label, httplib::Response& res);
 
 void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
@@ -207,66 +172,6 @@ void update_weights_from_distributed(bridge_context& ctx, const httplib::Request
   run_update(ctx, update, "distributed group '" + update.group_name + "'", res);
 }
 
-// POST /release_memory_occupation, /resume_memory_occupation: 200 when done (or already so), 400 when refused
-// or rolled back (every worker stays as it was).
-template <class Atom>
-void memory_occupation(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
-  if (reject_unauthorized(ctx, req, res)) return;
-  try {
-    parse_memory_request(req.body);
-  } catch (const bad_request& e) {
-    msg::memory_result r;
-    r.message = e.what();
-    reply(res, 400, memory_result_json(r));
-    return;
-  }
-  auto r = ask<msg::memory_result>(ctx, ctx.config.request_timeout, Atom::value);
-  if (auto* e = std::get_if<caf::error>(&r)) {
-    msg::memory_result failed;
-    failed.message = describe(*e, ctx.config.request_timeout);
-    reply(res, status_for(*e) == 504 ? 504 : 500, memory_result_json(failed));
-    return;
-  }
-  const auto& m = std::get<msg::memory_result>(r);
-  reply(res, m.success ? 200 : 400, memory_result_json(m));
-}
-
-// POST /update_weights_from_tensor: the trainer's tensors are shared, not sent; each worker opens its payload.
-void update_weights_from_tensor(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
-  if (reject_unauthorized(ctx, req, res)) return;
-  msg::update_request update;
-  try {
-    update = parse_tensor_update_request(req.body);
-  } catch (const bad_request& e) {
-    spdlog::warn("refit serve: tensor update rejected (400): {}", e.what());
-    reply(res, 400, failed_update_json(e.what(), current_identity(ctx).weight_version));
-    return;
-  }
-  run_update(ctx, update, "tensors shared by the trainer", res);
-}
-
-// POST /update_weights_from_tensor_checker: SGLang's {success, message}, 200 or 400.
-void update_weights_from_tensor_checker(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
-  if (reject_unauthorized(ctx, req, res)) return;
-  checker_request check;
-  try {
-    check = parse_checker_request(req.body);
-  } catch (const bad_request& e) {
-    reply(res, 400, group_result_json({false, e.what()}));
-    return;
-  }
-  std::vector<std::string> names;
-  for (const auto& [name, hex] : check.expected) names.push_back(name);
-  auto r = ask<std::map<std::string, std::string>>(ctx, ctx.config.request_timeout, msg::tensor_hashes_atom::value, check.target_module, names);
-  if (auto* e = std::get_if<caf::error>(&r)) {
-    const int status = status_for(*e);
-    reply(res, status == 400 ? 400 : status, group_result_json({false, describe(*e, ctx.config.request_timeout)}));
-    return;
-  }
-  const auto [ok, message] = check_tensor_hashes(check, std::get<0>(r));
-  reply(res, ok ? 200 : 400, group_result_json({ok, message}));
-}
-
 // POST /init_weights_update_group and /destroy_weights_update_group: SGLang's {success, message}, 200 or 400.
 void group_reply(const std::variant<msg::group_result, caf::error>& r, std::chrono::seconds timeout, httplib::Response& res) {
   if (auto* e = std::get_if<caf::error>(&r)) {
@@ -299,68 +204,6 @@ void destroy_weights_update_group(bridge_context& ctx, const httplib::Request& r
     return;
   }
   group_reply(ask<msg::group_result>(ctx, ctx.config.request_timeout, msg::leave_group_atom::value, name), ctx.config.request_timeout, res);
-}
-
-// POST /v1/set_lora, /v1/merge_lora_weights, /v1/unmerge_lora_weights: each one update transaction.
-// SGLang answers a failure with 500 {"detail"}; refit with 400 when the request or the adapter is at fault
-// (nothing changed), 500/504 when the server is.
-void run_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res, lora_call (*parse)(std::string_view),
-              const char* failure_prefix) {
-  if (reject_unauthorized(ctx, req, res)) return;
-  lora_call call;
-  try {
-    call = parse(req.body);
-  } catch (const bad_request& e) {
-    spdlog::warn("refit serve: {} rejected (400): {}", req.path, e.what());
-    reply(res, 400, lora_failure_json(std::string(failure_prefix) + ": " + e.what(), current_identity(ctx).weight_version));
-    return;
-  }
-  for (auto& a : call.request.adapters) {
-    if (a.path.empty() || !ctx.roots.restricted()) continue;
-    auto admitted = ctx.roots.admit(a.path);
-    if (!admitted) {
-      const std::string why = std::string(failure_prefix) + ": lora_path '" + a.path + "' is outside the allowed model roots";
-      spdlog::warn("refit serve: {} refused (403): {}", req.path, why);
-      reply(res, 403, lora_failure_json(why, current_identity(ctx).weight_version));
-      return;
-    }
-    a.path = admitted->string();
-  }
-  auto r = ask<msg::update_result>(ctx, ctx.config.request_timeout, msg::lora_atom::value, call.request);
-  if (auto* e = std::get_if<caf::error>(&r)) {
-    reply(res, status_for(*e) == 504 ? 504 : 500,
-          lora_failure_json(std::string(failure_prefix) + ": " + describe(*e, ctx.config.request_timeout), current_identity(ctx).weight_version));
-    return;
-  }
-  auto& result = std::get<msg::update_result>(r);
-  current_identity(ctx);
-  if (!result.success) {
-    spdlog::warn("refit serve: {} failed: {}", req.path, result.message);
-    reply(res, 400, lora_failure_json(std::string(failure_prefix) + ": " + result.message, result.weight_version));
-    return;
-  }
-  spdlog::info("refit serve: {}: {} (weight_version {})", req.path, call.success_message, result.weight_version);
-  reply(res, 200, lora_success_json(call.success_message, result));
-}
-
-void set_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
-  run_lora(ctx, req, res, parse_set_lora, "Failed to set LoRA adapter");
-}
-void merge_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
-  run_lora(ctx, req, res, parse_merge_lora, "Failed to merge LoRA weights");
-}
-void unmerge_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
-  run_lora(ctx, req, res, parse_unmerge_lora, "Failed to unmerge LoRA weights");
-}
-
-void list_loras(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
-  if (reject_unauthorized(ctx, req, res)) return;
-  auto r = ask<msg::lora_status>(ctx, query_timeout, msg::list_loras_atom::value);
-  if (auto* e = std::get_if<caf::error>(&r)) {
-    reply(res, 500, lora_failure_json(describe(*e, query_timeout), current_identity(ctx).weight_version));
-    return;
-  }
-  reply(res, 200, lora_status_json(std::get<msg::lora_status>(r)));
 }
 
 void weights_checksum(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
@@ -548,8 +391,8 @@ void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
   srv.Post("/init_weights_update_group", route(init_weights_update_group));
   srv.Post("/update_weights_from_distributed", route(update_weights_from_distributed));
   srv.Post("/update_weights_from_tensor", route(update_weights_from_tensor));
-  srv.Post("/release_memory_occupation", route(memory_occupation<msg::release_memory_atom>));
-  srv.Post("/resume_memory_occupation", route(memory_occupation<msg::resume_memory_atom>));
+  srv.Post("/release_memory_occupation", route(release_memory_occupation));
+  srv.Post("/resume_memory_occupation", route(resume_memory_occupation));
   srv.Post("/update_weights_from_tensor_checker", route(update_weights_from_tensor_checker));
   srv.Post("/destroy_weights_update_group", route(destroy_weights_update_group));
   srv.Post("/get_weights_checksum", route(weights_checksum));
@@ -645,7 +488,9 @@ struct bridge_state {
   static inline const char* name = "refit.http_bridge";
 };
 
-}  // namespace
+}  // namespace bridge
+
+using namespace bridge;
 
 http_bridge spawn_http_bridge(caf::actor_system& sys, msg::client_api_actor scheduler, http_bridge_config config) {
   auto ctx = std::make_shared<bridge_context>(sys, scheduler, config);
