@@ -36,7 +36,12 @@ loaded_worker load(const engine_config& config, size_t index) {
   const std::string& device = config.devices[index];
   const models::placement where = models::parse_placement(device, config.dtype);
   loaded_worker w;
-  if (where.device.is_cuda()) w.loader = std::make_shared<weights::device_loader>(where.device.has_index() ? where.device.index() : 0);
+  if (where.device.is_cuda()) {
+    const auto ring = weights::choose_staging_geometry();
+    spdlog::info("worker {}: staging ring {} x {} MiB pinned, {} reader threads ({})", index, ring.slots, ring.slot_bytes >> 20, ring.threads,
+                 ring.source);
+    w.loader = std::make_shared<weights::device_loader>(where.device.has_index() ? where.device.index() : 0, ring);
+  }
   w.pipe = pipeline::open_pipeline(config.model_path, where, {config.dit_layerwise_offload, config.dit_offload_prefetch_size});
   w.pipe->load_weights(std::nullopt, w.loader.get());
   for (const auto& m : w.pipe->module_names())
@@ -79,6 +84,9 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
   setup.modules = loaded.front().pipe->module_names();
   setup.denoiser = loaded.front().pipe->denoiser();
   setup.adapters = std::make_shared<lora::adapter_store>();
+  setup.check_finite = config.check_finite;
+  // Resolved once: the roots a weight source carries are the canonical folders files are opened beneath.
+  for (const auto& r : weights::file_scope(config.allowed_model_roots).roots()) setup.allowed_roots.push_back(r.string());
   for (size_t i = 0; i < loaded.size(); ++i) {
     const auto index = static_cast<int32_t>(i);
     const loaded_worker& w = loaded[i];

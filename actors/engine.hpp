@@ -20,6 +20,11 @@ struct engine_config {
   bool dit_layerwise_offload = false;        // the DiT's blocks in host memory, prefetched to the device
   double dit_offload_prefetch_size = 1;      // blocks prefetched ahead (>= 1), or a fraction of them
   std::chrono::milliseconds weight_sync_timeout{600000};  // joining a trainer's group; each broadcast from it
+  // The folders clients' updates may read from (refit serve --allowed-model-root): every file of a checkpoint
+  // or LoRA adapter an update names is opened beneath one of them, whichever port the request came
+  // through. Empty: any path. The model served at start is the operator's choice and not restricted.
+  std::vector<std::filesystem::path> allowed_model_roots{};
+  bool check_finite = true;  // updates refuse NaN/Inf values unless the request says otherwise (--check-finite)
 };
 
 // Loads the model on every worker (throws on a bad model or device), spawns every actor, and returns

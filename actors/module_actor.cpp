@@ -110,7 +110,7 @@ msg::module_actor spawn_module_actor(caf::actor_system& sys, std::shared_ptr<mod
           return phase(*state, "validate", self, [&] { return state->core->validate(*open_source(source, *state)); });
         },
         [self, state](msg::stage_atom, const msg::weight_source& source, msg::update_mode mode) {
-          return phase(*state, "stage", self, [&] { return state->core->stage(open_source(source, *state), from_msg(mode)); });
+          return phase(*state, "stage", self, [&] { return state->core->stage(open_source(source, *state), from_msg(mode), source.check_finite); });
         },
         [self, state](msg::commit_atom) { return phase(*state, "commit", self, [&] { return state->core->commit(); }); },
         [self, state](msg::rollback_atom) {

@@ -59,6 +59,16 @@ void stamp(msg::rollout_result &r, const std::string &version) {
   r.weight_version = version;
 }
 
+const char *const shutting_down_message =
+    "request cancelled: the server is shutting down";
+
+msg::update_result not_started(const sched_state &st) {
+  msg::update_result r;
+  r.message = "The server is shutting down; the update was not started.";
+  r.weight_version = st.weight_version;
+  return r;
+}
+
 template <class Atom, class Request, class Result>
 void run_on(self_ptr self, size_t w, job<Request, Result> j) {
   auto &st = self->state;
@@ -88,6 +98,8 @@ void run_on(self_ptr self, size_t w, job<Request, Result> j) {
               ++st.stats.generations_cancelled;
             else
               ++st.stats.generations_failed;
+            if (st.shutting_down && msg::is(e, refit_errc::cancelled))
+              e = msg::make_error(refit_errc::cancelled, shutting_down_message);
             promise.deliver(std::move(e));
             maybe_finish_pause(self);
             dispatch(self);
@@ -151,6 +163,32 @@ caf::result<uint64_t> pause(self_ptr self, bool abort) {
   return promise;
 }
 
+// SIGTERM past --shutdown-timeout: answer what waits, cancel what runs, take
+// nothing new; replies once nothing runs.
+caf::result<uint64_t> shut_down(self_ptr self) {
+  auto &st = self->state;
+  st.shutting_down = true;
+  for (auto &job : st.queue)
+    std::visit(
+        [](auto &j) {
+          j.promise.deliver(
+              msg::make_error(refit_errc::cancelled, shutting_down_message));
+        },
+        job);
+  const uint64_t queued = st.queue.size();
+  st.queue.clear();
+  for (auto &u : st.updates)
+    u.promise.deliver(not_started(st));
+  st.updates.clear();
+  auto running = self->make_response_promise<uint64_t>();
+  self->request(caf::actor_cast<msg::scheduler_actor>(self), caf::infinite,
+                msg::pause_atom::value, true)
+      .then([running, queued](uint64_t cancelled) mutable {
+        running.deliver(cancelled + queued);
+      });
+  return running;
+}
+
 std::string resume(self_ptr self, bool committed) {
   auto &st = self->state;
   if (committed) {
@@ -175,6 +213,11 @@ void start_next_update(self_ptr self) {
   st.updating = true;
   auto job = std::move(st.updates.front());
   st.updates.pop_front();
+  if (st.shutting_down) {
+    job.promise.deliver(not_started(st));
+    st.updating = false;
+    return start_next_update(self);
+  }
   if (st.sleeping) {
     msg::update_result r;
     r.message = "Cannot update weights while the server is sleeping. Call "
@@ -184,10 +227,14 @@ void start_next_update(self_ptr self) {
     st.updating = false;
     return start_next_update(self);
   }
+  if (job.req.check_finite == msg::finite_check::server_default)
+    job.req.check_finite = st.setup.check_finite ? msg::finite_check::on
+                                                 : msg::finite_check::off;
   auto txn = spawn_update_transaction(
       self->system(),
       {self, st.setup.supervisors, st.setup.caches, st.setup.modules,
-       st.setup.denoiser, st.setup.transfers, ++st.transactions});
+       st.setup.denoiser, st.setup.transfers, ++st.transactions,
+       st.setup.allowed_roots});
   auto promise = job.promise;
   st.current_update = job.req;
   const uint64_t number = st.transactions;
@@ -345,6 +392,8 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system &sys,
     return {
         [self](msg::generate_atom, msg::generation_request &req)
             -> caf::result<msg::generation_result> {
+          if (self->state.shutting_down)
+            return msg::make_error(refit_errc::cancelled, shutting_down_message);
           auto promise = self->make_response_promise<msg::generation_result>();
           self->state.queue.push_back(
               generation_job{std::move(req), promise, clock::now()});
@@ -353,6 +402,8 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system &sys,
         },
         [self](msg::rollout_atom,
                msg::rollout_request &req) -> caf::result<msg::rollout_result> {
+          if (self->state.shutting_down)
+            return msg::make_error(refit_errc::cancelled, shutting_down_message);
           auto promise = self->make_response_promise<msg::rollout_result>();
           self->state.queue.push_back(
               rollout_job{std::move(req), promise, clock::now()});
@@ -361,6 +412,8 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system &sys,
         },
         [self](msg::update_atom,
                msg::update_request &req) -> caf::result<msg::update_result> {
+          if (self->state.shutting_down)
+            return not_started(self->state);
           auto promise = self->make_response_promise<msg::update_result>();
           self->state.updates.push_back({std::move(req), promise});
           start_next_update(self);
@@ -402,6 +455,7 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system &sys,
         [self](msg::info_atom) { return model_info(self); },
         [self](msg::stats_atom) { return stats(self); },
         [self](msg::pause_atom, bool abort) { return pause(self, abort); },
+        [self](msg::shutdown_atom) { return shut_down(self); },
         [self](msg::resume_atom, bool committed) {
           return resume(self, committed);
         },

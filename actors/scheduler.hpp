@@ -29,6 +29,8 @@ struct scheduler_setup {
   std::shared_ptr<lora::adapter_store> adapters;     // the LoRA adapters the module actors loaded
   std::string model_path;
   std::vector<std::string> devices;  // per worker, e.g. "cuda:0" (device memory is reported for these)
+  std::vector<std::string> allowed_roots;  // canonical; updates read files only beneath these (empty: anywhere)
+  bool check_finite = true;                // an update's check_finite when the request leaves it to the server
 };
 
 // Links itself to every actor it is given: stopping the scheduler stops them all.

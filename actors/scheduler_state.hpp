@@ -58,6 +58,7 @@ struct sched_state {
   lora_registry lora;
   bool sleeping = false;  // release_memory_occupation: generation and updates wait for resume
   bool memory_busy = false;  // a release or resume is running
+  bool shutting_down = false;  // shutdown_atom: everything queued was answered, nothing new is taken
   msg::scheduler_stats stats;
   static inline const char *name = "refit.scheduler";
 };

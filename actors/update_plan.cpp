@@ -3,18 +3,37 @@
 #include <algorithm>
 #include <set>
 
+#include "messages/input_limits.hpp"
 #include "pipeline/lora/adapter.hpp"
+#include "pipeline/weights/beneath.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
 
 namespace refit::actors {
 
 namespace {
 
+weights::file_scope scope_of(const std::vector<std::string> &roots) {
+  if (roots.empty())
+    return {};
+  return weights::file_scope(
+      std::vector<std::filesystem::path>(roots.begin(), roots.end()));
+}
+
 update_plan plan_checkpoint(const msg::update_request &req,
-                            const std::set<std::string> &targets) {
+                            const std::set<std::string> &targets,
+                            const std::vector<std::string> &roots) {
   update_plan out;
+  weights::file_scope scope;
+  std::filesystem::path admitted;
   try {
-    const auto layout = weights::read_model_layout(req.model_path);
+    scope = scope_of(roots);
+    admitted = scope.admit(req.model_path);
+  } catch (const std::exception &e) {
+    out.error = std::string("model_path ") + e.what();
+    return out;
+  }
+  try {
+    const auto layout = weights::read_model_layout(admitted, scope);
     for (const auto &t : targets) {
       const auto *c = layout.find(t);
       if (!c || !c->weight_bearing) {
@@ -22,7 +41,7 @@ update_plan plan_checkpoint(const msg::update_request &req,
                     " has no weights for module '" + t + "'";
         return out;
       }
-      out.sources[t] = {msg::source_kind::checkpoint, c->dir.string(), 0, {}};
+      out.sources[t] = {msg::source_kind::checkpoint, c->dir.string(), 0, {}, roots, false};
     }
   } catch (const std::exception &e) {
     out.error = std::string("Cannot use model_path: ") + e.what();
@@ -79,7 +98,7 @@ update_plan plan_distributed(const msg::update_request &req,
       return out;
     }
     out.sources[m] = {msg::source_kind::distributed,
-                      "distributed group '" + req.group_name + "'", update, {}};
+                      "distributed group '" + req.group_name + "'", update, {}, {}, false};
     if (req.lora_merge) {
       // The tensors are an adapter's A/B weights: the modules merge them (SGLang's "lora_merge").
       out.sources[m].kind = msg::source_kind::lora;
@@ -162,7 +181,7 @@ update_plan plan_tensor(const msg::update_request &req,
     }
   for (const auto &m : targets) {
     out.sources[m] = {msg::source_kind::distributed, source_label(req), update,
-                      {}};
+                      {}, {}, false};
     if (req.lora_merge) {
       out.sources[m].kind = msg::source_kind::lora;
       out.sources[m].adapters = {{received_adapter(req, m), "", 1.0,
@@ -173,12 +192,47 @@ update_plan plan_tensor(const msg::update_request &req,
 }
 
 update_plan plan_lora(const msg::update_request &req,
-                      const std::set<std::string> &targets, uint64_t update) {
+                      const std::set<std::string> &targets, uint64_t update,
+                      const std::vector<std::string> &roots) {
   update_plan out;
+  std::vector<msg::lora_entry> adapters = req.adapters;
+  try {
+    const weights::file_scope scope = scope_of(roots);
+    for (auto &e : adapters)
+      if (!e.path.empty())
+        e.path = scope.admit(e.path).string();
+  } catch (const std::exception &e) {
+    out.error = std::string("lora_path ") + e.what();
+    return out;
+  }
   for (const auto &t : targets)
-    out.sources[t] = {msg::source_kind::lora, source_label(req), update, req.adapters};
+    out.sources[t] = {msg::source_kind::lora, source_label(req), update, adapters, roots, false};
   return out;
 }
+
+// What no kind of source may carry: a label refit repeats back that is too long or holds control
+// characters, a path with a NUL byte (the system calls would read only the part before it).
+std::string refused_input(const msg::update_request &req) {
+  if (auto why = msg::label_problem("weight_version", req.weight_version);
+      !why.empty())
+    return why;
+  if (req.model_path.find('\0') != std::string::npos)
+    return "field 'model_path' must not contain a NUL byte";
+  for (const auto &a : req.adapters) {
+    if (a.path.find('\0') != std::string::npos)
+      return "field 'lora_path' must not contain a NUL byte";
+    if (auto why = msg::label_problem("lora_nickname", a.nickname,
+                                      msg::max_nickname_bytes);
+        !why.empty())
+      return why;
+  }
+  return {};
+}
+
+update_plan plan_sources(const msg::update_request &req,
+                         const std::vector<std::string> &modules,
+                         const std::string &denoiser, uint64_t update,
+                         const std::vector<std::string> &roots);
 
 } // namespace
 
@@ -210,7 +264,24 @@ std::string source_label(const msg::update_request &req) {
 
 update_plan plan_update(const msg::update_request &req,
                         const std::vector<std::string> &modules,
-                        const std::string &denoiser, uint64_t update) {
+                        const std::string &denoiser, uint64_t update,
+                        const std::vector<std::string> &roots) {
+  update_plan out;
+  out.error = refused_input(req);
+  if (!out.error.empty())
+    return out;
+  out = plan_sources(req, modules, denoiser, update, roots);
+  for (auto &[module, source] : out.sources)
+    source.check_finite = req.check_finite == msg::finite_check::on;
+  return out;
+}
+
+namespace {
+
+update_plan plan_sources(const msg::update_request &req,
+                         const std::vector<std::string> &modules,
+                         const std::string &denoiser, uint64_t update,
+                         const std::vector<std::string> &roots) {
   update_plan out;
   // A trainer's update targets the denoiser unless it says otherwise (a
   // shared-tensor payload by its modules); a checkpoint every module.
@@ -247,16 +318,18 @@ update_plan plan_update(const msg::update_request &req,
   const std::set<std::string> unique(targets.begin(), targets.end());
   switch (req.source) {
   case msg::source_kind::checkpoint:
-    return plan_checkpoint(req, unique);
+    return plan_checkpoint(req, unique, roots);
   case msg::source_kind::distributed:
     return plan_distributed(req, {unique.begin(), unique.end()}, update);
   case msg::source_kind::lora:
-    return plan_lora(req, unique, update);
+    return plan_lora(req, unique, update, roots);
   case msg::source_kind::tensor:
     return plan_tensor(req, {unique.begin(), unique.end()}, update);
   }
   out.error = "unknown weight source kind " + msg::to_string(req.source);
   return out;
 }
+
+} // namespace
 
 } // namespace refit::actors

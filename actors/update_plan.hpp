@@ -30,9 +30,14 @@ struct update_plan {
 std::string received_adapter(const msg::update_request &request,
                              const std::string &module);
 
+// `allowed_roots` (canonical; empty: anywhere): a checkpoint's model_path and the LoRA adapter paths must
+// resolve into one of them, and every source carries them so that the module actors open each file
+// beneath them. The request's labels (weight_version, adapter nicknames) are checked here too, so a
+// request through the actor port is held to the HTTP API's bounds.
 update_plan plan_update(const msg::update_request &request,
                         const std::vector<std::string> &pipeline_modules,
-                        const std::string &denoiser, uint64_t update);
+                        const std::string &denoiser, uint64_t update,
+                        const std::vector<std::string> &allowed_roots = {});
 
 // Where an update's weights come from, for messages and logs: the checkpoint
 // folder, or "distributed group 'G'".

@@ -84,7 +84,7 @@ void start(self_ptr self, const msg::update_request& req) {
   st.req = req;
   st.start = st.phase_start = clock::now();
   st.result.weight_version = req.weight_version;
-  update_plan plan = plan_update(req, st.ctx.pipeline_modules, st.ctx.denoiser, st.ctx.update);
+  update_plan plan = plan_update(req, st.ctx.pipeline_modules, st.ctx.denoiser, st.ctx.update, st.ctx.allowed_roots);
   if (static_cast<uint8_t>(req.mode) > static_cast<uint8_t>(msg::update_mode::in_place))
     plan.error = "mode must be auto, staged or in_place, got '" + msg::to_string(req.mode) + "'";
   if (req.source == msg::source_kind::tensor) {

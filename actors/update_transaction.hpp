@@ -18,6 +18,7 @@ struct transaction_context {
   std::string denoiser;                               // default target of an update from a trainer
   std::vector<msg::transfer_actor> transfers;         // per worker: receives distributed updates
   uint64_t update = 0;                                // this transaction's number (names what workers receive)
+  std::vector<std::string> allowed_roots;             // files an update reads lie beneath these (empty: anywhere)
 };
 
 msg::transaction_actor spawn_update_transaction(caf::actor_system& sys, transaction_context context);

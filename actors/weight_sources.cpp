@@ -20,6 +20,13 @@ std::shared_ptr<transfer::received_weights> received_for(const msg::weight_sourc
   return set;
 }
 
+// The files a source may read: beneath its roots when the update came from a client, anywhere when the
+// source is the operator's own (no roots).
+weights::file_scope scope_of(const msg::weight_source& source) {
+  if (source.roots.empty()) return {};
+  return weights::file_scope(std::vector<std::filesystem::path>(source.roots.begin(), source.roots.end()));
+}
+
 std::shared_ptr<update::module_source> open_lora(const msg::weight_source& source, module_state& state) {
   if (!state.adapters) throw std::invalid_argument("this server keeps no LoRA adapters");
   const std::string& module = state.core->module();
@@ -36,7 +43,7 @@ std::shared_ptr<update::module_source> open_lora(const msg::weight_source& sourc
         state.adapters->put(a, source.update);
       }
     } else if (!e.path.empty()) {
-      a = state.adapters->load(e.nickname, e.path, module, alpha, source.update);
+      a = state.adapters->load(e.nickname, e.path, module, alpha, source.update, scope_of(source));
     } else {
       a = state.adapters->pending(e.nickname, source.update);  // loaded by this update for another adapter entry
       if (!a) a = state.adapters->find(e.nickname);
@@ -58,7 +65,7 @@ std::shared_ptr<update::module_source> open_lora(const msg::weight_source& sourc
 
 std::shared_ptr<update::module_source> open_source(const msg::weight_source& source, module_state& state) {
   switch (source.kind) {
-    case msg::source_kind::checkpoint: return std::make_shared<update::checkpoint_source>(source.location);
+    case msg::source_kind::checkpoint: return std::make_shared<update::checkpoint_source>(source.location, scope_of(source));
     case msg::source_kind::distributed: return std::make_shared<transfer::received_source>(received_for(source, state));
     case msg::source_kind::lora: return open_lora(source, state);
     case msg::source_kind::tensor: break;  // shared tensors reach modules as what their worker opened (distributed)

@@ -3,10 +3,35 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <csignal>
 #include <cstdio>
 #include <exception>
 
 #include "apps/commands.hpp"
+
+namespace {
+
+// SIGINT/SIGTERM must not kill `refit serve` with the default action while it starts (exit 143): block them
+// before anything else runs. .preinit_array runs before any shared library's initializers (libtorch's take a
+// while); only the dynamic loader's own mapping comes earlier. main() unblocks them for the other commands.
+void block_stop_signals(int, char**, char**) {
+  sigset_t s;
+  sigemptyset(&s);
+  sigaddset(&s, SIGINT);
+  sigaddset(&s, SIGTERM);
+  sigprocmask(SIG_BLOCK, &s, nullptr);
+}
+__attribute__((section(".preinit_array"), used)) void (*const block_stop_signals_early)(int, char**, char**) = block_stop_signals;
+
+void unblock_stop_signals() {
+  sigset_t s;
+  sigemptyset(&s);
+  sigaddset(&s, SIGINT);
+  sigaddset(&s, SIGTERM);
+  sigprocmask(SIG_UNBLOCK, &s, nullptr);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   auto logger = spdlog::stderr_color_mt("refit");
@@ -24,11 +49,16 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
+    unblock_stop_signals();
     return app.exit(e);
   }
   try {
     for (auto& [sub, run] : commands)
-      if (sub->parsed()) return run();
+      if (sub->parsed()) {
+        // `serve` waits for them with sigwait and shuts down in order; every other command dies as usual.
+        if (sub->get_name() != "serve") unblock_stop_signals();
+        return run();
+      }
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
     return 1;

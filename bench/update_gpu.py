@@ -8,6 +8,7 @@ path measured in the same run (issue 6). Run on the GPU machine after `scripts/d
 It writes two flux2-klein-4b checkpoints (A, B) with `refit make-model`, starts `refit serve` on A, and measures:
   * POST /update_weights_from_disk, all modules, warm page cache, alternating A/B (staged): per phase and end to end;
   * the same with target_modules=["transformer"];
+  * all modules warm with check_finite on and off, interleaved (the cost of refusing NaN/Inf while staging);
   * all modules cold (page cache dropped first), when this machine lets root drop it;
   * the generation pause per update while a client generates continuously;
 and, on the same files: the page-cache -> pinned and pinned host-to-device ceilings (bench_device_load) and the
@@ -94,11 +95,15 @@ def main():
 
         warm(ckpt["A"])
         warm(ckpt["B"])
-        runs = {"all_warm": [], "transformer_warm": [], "all_cold": []}
+        runs = {"all_warm": [], "transformer_warm": [], "all_cold": [], "finite_on": [], "finite_off": []}
         current = "A"
         for _ in range(a.repeat):
             current = "B" if current == "A" else "A"
             runs["all_warm"].append(update(current, mode="staged"))
+        for _ in range(a.repeat):  # interleaved, so that drift affects both alike
+            for check in (True, False):
+                current = "B" if current == "A" else "A"
+                runs["finite_on" if check else "finite_off"].append(update(current, mode="staged", check_finite=check))
         for _ in range(a.repeat):
             current = "B" if current == "A" else "A"
             runs["transformer_warm"].append(update(current, mode="staged", target_modules=["transformer"]))
@@ -143,7 +148,16 @@ def main():
     read = results["ceilings"]["page_cache_to_pinned_gbps"]["median"]
     py = results["python"]["python_gbps"]["median"]
     print(f"| {'measure (median)':<52} | {'value':>10} |\n|{'-' * 54}|{'-' * 12}|")
-    rows = [("page cache -> pinned, 16 threads (GB/s)", read), ("pinned host -> device (GB/s)", h2d),
+    c = results["ceilings"]
+    ring = c.get("ring", {})
+    print(f"machine: last-level cache {c.get('llc_mib', '?')} MiB; the server's staging ring {ring.get('slots', '?')} x "
+          f"{ring.get('slot_mib', '?')} MiB ({ring.get('source', '?')})")
+    rows = [("page cache -> pinned, 16 threads, 64 MiB chunks (GB/s)", read),
+            ("page cache -> pinned, ring-slot chunks (GB/s)", c.get("page_cache_to_pinned_ring_chunk_gbps", {}).get("median", float("nan"))),
+            ("DRAM memcpy, 16 threads (GB/s)", c.get("dram_memcpy_gbps", {}).get("best", float("nan"))),
+            ("loader alone, LLC-sized ring (GB/s)", c.get("refit_device_loader_gbps", {}).get("median", float("nan"))),
+            ("loader alone, 32 x 32 MiB ring (GB/s)", c.get("refit_device_loader_32x32mib_ring_gbps", {}).get("median", float("nan"))),
+            ("pinned host -> device (GB/s)", h2d),
             ("Python path: safetensors + param.copy_ (GB/s)", py),
             ("refit HTTP update, all modules, warm, end to end (GB/s)", gbps(runs["all_warm"])),
             ("refit HTTP update, transformer only, warm (GB/s)", gbps(runs["transformer_warm"])),
@@ -153,6 +167,12 @@ def main():
     w = runs["all_warm"]
     for phase in ("plan", "validate", "stage", "drain", "pause", "commit", "finish", "total"):
         print(f"| {'all modules warm: ' + phase + ' (s)':<52} | {statistics.median(r['timings'].get(phase, 0) for r in w):10.4f} |")
+    median = lambda rs, key: statistics.median(r["timings"].get(key, 0) for r in rs)
+    for key in ("stage", "total"):
+        on, off = median(runs["finite_on"], key), median(runs["finite_off"], key)
+        print(f"| {'all modules warm, check_finite on: ' + key + ' (s)':<52} | {on:10.4f} |")
+        print(f"| {'all modules warm, check_finite off: ' + key + ' (s)':<52} | {off:10.4f} |")
+        print(f"| {'check_finite on / off: ' + key:<52} | {on / off if off else float('nan'):10.3f} |")
     print(f"| {'generation pause per update under load, median (ms)':<52} | {statistics.median(pauses) * 1e3:10.2f} |")
     print(f"| {'generation pause per update under load, max (ms)':<52} | {max(pauses) * 1e3:10.2f} |")
     warm_gbps = gbps(runs["all_warm"])

@@ -1,8 +1,8 @@
 # Third-party dependencies of refit, as imported targets:
-#   CAF::core CAF::io         Debian's libcaf-dev 0.17 (no CMake config of its own)
+#   CAF::core CAF::io CAF::openssl   Debian's libcaf-dev 0.17 (no CMake config of its own; it pulls libcaf-openssl0.17)
 #   refit::torch              libtorch from the PyPI torch wheel (CUDA libraries when the wheel has them)
 #   refit::cuda               CUDA runtime + NCCL, when the toolkit is found (REFIT_WITH_CUDA)
-#   spdlog::spdlog nlohmann_json::nlohmann_json PkgConfig::HTTPLIB OpenSSL::Crypto CLI11::CLI11
+#   spdlog::spdlog nlohmann_json::nlohmann_json Boost::headers (Beast, Asio) Threads::Threads OpenSSL::Crypto CLI11::CLI11
 #   Boost::unit_test_framework PkgConfig::PCRE2 ICU::uc msgpackc-cxx
 
 find_package(Threads REQUIRED)
@@ -13,7 +13,7 @@ find_package(spdlog 1.10 REQUIRED)
 find_package(nlohmann_json 3.11 REQUIRED)
 find_package(OpenSSL 3 REQUIRED)
 find_package(Boost 1.74 REQUIRED COMPONENTS unit_test_framework)
-pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib>=0.11)
+find_package(Threads REQUIRED)
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)   # PkgConfig::PCRE2 (tokenizer pre-split rules)
 find_package(ICU REQUIRED COMPONENTS uc)                      # ICU::uc (NFC normalisation)
 find_package(msgpack 4 REQUIRED CONFIG)                       # msgpackc-cxx (Debian's libmsgpack-cxx-dev): rollout replies
@@ -25,11 +25,12 @@ if(NOT TARGET CLI11::CLI11)
 endif()
 
 # --- CAF 0.17: Debian ships headers and libraries only.
-find_package(CAF 0.17 QUIET CONFIG COMPONENTS core io)
+find_package(CAF 0.17 QUIET CONFIG COMPONENTS core io openssl)
 if(NOT CAF_FOUND)
   find_path(CAF_INCLUDE_DIR caf/all.hpp REQUIRED)
   find_library(CAF_CORE_LIBRARY NAMES caf_core REQUIRED)
   find_library(CAF_IO_LIBRARY NAMES caf_io REQUIRED)
+  find_library(CAF_OPENSSL_LIBRARY NAMES caf_openssl REQUIRED)   # the actor port's mutual TLS
   add_library(CAF::core SHARED IMPORTED)
   set_target_properties(CAF::core PROPERTIES
     IMPORTED_LOCATION "${CAF_CORE_LIBRARY}"
@@ -39,6 +40,10 @@ if(NOT CAF_FOUND)
   set_target_properties(CAF::io PROPERTIES
     IMPORTED_LOCATION "${CAF_IO_LIBRARY}"
     INTERFACE_LINK_LIBRARIES CAF::core)
+  add_library(CAF::openssl SHARED IMPORTED)
+  set_target_properties(CAF::openssl PROPERTIES
+    IMPORTED_LOCATION "${CAF_OPENSSL_LIBRARY}"
+    INTERFACE_LINK_LIBRARIES "CAF::io;OpenSSL::SSL")
 endif()
 
 # --- The torch wheel (its libraries are imported below).

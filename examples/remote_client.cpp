@@ -1,13 +1,15 @@
 // A C++ client of a running `refit serve --actor-port N`: it talks to the server's scheduler with the
-// client API (messages/client_api.hpp) over CAF's middleman (BASP over TCP), the same messages the
-// HTTP bridge sends. It reads the checksums, refits the server to a checkpoint, reads them again and
-// generates one image, checking that the image was made with the new weight_version.
+// client API (messages/client_api.hpp) over CAF's middleman (BASP over TCP, or over mutual TLS with its
+// own client certificate), the same messages the HTTP bridge sends. It reads the checksums, refits the
+// server to a checkpoint, reads them again and generates one image, checking that the image was made
+// with the new weight_version.
 //
 //   refit_remote_client HOST ACTOR_PORT --model-path DIR [--seed N] [--out PNG]
+//                       [--tls-cert CLIENT.pem --tls-key CLIENT.key --tls-ca CA.pem]
 //
-// Needs only the protocol (CAF, no libtorch). Exit code 0 when every step succeeded, 1 otherwise.
+// Needs only the protocol and the actor port (CAF, OpenSSL, no libtorch). Exit code 0 when every step
+// succeeded, 1 otherwise.
 #include <caf/all.hpp>
-#include <caf/io/all.hpp>
 
 #include <CLI/CLI.hpp>
 
@@ -24,18 +26,11 @@
 #include <vector>
 
 #include "messages/protocol.hpp"
+#include "net/remote.hpp"
 
 namespace {
 
 using namespace refit;
-
-struct client_config : caf::actor_system_config {
-  client_config() {
-    msg::add_types(*this);  // the same type names as the server, or BASP cannot deserialize
-    set("scheduler.max-threads", 2);
-    load<caf::io::middleman>();
-  }
-};
 
 struct options {
   std::string host;
@@ -51,6 +46,8 @@ struct options {
   std::string out;
   int timeout_s = 600;
   int connect_timeout_s = 60;
+  net::actor_port_tls tls;
+  uint64_t max_message_mb = 1024;  // replies carry images (and rollouts their latents)
 };
 
 // Blocking requests to the remote scheduler. A failure is a value (the error), never an exception.
@@ -154,20 +151,24 @@ bool parse_size(const std::string& text, int64_t& width, int64_t& height) {
   }
 }
 
-int run(caf::actor_system& sys, const options& opt) {
-  std::cout << "connecting to " << opt.host << ":" << opt.port << " ...\n";
+int run(caf::actor_system& sys, net::actor_port_endpoint& endpoint, const options& opt) {
+  std::cout << "connecting to " << opt.host << ":" << opt.port << (endpoint.tls() ? " over mutual TLS" : "") << " ...\n";
   // A server that is still loading its model does not listen yet: retry until the deadline.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(opt.connect_timeout_s);
-  auto remote = caf::io::remote_actor<msg::client_api_actor>(sys, opt.host, opt.port);
-  for (int attempt = 1; !remote && std::chrono::steady_clock::now() < deadline; ++attempt) {
+  using clock = std::chrono::steady_clock;
+  const auto deadline = clock::now() + std::chrono::seconds(opt.connect_timeout_s);
+  const auto left = [&] {
+    return std::max(std::chrono::milliseconds(1000), std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now()));
+  };
+  auto remote = endpoint.connect(opt.host, opt.port, left());
+  for (int attempt = 1; !remote && clock::now() < deadline; ++attempt) {
     if (attempt == 1) std::cout << "  not reachable yet (" << sys.render(remote.error()) << "); retrying for up to " << opt.connect_timeout_s << " s\n";
     std::this_thread::sleep_for(std::chrono::milliseconds(std::min(1000, 100 * attempt)));
-    remote = caf::io::remote_actor<msg::client_api_actor>(sys, opt.host, opt.port);
+    remote = endpoint.connect(opt.host, opt.port, left());
   }
   if (!remote)
     return fail("cannot reach the client API at " + opt.host + ":" + std::to_string(opt.port) + " within " +
                 std::to_string(opt.connect_timeout_s) + " s: " + sys.render(remote.error()) + " (is `refit serve --actor-port " +
-                std::to_string(opt.port) + "` running there?)");
+                std::to_string(opt.port) + "` running there" + (endpoint.tls() ? ", with a certificate of the same CA?)" : ", without TLS?)"));
   scheduler_client client(sys, *remote, std::chrono::seconds(opt.timeout_s));
 
   auto info = client.info();
@@ -246,9 +247,21 @@ int main(int argc, char** argv) {
   app.add_option("--connect-timeout", opt.connect_timeout_s, "seconds to keep retrying while the server does not accept connections yet")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--tls-cert", opt.tls.certificate, "this client's certificate (PEM), signed by the server's --actor-tls-ca; turns on mutual TLS");
+  app.add_option("--tls-key", opt.tls.key, "the private key of --tls-cert (PEM, unencrypted)");
+  app.add_option("--tls-ca", opt.tls.ca, "the cluster CA (PEM) the server's certificate must be signed by");
+  app.add_option("--max-message-mb", opt.max_message_mb, "largest reply accepted, MiB")->capture_default_str()->check(CLI::Range(1, 4095));
   CLI11_PARSE(app, argc, argv);
 
-  client_config cfg;
+  try {
+    if (opt.tls.enabled()) net::check_actor_port_tls(opt.tls, "--tls-");
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+  net::remote_system_config cfg{opt.tls};
+  cfg.set("scheduler.max-threads", 2);
   caf::actor_system sys{cfg};
-  return run(sys, opt);
+  const size_t max_message = static_cast<size_t>(opt.max_message_mb) << 20;
+  net::actor_port_endpoint endpoint{sys, {max_message, max_message}};
+  return run(sys, endpoint, opt);
 }

@@ -39,5 +39,6 @@ using list_loras_atom = caf::atom_constant<caf::atom("listloras")>;
 using tensor_hashes_atom = caf::atom_constant<caf::atom("tenshashes")>;
 using release_memory_atom = caf::atom_constant<caf::atom("relmemory")>;
 using resume_memory_atom = caf::atom_constant<caf::atom("resmemory")>;
+using shutdown_atom = caf::atom_constant<caf::atom("shutdown")>;
 
 }  // namespace refit::msg

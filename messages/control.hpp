@@ -84,6 +84,9 @@ using scheduler_actor = client_api_actor::extend<
     caf::replies_to<pause_atom, bool /*abort in flight*/>::with<uint64_t /*cancelled*/>,
     // committed: the update's weights are live, so the served identity changes before anything generates.
     caf::replies_to<resume_atom, bool /*committed*/>::with<std::string /*weight_version now served*/>,
+    // The server is stopping: queued generations and updates are answered ("shutting down"), running generations
+    // cancelled, and every later request refused; replies once nothing generates (the requests cancelled).
+    caf::replies_to<shutdown_atom>::with<uint64_t /*cancelled*/>,
     // Test builds: a fault for module M of worker W.
     caf::replies_to<fault_atom, std::string /*module*/, int32_t /*worker*/, fault_spec>::with<bool>>;
 
@@ -91,7 +94,9 @@ using scheduler_actor = client_api_actor::extend<
 // update_result, then exits. The scheduler spawns one per update, at most one at a time.
 using transaction_actor = caf::typed_actor<caf::replies_to<update_atom, update_request>::with<update_result>>;
 
-// The HTTP bridge; info: the URL it serves, http://HOST:PORT.
-using http_bridge_actor = caf::typed_actor<caf::replies_to<info_atom>::with<std::string>>;
+// The HTTP bridge; info: the URL it serves, http://HOST:PORT. shutdown: stop accepting connections and
+// requests, then wait at most `wait_ms` for the requests being served; replies how many still run.
+using http_bridge_actor = caf::typed_actor<caf::replies_to<info_atom>::with<std::string>,
+                                           caf::replies_to<shutdown_atom, int64_t /*wait_ms*/>::with<uint64_t /*still running*/>>;
 
 }  // namespace refit::msg

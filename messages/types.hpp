@@ -39,6 +39,10 @@ enum class write_path : uint8_t { none, staged, in_place, in_place_reread_undo, 
 // a colocated trainer shares its tensors (shared memory, CUDA IPC); each worker opens them first.
 enum class source_kind : uint8_t { checkpoint, distributed, lora, tensor };
 
+// Whether an update refuses new values that are not finite (NaN, +-Inf) before they are committed: the
+// server's default (refit serve --check-finite, on unless --no-check-finite), or the request's choice.
+enum class finite_check : uint8_t { server_default, on, off };
+
 // How generated images are encoded for the client.
 enum class image_format : uint8_t { png, jpeg, webp };
 
@@ -71,12 +75,16 @@ struct weight_source {
   std::string location;  // checkpoint: the module's folder; distributed: the group, for messages
   uint64_t update = 0;   // distributed (and received adapters): the update whose tensors the module's worker received
   std::vector<lora_entry> adapters;  // lora: merged in this order into the base; empty: the base back
+  // The folders (canonical) every file of this source must resolve beneath, checked on the descriptor
+  // opened (openat2 RESOLVE_BENEATH); empty: any path (the operator's own start model).
+  std::vector<std::string> roots;
+  bool check_finite = false;  // staging fails when a new value is NaN or infinite
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, weight_source& x) {
   auto kind = static_cast<uint8_t>(x.kind);
-  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update, x.adapters,
+  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update, x.adapters, x.roots, x.check_finite,
            caf::meta::load_callback([&] { return load_enum(x.kind, kind, source_kind::lora, "source kind"); }));
 }
 
@@ -116,15 +124,17 @@ struct update_request {
   int32_t lora_rank = 0;
   // tensor: what the trainer shares, one payload for every worker or one per worker (or per GPU UUID)
   std::vector<shared_payload> payloads;
+  finite_check check_finite = finite_check::server_default;  // refuse NaN/Inf in the new values
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, update_request& x) {
-  auto source = static_cast<uint8_t>(x.source), mode = static_cast<uint8_t>(x.mode);
+  auto source = static_cast<uint8_t>(x.source), mode = static_cast<uint8_t>(x.mode), finite = static_cast<uint8_t>(x.check_finite);
   return f(caf::meta::type_name("update_request"), source, x.model_path, x.target_modules, x.flush_cache, x.abort_all_requests,
            x.weight_version, mode, x.group_name, x.tensors, x.flattened_bucket, x.empty_cache, x.refused, x.adapters, x.lora_merge,
-           x.lora_alpha, x.lora_rank, x.payloads, caf::meta::load_callback([&]() -> caf::error {
+           x.lora_alpha, x.lora_rank, x.payloads, finite, caf::meta::load_callback([&]() -> caf::error {
              if (auto e = load_enum(x.source, source, source_kind::tensor, "source kind")) return e;
+             if (auto e = load_enum(x.check_finite, finite, finite_check::off, "check_finite")) return e;
              return load_enum(x.mode, mode, update_mode::in_place, "update mode");
            }));
 }

@@ -3,14 +3,16 @@
 // thread uses, one blocking request to the scheduler, and the reply helpers. Private to net/.
 #pragma once
 
-#include <httplib.h>
-
+#include <atomic>
 #include <chrono>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <utility>
 #include <variant>
 
 #include "net/http_bridge.hpp"
+#include "net/http_server.hpp"
 #include "net/image_store.hpp"
 
 namespace refit::net::bridge {
@@ -35,8 +37,12 @@ struct bridge_context {
   model_root_policy roots;
   image_store images;             // response_format "url"
   std::string started_with;       // the model path served at start: a model id clients may keep using
-  std::mutex identity_mutex;      // handlers run concurrently on httplib's pool
+  std::mutex identity_mutex;      // handlers run concurrently on the server's handler threads
   identity known;
+  // Admission control: generation requests (images and rollouts) being served or queued, and a moving
+  // average of their duration for Retry-After.
+  std::atomic<int64_t> generations{0};
+  std::atomic<double> generation_seconds{1.0};
 };
 
 // One blocking request to the scheduler, from the calling HTTP thread.
@@ -54,20 +60,31 @@ void remember(bridge_context& ctx, identity id);
 identity current_identity(bridge_context& ctx);
 std::string describe(const caf::error& e, std::chrono::seconds timeout);
 int status_for(const caf::error& e);
-void reply(httplib::Response& res, int status, std::string body);
-bool reject_unauthorized(const bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
+void reply(http::response& res, int status, std::string body);
+// Counts a generation request in (or answers 429 with Retry-After and returns nullopt): at most
+// workers + --max-queued-requests at once. The ticket counts it out and times it.
+struct generation_ticket {
+  bridge_context* ctx;
+  std::chrono::steady_clock::time_point start;
+  generation_ticket(bridge_context* c) : ctx(c), start(std::chrono::steady_clock::now()) {}
+  generation_ticket(generation_ticket&& o) noexcept : ctx(std::exchange(o.ctx, nullptr)), start(o.start) {}
+  generation_ticket(const generation_ticket&) = delete;
+  ~generation_ticket();
+};
+std::optional<generation_ticket> admit_generation(bridge_context& ctx, http::response& res, bool openai_shape);
+bool reject_unauthorized(const bridge_context& ctx, const http::request& req, http::response& res);
 std::string failed_update_json(const std::string& message, const std::string& weight_version);
 // Runs a parsed update and answers SGLang's way (200, or 400 with {success: false, message}).
-void run_update(bridge_context& ctx, const msg::update_request& update, const std::string& label, httplib::Response& res);
+void run_update(bridge_context& ctx, const msg::update_request& update, const std::string& label, http::response& res);
 
 // post_training_routes.cpp
-void release_memory_occupation(bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
-void resume_memory_occupation(bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
-void update_weights_from_tensor(bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
-void update_weights_from_tensor_checker(bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
-void set_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
-void merge_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
-void unmerge_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
-void list_loras(bridge_context& ctx, const httplib::Request& req, httplib::Response& res);
+void release_memory_occupation(bridge_context& ctx, const http::request& req, http::response& res);
+void resume_memory_occupation(bridge_context& ctx, const http::request& req, http::response& res);
+void update_weights_from_tensor(bridge_context& ctx, const http::request& req, http::response& res);
+void update_weights_from_tensor_checker(bridge_context& ctx, const http::request& req, http::response& res);
+void set_lora(bridge_context& ctx, const http::request& req, http::response& res);
+void merge_lora(bridge_context& ctx, const http::request& req, http::response& res);
+void unmerge_lora(bridge_context& ctx, const http::request& req, http::response& res);
+void list_loras(bridge_context& ctx, const http::request& req, http::response& res);
 
 }  // namespace refit::net::bridge

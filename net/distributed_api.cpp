@@ -97,10 +97,12 @@ msg::update_request parse_distributed_update_request(std::string_view body) {
                           "' (torch's names: bfloat16, float16, float32, ...)");
     }
     only_known(o, {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version", "load_format",
-                   "target_modules", "selector", "torch_empty_cache", "mode", "weight_update_mode", "lora_alpha", "lora_rank"});
+                   "target_modules", "selector", "torch_empty_cache", "mode", "weight_update_mode", "lora_alpha", "lora_rank",
+                   "check_finite"});
     r.flush_cache = opt_bool(o, "flush_cache").value_or(true);
     r.abort_all_requests = opt_bool(o, "abort_all_requests").value_or(false);
-    r.weight_version = opt_string(o, "weight_version").value_or("");
+    r.weight_version = opt_weight_version(o);
+    r.check_finite = opt_check_finite(o);
     if (auto f = opt_string(o, "load_format"); f && *f != "flattened_bucket")
       wrong("load_format", "null (one broadcast per tensor) or \"flattened_bucket\"");
     if (auto t = opt_strings(o, "target_modules")) {

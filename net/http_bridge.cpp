@@ -1,15 +1,12 @@
 #include "net/http_bridge.hpp"
 
-#include <httplib.h>
 #include <spdlog/spdlog.h>
-#include <sys/socket.h>
 
 #include <algorithm>
 #include <ctime>
 #include <mutex>
 #include <random>
-#include <regex>
-#include <thread>
+#include <cmath>
 #include <variant>
 
 #include "net/bridge_context.hpp"
@@ -29,10 +26,6 @@ using clock = std::chrono::steady_clock;
 using msg::refit_errc;
 
 namespace bridge {
-
-// httplib serves one request start to end on one pool thread, so the pre-routing handler can leave
-// the start time here for the logger.
-thread_local clock::time_point request_start{};
 
 void remember(bridge_context& ctx, identity id) {
   std::lock_guard lock(ctx.identity_mutex);
@@ -64,21 +57,44 @@ int status_for(const caf::error& e) {
   return 500;
 }
 
-void reply(httplib::Response& res, int status, std::string body) {
-  res.status = status;
-  res.set_content(std::move(body), "application/json");
+void reply(http::response& res, int status, std::string body) { res.set(status, std::move(body)); }
+
+generation_ticket::~generation_ticket() {
+  if (!ctx) return;
+  const double seconds = std::chrono::duration<double>(clock::now() - start).count();
+  double avg = ctx->generation_seconds.load();
+  ctx->generation_seconds.store(0.8 * avg + 0.2 * seconds);  // a race loses one sample, nothing more
+  --ctx->generations;
+}
+
+std::optional<generation_ticket> admit_generation(bridge_context& ctx, http::response& res, bool openai_shape) {
+  const int64_t workers = static_cast<int64_t>(std::max<size_t>(1, ctx.config.workers));
+  const int64_t limit = workers + static_cast<int64_t>(ctx.config.max_queued_requests);
+  const int64_t before = ctx.generations.fetch_add(1);
+  if (before < limit) return generation_ticket{&ctx};
+  --ctx.generations;
+  // About when a place frees up: the queue ahead, spread over the workers, at the recent pace.
+  const double wait = ctx.generation_seconds.load() * static_cast<double>(before - workers + 1) / static_cast<double>(workers);
+  const int64_t retry = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(wait)), 1, 3600);
+  const std::string message = "Too many requests: " + std::to_string(ctx.config.max_queued_requests) +
+                              " generation requests are already queued (--max-queued-requests); retry after " + std::to_string(retry) + " s";
+  static std::atomic<uint64_t> refused{0};
+  if (refused++ % 100 == 0) spdlog::warn("refit serve: {} (429 so far: {})", message, refused.load());
+  res.set_header("Retry-After", std::to_string(retry));
+  reply(res, 429, openai_shape ? openai_error_json(message, "rate_limit_error", {}, "rate_limit_exceeded") : detail_error_json(message));
+  return std::nullopt;
 }
 
 // Constant time, so the key cannot be guessed byte by byte from response latency.
-bool authorized(const bridge_context& ctx, const httplib::Request& req) {
+bool authorized(const bridge_context& ctx, const http::request& req) {
   if (ctx.config.api_key.empty()) return true;
-  const std::string got = req.get_header_value("Authorization"), want = "Bearer " + ctx.config.api_key;
+  const std::string got = req.header("Authorization"), want = "Bearer " + ctx.config.api_key;
   unsigned diff = got.size() == want.size() ? 0u : 1u;
   for (size_t i = 0; i < got.size() && i < want.size(); ++i) diff |= static_cast<unsigned char>(got[i] ^ want[i]);
   return diff == 0;
 }
 
-bool reject_unauthorized(const bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+bool reject_unauthorized(const bridge_context& ctx, const http::request& req, http::response& res) {
   if (authorized(ctx, req)) return false;
   spdlog::warn("refit serve: {} {} from {} refused: missing or wrong API key", req.method, req.path, req.remote_addr);
   res.set_header("WWW-Authenticate", "Bearer");
@@ -94,7 +110,7 @@ std::string failed_update_json(const std::string& message, const std::string& we
 }
 
 
-void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void update_weights(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   msg::update_request update;
   try {
@@ -130,7 +146,7 @@ void update_weights(bridge_context& ctx, const httplib::Request& req, httplib::R
 
 // Runs a parsed update and answers SGLang's way: 200 on success, 400 with {success: false, message} on
 // failure; the reply carries refit's report too. `label` names the source in logs.
-void run_update(bridge_context& ctx, const msg::update_request& update, const std::string& label, httplib::Response& res) {
+void run_update(bridge_context& ctx, const msg::update_request& update, const std::string& label, http::response& res) {
   const auto t0 = clock::now();
   auto r = ask<msg::update_result>(ctx, ctx.config.request_timeout, msg::update_atom::value, update);
   const double seconds = std::chrono::duration<double>(clock::now() - t0).count();
@@ -157,7 +173,7 @@ void run_update(bridge_context& ctx, const msg::update_request& update, const st
   reply(res, result.success ? 200 : 400, update_result_json(result));
 }
 
-void update_weights_from_distributed(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void update_weights_from_distributed(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   msg::update_request update;
   try {
@@ -173,7 +189,7 @@ void update_weights_from_distributed(bridge_context& ctx, const httplib::Request
 }
 
 // POST /init_weights_update_group and /destroy_weights_update_group: SGLang's {success, message}, 200 or 400.
-void group_reply(const std::variant<msg::group_result, caf::error>& r, std::chrono::seconds timeout, httplib::Response& res) {
+void group_reply(const std::variant<msg::group_result, caf::error>& r, std::chrono::seconds timeout, http::response& res) {
   if (auto* e = std::get_if<caf::error>(&r)) {
     reply(res, status_for(*e) == 504 ? 504 : 500, group_result_json({false, describe(*e, timeout)}));
     return;
@@ -182,7 +198,7 @@ void group_reply(const std::variant<msg::group_result, caf::error>& r, std::chro
   reply(res, g.success ? 200 : 400, group_result_json(g));
 }
 
-void init_weights_update_group(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void init_weights_update_group(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   msg::group_request g;
   try {
@@ -194,7 +210,7 @@ void init_weights_update_group(bridge_context& ctx, const httplib::Request& req,
   group_reply(ask<msg::group_result>(ctx, ctx.config.request_timeout, msg::join_group_atom::value, g), ctx.config.request_timeout, res);
 }
 
-void destroy_weights_update_group(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void destroy_weights_update_group(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   std::string name;
   try {
@@ -206,7 +222,7 @@ void destroy_weights_update_group(bridge_context& ctx, const httplib::Request& r
   group_reply(ask<msg::group_result>(ctx, ctx.config.request_timeout, msg::leave_group_atom::value, name), ctx.config.request_timeout, res);
 }
 
-void weights_checksum(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void weights_checksum(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   checksum_request q;
   try {
@@ -234,7 +250,7 @@ void weights_checksum(bridge_context& ctx, const httplib::Request& req, httplib:
   reply(res, 200, checksums_json(std::get<0>(r)));
 }
 
-void model_info(bridge_context& ctx, const httplib::Request&, httplib::Response& res) {
+void model_info(bridge_context& ctx, const http::request&, http::response& res) {
   auto r = ask<msg::model_info>(ctx, query_timeout, msg::info_atom::value);
   if (auto* e = std::get_if<caf::error>(&r)) {
     reply(res, status_for(*e), error_json(describe(*e, query_timeout)));
@@ -258,7 +274,7 @@ bool serves_model(bridge_context& ctx, const std::string& model) {
   return model == ctx.started_with || model == current_identity(ctx).model_path;
 }
 
-void generate_images(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void generate_images(bridge_context& ctx, const http::request& req, http::response& res) {
   image_request q;
   try {
     q = parse_image_request(req.body);
@@ -274,6 +290,8 @@ void generate_images(bridge_context& ctx, const httplib::Request& req, httplib::
     thread_local std::mt19937_64 rng{std::random_device{}()};
     q.generation.seed = rng();
   }
+  auto ticket = admit_generation(ctx, res, true);
+  if (!ticket) return;
   if (!q.user.empty()) spdlog::info("http POST /v1/images/generations for user '{}'", q.user);
   const auto created = static_cast<int64_t>(std::time(nullptr));
   auto r = ask<msg::generation_result>(ctx, ctx.config.request_timeout, msg::generate_atom::value, q.generation);
@@ -293,7 +311,7 @@ void generate_images(bridge_context& ctx, const httplib::Request& req, httplib::
 }
 
 // POST /rollout/generate: SGLang's RolloutRequest in, an msgpack list of RolloutResponse out.
-void rollout(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void rollout(bridge_context& ctx, const http::request& req, http::response& res) {
   rollout_http_request q;
   try {
     q = parse_rollout_request(req.body);
@@ -306,6 +324,8 @@ void rollout(bridge_context& ctx, const httplib::Request& req, httplib::Response
     q.rollout.generation.seed = rng() >> 1;
   }
   q.rollout.request_id = new_response_id();
+  auto ticket = admit_generation(ctx, res, false);
+  if (!ticket) return;
   auto r = ask<msg::rollout_result>(ctx, ctx.config.request_timeout, msg::rollout_atom::value, q.rollout);
   if (auto* e = std::get_if<caf::error>(&r)) {
     reply(res, status_for(*e), detail_error_json(describe(*e, ctx.config.request_timeout)));
@@ -314,16 +334,15 @@ void rollout(bridge_context& ctx, const httplib::Request& req, httplib::Response
   const auto& result = std::get<msg::rollout_result>(r);
   spdlog::info("http POST /rollout/generate {}: {} sample(s) with weight_version {} in {:.3f} s", result.request_id, result.samples.size(),
                result.weight_version, result.inference_time_s);
-  res.status = 200;
-  res.set_content(rollout_response_msgpack(result), "application/msgpack");
+  res.set(200, rollout_response_msgpack(result), "application/msgpack");
 }
 
 // GET /v1/images/<id>/content[?variant=i]: an image of a response_format "url" reply, while it is kept.
-void image_content(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void image_content(bridge_context& ctx, const http::request& req, http::response& res) {
   const std::string id = req.matches[1];
   size_t variant = 0;
   if (req.has_param("variant")) {
-    const std::string v = req.get_param_value("variant");
+    const std::string v = req.param("variant");
     if (v.empty() || v.size() > 3 || v.find_first_not_of("0123456789") != std::string::npos) {
       reply(res, 400, openai_error_json("query parameter 'variant' must be an image index (0, 1, ...)", "invalid_request_error", "variant"));
       return;
@@ -338,152 +357,98 @@ void image_content(bridge_context& ctx, const httplib::Request& req, httplib::Re
                                       "invalid_request_error", "image_id", "image_not_found"));
     return;
   }
-  res.status = 200;
-  res.set_content(reinterpret_cast<const char*>(found->bytes->data()), found->bytes->size(), found->mime);
+  res.set(200, std::string(reinterpret_cast<const char*>(found->bytes->data()), found->bytes->size()), found->mime);
 }
 
-void model_card(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void model_card(bridge_context& ctx, const http::request& req, http::response& res) {
   const std::string model = req.matches[1];
   if (serves_model(ctx, model)) reply(res, 200, model_card_json(model));
   else reply(res, 404, model_not_found_json(model));
 }
 
-void metrics(bridge_context& ctx, const httplib::Request&, httplib::Response& res) {
+void metrics(bridge_context& ctx, const http::request&, http::response& res) {
   auto r = ask<msg::scheduler_stats>(ctx, query_timeout, msg::stats_atom::value);
   if (auto* e = std::get_if<caf::error>(&r)) {
     reply(res, status_for(*e), error_json(describe(*e, query_timeout)));
     return;
   }
   const identity id = current_identity(ctx);
-  res.status = 200;
-  res.set_content(prometheus_text(std::get<msg::scheduler_stats>(r), id.model_path, id.weight_version), "text/plain; version=0.0.4; charset=utf-8");
+  res.set(200, prometheus_text(std::get<msg::scheduler_stats>(r), id.model_path, id.weight_version), "text/plain; version=0.0.4; charset=utf-8");
 }
 
 std::string reason_for(int status) {
   switch (status) {
-    case 400: return "bad request (malformed HTTP, or a POST without a body and Content-Length)";
+    case 400: return "bad request";
     case 404: return "no such endpoint";
     case 405: return "method not allowed";
+    case 408: return "request timeout";
     case 413: return "request body too large";
-    case 414: return "request URI too long";
+    case 431: return "request header fields too large";
+    case 503: return "service unavailable";
     default: return "HTTP error " + std::to_string(status);
   }
 }
 
-// The methods each path answers, for 405 replies (the routes below).
-std::string allowed_methods(const std::string& path) {
-  static const std::vector<std::pair<std::regex, std::string>> table = {
-      {std::regex("/update_weights_from_disk|/update_weights_from_distributed|/init_weights_update_group|/destroy_weights_update_group|"
-                  "/get_weights_checksum|/v1/images/generations|/rollout/generate"),
-       "POST"},
-      {std::regex("/get_model_info|/v1/model_info|/metrics|/health|/v1/models|/v1/models/.+|/v1/images/[0-9A-Za-z_-]+/content"), "GET"},
+void install_routes(http::server& srv, std::shared_ptr<bridge_context> ctx) {
+  auto route = [ctx](void (*fn)(bridge_context&, const http::request&, http::response&)) {
+    return [ctx, fn](const http::request& req, http::response& res) { fn(*ctx, req, res); };
   };
-  for (const auto& [pattern, methods] : table)
-    if (std::regex_match(path, pattern)) return methods;
-  return {};
-}
-
-void install_routes(httplib::Server& srv, std::shared_ptr<bridge_context> ctx) {
-  auto route = [ctx](void (*fn)(bridge_context&, const httplib::Request&, httplib::Response&)) {
-    return [ctx, fn](const httplib::Request& req, httplib::Response& res) { fn(*ctx, req, res); };
-  };
-  srv.Post("/update_weights_from_disk", route(update_weights));
-  srv.Post("/init_weights_update_group", route(init_weights_update_group));
-  srv.Post("/update_weights_from_distributed", route(update_weights_from_distributed));
-  srv.Post("/update_weights_from_tensor", route(update_weights_from_tensor));
-  srv.Post("/release_memory_occupation", route(release_memory_occupation));
-  srv.Post("/resume_memory_occupation", route(resume_memory_occupation));
-  srv.Post("/update_weights_from_tensor_checker", route(update_weights_from_tensor_checker));
-  srv.Post("/destroy_weights_update_group", route(destroy_weights_update_group));
-  srv.Post("/get_weights_checksum", route(weights_checksum));
-  srv.Post("/v1/set_lora", route(set_lora));
-  srv.Post("/v1/merge_lora_weights", route(merge_lora));
-  srv.Post("/v1/unmerge_lora_weights", route(unmerge_lora));
-  srv.Get("/v1/list_loras", route(list_loras));
-  srv.Get("/get_model_info", route(model_info));
-  srv.Get("/v1/model_info", route(model_info));
-  srv.Post("/v1/images/generations", route(generate_images));
-  srv.Post("/rollout/generate", route(rollout));
-  srv.Get(R"(/v1/images/([0-9A-Za-z_-]+)/content)", route(image_content));
-  srv.Get(R"(/v1/models/(.+))", route(model_card));
-  srv.Get("/metrics", route(metrics));
-  srv.Get("/health", [](const httplib::Request&, httplib::Response& res) { reply(res, 200, health_json()); });
-  srv.Get("/v1/models", [ctx](const httplib::Request&, httplib::Response& res) {
+  srv.route("POST", "/update_weights_from_disk", route(update_weights));
+  srv.route("POST", "/init_weights_update_group", route(init_weights_update_group));
+  srv.route("POST", "/update_weights_from_distributed", route(update_weights_from_distributed));
+  srv.route("POST", "/update_weights_from_tensor", route(update_weights_from_tensor));
+  srv.route("POST", "/release_memory_occupation", route(release_memory_occupation));
+  srv.route("POST", "/resume_memory_occupation", route(resume_memory_occupation));
+  srv.route("POST", "/update_weights_from_tensor_checker", route(update_weights_from_tensor_checker));
+  srv.route("POST", "/destroy_weights_update_group", route(destroy_weights_update_group));
+  srv.route("POST", "/get_weights_checksum", route(weights_checksum));
+  srv.route("POST", "/v1/set_lora", route(set_lora));
+  srv.route("POST", "/v1/merge_lora_weights", route(merge_lora));
+  srv.route("POST", "/v1/unmerge_lora_weights", route(unmerge_lora));
+  srv.route("GET", "/v1/list_loras", route(list_loras));
+  srv.route("GET", "/get_model_info", route(model_info));
+  srv.route("GET", "/v1/model_info", route(model_info));
+  srv.route("POST", "/v1/images/generations", route(generate_images));
+  srv.route("POST", "/rollout/generate", route(rollout));
+  srv.route("GET", R"(/v1/images/([0-9A-Za-z_-]+)/content)", route(image_content));
+  srv.route("GET", R"(/v1/models/(.+))", route(model_card));
+  srv.route("GET", "/metrics", route(metrics));
+  srv.route("GET", "/v1/models", [ctx](const http::request&, http::response& res) {
     reply(res, 200, models_list_json(current_identity(*ctx).model_path));
   });
+  // Answered on an I/O thread: a probe gets its answer even while every handler thread waits on generations.
+  srv.route("GET", "/health", [](const http::request&, http::response& res) { reply(res, 200, health_json()); },
+            http::server::dispatch::inline_io);
 
-  const size_t max_bytes = ctx->config.max_request_bytes;
-  // Errors httplib produces itself (404, 405, 413, a malformed request line) get a JSON body too, in the
-  // OpenAI error shape that the other errors use; a known path asked with another method is 405.
-  srv.set_error_handler(httplib::Server::HandlerWithResponse([max_bytes](const httplib::Request& req, httplib::Response& res) {
-    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;  // a handler already answered
-    if (res.status == 404) {
-      if (const std::string allow = allowed_methods(req.path); !allow.empty()) {
-        res.status = 405;
-        res.set_header("Allow", allow);
-      }
-    }
-    std::string message = reason_for(res.status);
-    if (res.status == 413) message += ": the limit is " + std::to_string(max_bytes) + " bytes (--max-request-bytes)";
-    if (res.status == 404 || res.status == 405) message += ": " + req.method + " " + req.path;
-    if (res.status == 405) message += " (allowed: " + res.get_header_value("Allow") + ")";
-    reply(res, res.status, openai_error_json(message, "invalid_request_error"));
-    return httplib::Server::HandlerResponse::Handled;
-  }));
+  // Errors the server produces itself get a JSON body in the OpenAI error shape the other errors use.
+  srv.on_error([](int status, const http::request& req, const std::string& detail, http::response& res) {
+    std::string message = reason_for(status);
+    if (status == 404 || status == 405) message += ": " + req.method + " " + req.path;
+    if (status == 405) message += " (allowed: " + detail + ")";
+    else if (status != 404) message += ": " + detail;
+    if (status >= 400 && status != 404 && status != 405)
+      spdlog::warn("http {} {} from {}: {} {}", req.method.empty() ? "-" : req.method, req.path.empty() ? "-" : req.path, req.remote_addr,
+                   status, message);
+    reply(res, status, openai_error_json(message, "invalid_request_error"));
+  });
   // Handlers catch what a client can cause; this keeps anything else from taking the server down.
-  srv.set_exception_handler([](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
-    std::string what = "unknown exception";
-    try {
-      std::rethrow_exception(ep);
-    } catch (const std::exception& e) {
-      what = e.what();
-    } catch (...) {
-    }
+  srv.on_exception([](const http::request& req, const std::string& what, http::response& res) {
     spdlog::error("http {} {}: internal error: {}", req.method, req.path, what);
     reply(res, 500, error_json("internal error: " + what));
   });
-  srv.set_pre_routing_handler([](const httplib::Request&, httplib::Response&) {
-    request_start = clock::now();
-    return httplib::Server::HandlerResponse::Unhandled;
-  });
-  srv.set_logger([](const httplib::Request& req, const httplib::Response& res) {
-    const double ms = request_start == clock::time_point{} ? 0.0 : std::chrono::duration<double, std::milli>(clock::now() - request_start).count();
-    request_start = {};
+  srv.on_request([](const http::request& req, int status, double ms) {
     // Probes and scrapes arrive every few seconds; keep them out of the info log.
     const bool routine = req.method == "GET" && (req.path == "/health" || req.path == "/metrics");
-    spdlog::log(routine ? spdlog::level::debug : spdlog::level::info, "http {} {} {} {:.1f} ms", req.method, req.path, res.status, ms);
+    spdlog::log(routine ? spdlog::level::debug : spdlog::level::info, "http {} {} {} {:.1f} ms", req.method, req.path, status, ms);
   });
-  srv.set_payload_max_length(max_bytes);
-  // httplib's default adds SO_REUSEPORT, which lets a second server bind the same port and silently
-  // take half the traffic; SO_REUSEADDR alone still allows a restart over TIME_WAIT sockets.
-  srv.set_socket_options([](socket_t sock) {
-    int yes = 1;
-    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-  });
-  // Each generation holds a pool thread while it waits for its image; keep room for probes beside them.
-  srv.new_task_queue = [] { return new httplib::ThreadPool(std::max(32u, 4 * std::thread::hardware_concurrency())); };
 }
 
-// Owns the server and its listening thread. stop() waits for in-flight requests to finish, then
-// drops the handlers and with them the scheduler handle.
-struct http_listener {
-  std::unique_ptr<httplib::Server> server = std::make_unique<httplib::Server>();
-  std::thread thread;
-  void stop() {
-    if (!server) return;
-    server->stop();
-    if (thread.joinable()) thread.join();
-    server.reset();
-  }
-  ~http_listener() { stop(); }
-};
-
 struct bridge_state {
-  std::shared_ptr<http_listener> listener;
+  std::shared_ptr<http::server> server;
   std::string url;
-  // The actor's exit stops the server, whoever else still holds the listener.
+  // The actor's exit closes every connection, whoever else still holds the server.
   ~bridge_state() {
-    if (listener) listener->stop();
+    if (server) server->stop();
   }
   static inline const char* name = "refit.http_bridge";
 };
@@ -499,35 +464,33 @@ http_bridge spawn_http_bridge(caf::actor_system& sys, msg::client_api_actor sche
     if (auto* info = std::get_if<msg::model_info>(&r)) ctx->known = {info->model_path, info->weight_version};
     ctx->started_with = ctx->known.model_path;
   }
-  auto listener = std::make_shared<http_listener>();
-  install_routes(*listener->server, ctx);
-  int port = config.port;
-  if (config.port == 0) port = listener->server->bind_to_any_port(config.host);
-  else if (!listener->server->bind_to_port(config.host, config.port)) port = -1;
-  if (port <= 0)
-    throw std::runtime_error("cannot listen on " + config.host + ":" + std::to_string(config.port) + " (address in use or not local?)");
-  listener->thread = std::thread([srv = listener->server.get()] { srv->listen_after_bind(); });
-  // stop() is a no-op until the accept loop runs, so wait for it before anyone may stop us.
-  const auto deadline = clock::now() + std::chrono::seconds(30);
-  while (!listener->server->is_running()) {
-    if (clock::now() > deadline) throw std::runtime_error("the HTTP server did not start within 30 s");
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  http::server_config sc;
+  sc.max_body_bytes = config.max_request_bytes;
+  sc.read_timeout = config.read_timeout;
+  sc.max_connections = config.max_connections;
+  // Generations hold a handler thread while they wait: room for all that admission lets in, plus queries.
+  sc.max_handler_threads = static_cast<unsigned>(std::min<size_t>(config.workers + config.max_queued_requests + 64, 4096));
+  auto server = std::make_shared<http::server>(sc);
+  install_routes(*server, ctx);
+  const uint16_t port = server->listen(config.host, config.port);
   const std::string url = "http://" + config.host + ":" + std::to_string(port);
-  // Detached: stopping the server blocks until in-flight requests finish, which must not hold a
-  // thread of CAF's shared pool (the scheduler needs it to answer them).
+  // Detached: shutdown_atom waits for in-flight requests, which must not hold a thread of CAF's shared pool
+  // (the scheduler needs it to answer them).
   auto actor = sys.spawn<caf::detached>(
-      [listener, scheduler, url](msg::http_bridge_actor::stateful_pointer<bridge_state> self) -> msg::http_bridge_actor::behavior_type {
-        self->state.listener = listener;
+      [server, scheduler, url](msg::http_bridge_actor::stateful_pointer<bridge_state> self) -> msg::http_bridge_actor::behavior_type {
+        self->state.server = server;
         self->state.url = url;
         self->monitor(scheduler);
         self->set_down_handler([self](caf::down_msg& dm) {
           spdlog::error("http bridge: the scheduler went down ({}); stopping the HTTP server", caf::to_string(dm.reason));
           self->quit(dm.reason);
         });
-        return {[self](msg::info_atom) { return self->state.url; }};
+        return {[self](msg::info_atom) { return self->state.url; },
+                [self](msg::shutdown_atom, int64_t wait_ms) -> uint64_t {
+                  return self->state.server->drain(std::chrono::milliseconds(std::max<int64_t>(0, wait_ms)));
+                }};
       });
-  return {actor, static_cast<uint16_t>(port)};
+  return {actor, port};
 }
 
 }  // namespace refit::net

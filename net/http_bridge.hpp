@@ -1,8 +1,8 @@
-// The http_bridge actor (DESIGN.md sections 1 and 5): an embedded cpp-httplib server on its own
-// threads. Each HTTP request becomes one typed request to the scheduler from a scoped_actor of the
-// handling thread (blocking, with a timeout), and the reply becomes JSON. The server stops, after
-// its in-flight requests finish, when the actor exits; the actor exits when the scheduler does. It
-// speaks only the client API (messages/client_api.hpp).
+// The http_bridge actor (DESIGN.md sections 1 and 5): refit's asynchronous HTTP server (net/http_server.hpp)
+// on its own threads. Each HTTP request, once read whole, becomes one typed request to the scheduler from a
+// scoped_actor of a handler thread (blocking, with a timeout), and the reply becomes JSON. shutdown_atom
+// stops accepting and waits a bounded time for what is being served; the actor's exit closes everything;
+// the actor exits when the scheduler does. It speaks only the client API (messages/client_api.hpp).
 #pragma once
 
 #include <caf/all.hpp>
@@ -30,6 +30,12 @@ struct http_bridge_config {
   uint64_t image_store_bytes = 256ull << 20;
   // Updates of a large cold checkpoint and long generations legitimately take minutes.
   std::chrono::seconds request_timeout{3600};
+  // A request's headers and body must arrive within this (else 408); idle keep-alive connections close after it.
+  std::chrono::milliseconds read_timeout{30000};
+  size_t max_connections = 4096;
+  // Generation requests (images, rollouts) beyond workers + this many are answered 429 with Retry-After.
+  size_t max_queued_requests = 256;
+  size_t workers = 1;
 };
 
 struct http_bridge {

@@ -97,7 +97,7 @@ image_request parse_image_request(std::string_view body) {
                  "teacache_threshold"});
   image_request r;
   auto& g = r.generation;
-  auto prompt = opt_string(o, "prompt");
+  auto prompt = opt_text(o, "prompt");
   if (!prompt || prompt->empty()) throw bad_request("prompt is required");
   g.prompts = {std::move(*prompt)};
   g.images_per_prompt = opt_int(o, "n", 1, max_images, "an integer between 1 and 8").value_or(1);
@@ -123,11 +123,11 @@ image_request parse_image_request(std::string_view body) {
   if (opt_bool(o, "stream").value_or(false)) throw bad_request("field 'stream' = true is not supported: refit answers with the finished images");
   if (opt_int(o, "partial_images", 0, 3, "an integer between 0 and 3").value_or(0) > 0)
     throw bad_request("field 'partial_images' is not supported: refit does not stream partial images");
-  r.user = opt_string(o, "user").value_or(opt_string(o, "safety_identifier").value_or(""));
+  r.user = opt_text(o, "user").value_or(opt_text(o, "safety_identifier").value_or(""));
   g.steps = opt_int(o, "num_inference_steps", 1, 1000, "an integer between 1 and 1000").value_or(0);
   g.guidance_scale = opt_number(o, "guidance_scale").value_or(g.guidance_scale);
   parse_seeds(o, r);
-  g.negative_prompt = opt_string(o, "negative_prompt").value_or("");
+  g.negative_prompt = opt_text(o, "negative_prompt").value_or("");
   g.enable_teacache = opt_bool(o, "enable_teacache").value_or(false);
   if (auto t = opt_number(o, "teacache_threshold")) {
     if (!(*t >= 0) || !std::isfinite(*t)) throw bad_request("field 'teacache_threshold' must be a finite number >= 0");

@@ -14,7 +14,7 @@ msg::update_request parse_update_request(std::string_view body) {
   const json o = parse_object(body);
   // SGLang's fields (model_path, flush_cache, target_modules) and refit's.
   only_known(o, {"model_path", "flush_cache", "target_modules", "weight_version", "abort_all_requests", "mode", "weight_update_mode",
-                 "lora_alpha", "lora_rank"});
+                 "lora_alpha", "lora_rank", "check_finite"});
   msg::update_request r;
   auto path = opt_string(o, "model_path");
   if (!path || path->empty()) throw bad_request("model_path is required");
@@ -26,7 +26,8 @@ msg::update_request parse_update_request(std::string_view body) {
     if (t->empty()) throw bad_request("field 'target_modules' must not be an empty list (null selects every module)");
     r.target_modules = std::move(*t);
   }
-  r.weight_version = opt_string(o, "weight_version").value_or("");
+  r.weight_version = opt_weight_version(o);
+  r.check_finite = opt_check_finite(o);
   const auto mode = msg::parse_update_mode(opt_string(o, "mode").value_or("auto"));
   if (!mode) wrong("mode", "one of \"auto\", \"staged\", \"in_place\"");
   r.mode = *mode;

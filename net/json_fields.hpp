@@ -13,6 +13,8 @@
 #include <string_view>
 #include <vector>
 
+#include "messages/input_limits.hpp"
+#include "messages/types.hpp"
 #include "net/json_codec.hpp"
 
 namespace refit::net::fields {
@@ -44,11 +46,41 @@ inline const json* field(const json& o, const char* name) {
   throw bad_request(std::string("field '") + name + "' must be " + expected);
 }
 
-inline std::optional<std::string> opt_string(const json& o, const char* name) {
+// A path or name must not hold a NUL byte: the system calls would read only the part before it.
+inline const std::string& no_nul(const char* name, const std::string& value) {
+  if (value.find('\0') != std::string::npos) throw bad_request(std::string("field '") + name + "' must not contain a NUL byte");
+  return value;
+}
+
+// Free text (prompts), taken as it is.
+inline std::optional<std::string> opt_text(const json& o, const char* name) {
   const json* v = field(o, name);
   if (!v) return std::nullopt;
   if (!v->is_string()) wrong(name, "a string");
   return v->get<std::string>();
+}
+
+// Every other string field (paths, names, options): without NUL bytes.
+inline std::optional<std::string> opt_string(const json& o, const char* name) {
+  auto s = opt_text(o, name);
+  if (s) no_nul(name, *s);
+  return s;
+}
+
+// weight_version: empty when absent; bounded and printable (messages/input_limits.hpp), since every reply
+// and /metrics repeat it.
+inline std::string opt_weight_version(const json& o) {
+  std::string v = opt_text(o, "weight_version").value_or("");
+  if (auto why = msg::label_problem("weight_version", v); !why.empty()) throw bad_request(why);
+  return v;
+}
+
+// check_finite: refuse NaN/Inf in the new weights (true), accept them (false), or the server's default.
+inline msg::finite_check opt_check_finite(const json& o) {
+  const json* v = field(o, "check_finite");
+  if (!v) return msg::finite_check::server_default;
+  if (!v->is_boolean()) wrong("check_finite", "a boolean or null (the server's default, refit serve --check-finite)");
+  return v->get<bool>() ? msg::finite_check::on : msg::finite_check::off;
 }
 
 inline std::optional<bool> opt_bool(const json& o, const char* name) {
@@ -90,7 +122,7 @@ inline std::optional<std::vector<std::string>> opt_strings(const json& o, const 
   std::vector<std::string> out;
   for (const auto& e : *v) {
     if (!e.is_string()) wrong(name, "a list of strings or null");
-    out.push_back(e.get<std::string>());
+    out.push_back(no_nul(name, e.get<std::string>()));
   }
   return out;
 }

@@ -35,7 +35,7 @@ std::vector<T> one_or_list(const json& o, const char* name, size_t n, T fallback
 std::string target_field(const json& o, size_t n) {
   const auto targets = one_or_list<std::string>(o, "target", n, "all", [](const json& v) {
     if (!v.is_string()) wrong("target", "a string or a list of strings");
-    return v.get<std::string>();
+    return no_nul("target", v.get<std::string>());
   });
   for (const auto& t : targets)
     if (t != targets.front())
@@ -56,11 +56,11 @@ lora_call parse_set_lora(std::string_view body) {
   const json* nick = field(o, "lora_nickname");
   if (!nick) throw bad_request("field 'lora_nickname' is required");
   std::vector<std::string> names;
-  if (nick->is_string()) names.push_back(nick->get<std::string>());
+  if (nick->is_string()) names.push_back(no_nul("lora_nickname", nick->get<std::string>()));
   else if (nick->is_array())
     for (const auto& e : *nick) {
       if (!e.is_string()) wrong("lora_nickname", "a string or a list of strings");
-      names.push_back(e.get<std::string>());
+      names.push_back(no_nul("lora_nickname", e.get<std::string>()));
     }
   else wrong("lora_nickname", "a string or a list of strings");
   if (names.empty()) throw bad_request("field 'lora_nickname' must name at least one adapter");
@@ -69,7 +69,7 @@ lora_call parse_set_lora(std::string_view body) {
   const size_t n = names.size();
   const auto paths = one_or_list<std::string>(o, "lora_path", n, "", [](const json& v) {
     if (!v.is_string()) wrong("lora_path", "a string, null, or a list of them");
-    return v.get<std::string>();
+    return no_nul("lora_path", v.get<std::string>());
   });
   const auto strengths = one_or_list<double>(o, "strength", n, 1.0, strength_of);
   const auto alphas = one_or_list<int32_t>(o, "lora_alpha", n, 0, [](const json& v) {
@@ -85,7 +85,7 @@ lora_call parse_set_lora(std::string_view body) {
   lora_call c;
   c.request.op = msg::lora_op::set;
   c.request.target = target_field(o, n);
-  c.request.weight_version = opt_string(o, "weight_version").value_or("");
+  c.request.weight_version = opt_weight_version(o);
   for (size_t i = 0; i < n; ++i) c.request.adapters.push_back({names[i], paths[i], strengths[i], alphas[i], false});
   std::string nicknames, strength_text;
   for (size_t i = 0; i < n; ++i) {
@@ -103,7 +103,7 @@ lora_call parse_merge_lora(std::string_view body) {
   c.request.op = msg::lora_op::merge;
   c.request.target = opt_string(o, "target").value_or("all");
   c.request.strength = opt_number(o, "strength").value_or(1.0);
-  c.request.weight_version = opt_string(o, "weight_version").value_or("");
+  c.request.weight_version = opt_weight_version(o);
   // Python prints the float as given: 1.0, 0.25
   c.success_message = "Successfully merged LoRA weights (target: " + c.request.target + ", strength: " + json(c.request.strength).dump() + ")";
   return c;
@@ -115,7 +115,7 @@ lora_call parse_unmerge_lora(std::string_view body) {
   lora_call c;
   c.request.op = msg::lora_op::unmerge;
   c.request.target = opt_string(o, "target").value_or("all");
-  c.request.weight_version = opt_string(o, "weight_version").value_or("");
+  c.request.weight_version = opt_weight_version(o);
   c.success_message = "Successfully unmerged LoRA weights (target: " + c.request.target + ")";
   return c;
 }

@@ -13,7 +13,7 @@ namespace refit::net::bridge {
 // POST /release_memory_occupation, /resume_memory_occupation: 200 when done (or already so), 400 when refused
 // or rolled back (every worker stays as it was).
 template <class Atom>
-void memory_occupation(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void memory_occupation(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   try {
     parse_memory_request(req.body);
@@ -35,7 +35,7 @@ void memory_occupation(bridge_context& ctx, const httplib::Request& req, httplib
 }
 
 // POST /update_weights_from_tensor: the trainer's tensors are shared, not sent; each worker opens its payload.
-void update_weights_from_tensor(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void update_weights_from_tensor(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   msg::update_request update;
   try {
@@ -49,7 +49,7 @@ void update_weights_from_tensor(bridge_context& ctx, const httplib::Request& req
 }
 
 // POST /update_weights_from_tensor_checker: SGLang's {success, message}, 200 or 400.
-void update_weights_from_tensor_checker(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void update_weights_from_tensor_checker(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   checker_request check;
   try {
@@ -73,7 +73,7 @@ void update_weights_from_tensor_checker(bridge_context& ctx, const httplib::Requ
 // POST /v1/set_lora, /v1/merge_lora_weights, /v1/unmerge_lora_weights: each one update transaction.
 // SGLang answers a failure with 500 {"detail"}; refit with 400 when the request or the adapter is at fault
 // (nothing changed), 500/504 when the server is.
-void run_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res, lora_call (*parse)(std::string_view),
+void run_lora(bridge_context& ctx, const http::request& req, http::response& res, lora_call (*parse)(std::string_view),
               const char* failure_prefix) {
   if (reject_unauthorized(ctx, req, res)) return;
   lora_call call;
@@ -112,17 +112,17 @@ void run_lora(bridge_context& ctx, const httplib::Request& req, httplib::Respons
   reply(res, 200, lora_success_json(call.success_message, result));
 }
 
-void set_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void set_lora(bridge_context& ctx, const http::request& req, http::response& res) {
   run_lora(ctx, req, res, parse_set_lora, "Failed to set LoRA adapter");
 }
-void merge_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void merge_lora(bridge_context& ctx, const http::request& req, http::response& res) {
   run_lora(ctx, req, res, parse_merge_lora, "Failed to merge LoRA weights");
 }
-void unmerge_lora(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void unmerge_lora(bridge_context& ctx, const http::request& req, http::response& res) {
   run_lora(ctx, req, res, parse_unmerge_lora, "Failed to unmerge LoRA weights");
 }
 
-void list_loras(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void list_loras(bridge_context& ctx, const http::request& req, http::response& res) {
   if (reject_unauthorized(ctx, req, res)) return;
   auto r = ask<msg::lora_status>(ctx, query_timeout, msg::list_loras_atom::value);
   if (auto* e = std::get_if<caf::error>(&r)) {
@@ -132,11 +132,11 @@ void list_loras(bridge_context& ctx, const httplib::Request& req, httplib::Respo
   reply(res, 200, lora_status_json(std::get<msg::lora_status>(r)));
 }
 
-void release_memory_occupation(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void release_memory_occupation(bridge_context& ctx, const http::request& req, http::response& res) {
   memory_occupation<msg::release_memory_atom>(ctx, req, res);
 }
 
-void resume_memory_occupation(bridge_context& ctx, const httplib::Request& req, httplib::Response& res) {
+void resume_memory_occupation(bridge_context& ctx, const http::request& req, http::response& res) {
   memory_occupation<msg::resume_memory_atom>(ctx, req, res);
 }
 

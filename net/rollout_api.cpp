@@ -43,10 +43,10 @@ rollout_http_request parse_rollout_request(std::string_view body) {
   rollout_http_request out;
   auto& r = out.rollout;
   auto& g = r.generation;
-  auto prompt = opt_string(o, "prompt");
+  auto prompt = opt_text(o, "prompt");
   if (!prompt || prompt->empty()) throw bad_request("prompt is required");
   g.prompts = {std::move(*prompt)};
-  g.negative_prompt = opt_string(o, "negative_prompt").value_or("");
+  g.negative_prompt = opt_text(o, "negative_prompt").value_or("");
   if (auto seed = opt_uint64(o, "seed")) {
     g.seed = *seed;
     out.seed_given = true;
@@ -59,7 +59,12 @@ rollout_http_request parse_rollout_request(std::string_view body) {
   if (g.width && g.height && g.width * g.height > 2048 * 2048)
     throw bad_request("fields 'width'/'height' must be at most 4194304 pixels per image, got " + std::to_string(g.width) + "x" + std::to_string(g.height));
   g.steps = opt_int(o, "num_inference_steps", 1, 1000, "an integer between 1 and 1000").value_or(0);
-  g.images_per_prompt = opt_int(o, "num_outputs_per_prompt", 1, 8, "an integer between 1 and 8").value_or(1);
+  // Flow-GRPO groups are 16-24 samples per prompt; one request runs them as one batch, so the batch's pixels are bounded.
+  g.images_per_prompt = opt_int(o, "num_outputs_per_prompt", 1, 64, "an integer between 1 and 64").value_or(1);
+  if (g.width && g.height && int64_t{g.images_per_prompt} * g.width * g.height > int64_t{64} * 512 * 512)
+    throw bad_request("fields 'num_outputs_per_prompt' x 'width' x 'height' must be at most 16777216 pixels per request (a batch of 64 at "
+                      "512x512, 16 at 1024x1024), got " + std::to_string(g.images_per_prompt) + " x " + std::to_string(g.width) + "x" +
+                      std::to_string(g.height) + "; send several requests");
   // The pipelines refit serves take one guidance scale; SGLang's gives true_cfg_scale, when set, precedence.
   auto positive = [&](const char* name) -> std::optional<double> {
     auto v = opt_number(o, name);

@@ -13,7 +13,7 @@ using namespace fields;
 msg::update_request parse_tensor_update_request(std::string_view body) {
   const json o = parse_object(body);
   only_known(o, {"serialized_named_tensors", "load_format", "payload_gpu_uuids", "target_modules", "weight_update_mode", "lora_alpha",
-                 "lora_rank", "weight_version", "flush_cache", "abort_all_requests", "mode"});
+                 "lora_rank", "weight_version", "flush_cache", "abort_all_requests", "mode", "check_finite"});
   msg::update_request r;
   r.source = msg::source_kind::tensor;
   const json* payloads = field(o, "serialized_named_tensors");
@@ -37,7 +37,8 @@ msg::update_request parse_tensor_update_request(std::string_view body) {
     r.target_modules = std::move(*t);
   }
   parse_lora_merge(o, r);
-  r.weight_version = opt_string(o, "weight_version").value_or("");
+  r.weight_version = opt_weight_version(o);
+  r.check_finite = opt_check_finite(o);
   r.flush_cache = opt_bool(o, "flush_cache").value_or(true);
   r.abort_all_requests = opt_bool(o, "abort_all_requests").value_or(false);
   const auto mode = msg::parse_update_mode(opt_string(o, "mode").value_or("auto"));

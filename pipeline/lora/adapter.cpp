@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstring>
 #include <algorithm>
-#include <fstream>
 #include <set>
 #include <stdexcept>
 
@@ -69,16 +68,12 @@ lora_config parse_config(const json& c, const std::string& origin) {
   return out;
 }
 
-std::optional<lora_config> config_beside(const fs::path& dir) {
+std::optional<lora_config> config_beside(const fs::path& dir, const weights::file_scope& scope) {
   const fs::path p = dir / "adapter_config.json";
-  if (!fs::exists(p)) return std::nullopt;
-  std::ifstream in(p);
-  json c;
-  try {
-    c = json::parse(in);
-  } catch (const std::exception& e) {
-    throw bad(p.string() + ": not valid JSON: " + e.what());
-  }
+  if (!scope.stat(p)) return std::nullopt;
+  json c = json::parse(scope.read_small_file(p), nullptr, /*allow_exceptions=*/false);
+  // Not the parser's message: it quotes the bytes it last read.
+  if (c.is_discarded()) throw bad(p.string() + ": not valid JSON");
   return parse_config(c, p.string());
 }
 
@@ -105,18 +100,18 @@ std::optional<lora_config> config_in_metadata(const weights::safetensors_file& f
   return parse_config(prefixed ? own : c, f.path().string() + " (lora_adapter_metadata)");
 }
 
-fs::path weights_file(const fs::path& path) {
-  std::error_code ec;
-  if (fs::is_regular_file(path, ec)) {
+fs::path weights_file(const fs::path& path, const weights::file_scope& scope) {
+  if (scope.is_regular_file(path)) {
     if (path.extension() != ".safetensors") throw bad(path.string() + ": not a .safetensors file");
     return path;
   }
-  if (!fs::is_directory(path, ec)) throw bad(path.string() + ": no such adapter file or folder");
+  if (!scope.is_directory(path)) throw bad(path.string() + ": no such adapter file or folder");
   for (const char* name : {"adapter_model.safetensors", "pytorch_lora_weights.safetensors"})
-    if (fs::exists(path / name)) return path / name;
+    if (scope.stat(path / name)) return path / name;
   std::vector<fs::path> found;
-  for (const auto& e : fs::directory_iterator(path))
-    if (e.path().extension() == ".safetensors") found.push_back(e.path());
+  for (const auto& name : scope.list(path))
+    if (fs::path(name).extension() == ".safetensors") found.push_back(path / name);
+  std::sort(found.begin(), found.end());
   if (found.size() == 1) return found.front();
   throw bad(path.string() + ": " + (found.empty() ? "no .safetensors file" : "several .safetensors files and none named "
                                                                                "adapter_model.safetensors or pytorch_lora_weights.safetensors"));
@@ -219,10 +214,10 @@ std::pair<std::string, bool> lora_target(const std::string& name) {
 }
 
 std::shared_ptr<const adapter> read_adapter(const std::string& nickname, const fs::path& path, const std::string& module,
-                                            std::optional<double> alpha) {
-  const fs::path file = weights_file(path);
-  auto f = weights::safetensors_file::open(file);
-  std::optional<lora_config> config = config_beside(file.parent_path());
+                                            std::optional<double> alpha, const weights::file_scope& scope) {
+  const fs::path file = weights_file(path, scope);
+  auto f = weights::safetensors_file::open(file, scope);
+  std::optional<lora_config> config = config_beside(file.parent_path(), scope);
   if (!config) config = config_in_metadata(f, module);
   std::map<std::string, at::Tensor> tensors;
   for (const auto& e : f.header().tensors) {
@@ -274,12 +269,12 @@ void check_fits(const adapter& a, const models::tensor_registry& registry) {
 }
 
 std::shared_ptr<const adapter> adapter_store::load(const std::string& nickname, const std::string& path, const std::string& module,
-                                                   std::optional<double> alpha, uint64_t update) {
+                                                   std::optional<double> alpha, uint64_t update, const weights::file_scope& scope) {
   std::lock_guard lock(mutex_);
   auto& mine = pending_[update];
   for (const auto& e : mine)
     if (e.nickname == nickname && e.a->path == path && e.alpha == alpha && e.a->module == module) return e.a;
-  auto a = read_adapter(nickname, path, module, alpha);
+  auto a = read_adapter(nickname, path, module, alpha, scope);
   std::erase_if(mine, [&](const entry& e) { return e.nickname == nickname; });
   mine.push_back({nickname, a, alpha});
   return a;

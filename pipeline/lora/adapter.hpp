@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "pipeline/weights/beneath.hpp"
+
 namespace refit::models {
 class tensor_registry;
 }
@@ -45,9 +47,11 @@ struct adapter {
 
 // Reads an adapter for `module` from `path` (a folder or a .safetensors file). `alpha`: the caller's
 // override of the training alpha (SGLang's lora_alpha); per-layer alphas in the file still win. Throws
-// std::invalid_argument naming the file and tensor for anything it cannot read exactly.
+// std::invalid_argument naming the file and tensor for anything it cannot read exactly. Every file and
+// folder is opened through `scope` (beneath the allowed model roots when restricted; weights::weight_error
+// outside_root when one leads out of them).
 std::shared_ptr<const adapter> read_adapter(const std::string& nickname, const std::filesystem::path& path, const std::string& module,
-                                            std::optional<double> alpha);
+                                            std::optional<double> alpha, const weights::file_scope& scope = {});
 
 // An adapter from named tensors (a trainer's "<layer>.lora_A.weight" / ".lora_B.weight"), alpha = the given
 // one or r. Throws std::invalid_argument for a name that is not an A/B weight or an unpaired one.
@@ -79,7 +83,7 @@ class adapter_store {
   // Reads the adapter at `path` once per update (`update`: the transaction's number; every worker of that
   // update shares one read), pending under `nickname`.
   std::shared_ptr<const adapter> load(const std::string& nickname, const std::string& path, const std::string& module,
-                                      std::optional<double> alpha, uint64_t update);
+                                      std::optional<double> alpha, uint64_t update, const weights::file_scope& scope = {});
   // Keeps `a` (e.g. built from a trainer's tensors) pending for this update.
   void put(std::shared_ptr<const adapter> a, uint64_t update);
   // The adapter pending under `nickname` for this update, or null.

@@ -10,11 +10,12 @@
 
 namespace refit::update {
 
-checkpoint_source::checkpoint_source(std::filesystem::path module_dir) : dir_(std::move(module_dir)) {}
+checkpoint_source::checkpoint_source(std::filesystem::path module_dir, weights::file_scope scope)
+    : dir_(std::move(module_dir)), scope_(std::move(scope)) {}
 checkpoint_source::~checkpoint_source() = default;
 
 source_plan checkpoint_source::plan(const module_context& m) {
-  auto w = std::make_unique<weights::module_weights>(weights::open_module_dir(m.module, dir_));
+  auto w = std::make_unique<weights::module_weights>(weights::open_module_dir(m.module, dir_, scope_));
   models::validate_against(m.registry, *w);
   source_plan p;
   p.slots.resize(m.registry.slots().size());
@@ -27,7 +28,7 @@ source_plan checkpoint_source::plan(const module_context& m) {
 void checkpoint_source::fill(const module_context& m, const fill_target& target) {
   std::unique_ptr<weights::module_weights> w = std::move(opened_);
   if (!w) {
-    w = std::make_unique<weights::module_weights>(weights::open_module_dir(m.module, dir_));
+    w = std::make_unique<weights::module_weights>(weights::open_module_dir(m.module, dir_, scope_));
     models::validate_against(m.registry, *w);
   }
   const auto t0 = std::chrono::steady_clock::now();

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "pipeline/update/weight_source.hpp"
+#include "pipeline/weights/beneath.hpp"
 
 namespace refit::weights {
 struct module_weights;
@@ -16,7 +17,9 @@ namespace refit::update {
 
 class checkpoint_source final : public module_source {
  public:
-  explicit checkpoint_source(std::filesystem::path module_dir);
+  // Every file is opened through `scope`: beneath the allowed model roots for a client's update, anywhere
+  // for the operator's start model.
+  explicit checkpoint_source(std::filesystem::path module_dir, weights::file_scope scope = {});
   ~checkpoint_source() override;
 
   std::string origin() const override { return dir_.string(); }
@@ -30,6 +33,7 @@ class checkpoint_source final : public module_source {
 
  private:
   std::filesystem::path dir_;
+  weights::file_scope scope_;
   std::unique_ptr<weights::module_weights> opened_;  // by plan, for the next fill
 };
 

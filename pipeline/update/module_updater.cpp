@@ -13,6 +13,7 @@
 #include "pipeline/models/layer_offload.hpp"
 #include "pipeline/models/model_loader.hpp"
 #include "pipeline/pipeline.hpp"
+#include "pipeline/update/finite_check.hpp"
 #include "pipeline/update/memory.hpp"
 #include "pipeline/weights/diffusers_layout.hpp"
 
@@ -40,6 +41,15 @@ const char* label(write_path p) {
   }
   return "none";
 }
+
+// check_finite: throws naming the first of `values` (the new values of `slots`, in order) that is not finite.
+void refuse_non_finite(const models::tensor_registry& registry, const std::vector<size_t>& slots, const std::vector<at::Tensor>& values) {
+  const auto bad = first_non_finite(values);
+  if (!bad) return;
+  const std::string name = *bad < slots.size() ? "tensor '" + registry.slots().at(slots[*bad]).name + "'" : std::string("a tensor");
+  throw std::runtime_error(name + " holds NaN or infinite values: non-finite weights are refused (check_finite; "
+                                  "send \"check_finite\": false to accept them)");
+}
 }  // namespace
 
 // One update between stage and its end (finalize, restore).
@@ -53,6 +63,7 @@ struct module_updater::pending {
   bool swapped_stores = false;         // staged commit of offloaded slots: the offload's host stores were swapped
   bool undo_by_reread = false;         // in place without a snapshot: restore re-reads the slots' origins
   bool rollback_owed = false;          // a rollback of the committed update failed: the next stage finishes it
+  bool check_finite = false;           // the new values must be finite (stage, or commit when in place)
 };
 
 module_updater::module_updater(std::shared_ptr<pipeline::diffusion_pipeline> pipe, std::string module, int32_t worker,
@@ -101,7 +112,7 @@ phase_report module_updater::validate(module_source& source) {
   return {write_path::none, p.slots.size(), p.bytes, since(t0), source.origin()};
 }
 
-phase_report module_updater::stage(std::shared_ptr<module_source> source, requested_path requested) {
+phase_report module_updater::stage(std::shared_ptr<module_source> source, requested_path requested, bool check_finite) {
   c10::InferenceMode inference;
   const auto t0 = clock::now();
   if (holds_decided_commit()) {
@@ -121,6 +132,7 @@ phase_report module_updater::stage(std::shared_ptr<module_source> source, reques
   if (released_) throw std::runtime_error("the module's device memory is released (release_memory_occupation): resume it first");
   auto p = std::make_unique<pending>();
   p->source = std::move(source);
+  p->check_finite = check_finite;
   p->plan = p->source->plan(context());
   const std::vector<size_t>& slots = p->plan.slots;
   const std::vector<at::Tensor> live = held(slots);
@@ -172,6 +184,7 @@ phase_report module_updater::stage(std::shared_ptr<module_source> source, reques
         }
       }
       if (!fill_slots.empty()) u.source->fill(context(), {fill_slots, fill_into, fill_current});
+      if (u.check_finite) refuse_non_finite(registry(), slots, u.shadows);
     } catch (...) {
       u.shadows.clear();
       throw;
@@ -236,6 +249,7 @@ phase_report module_updater::commit() {
   ++commits_;  // this commit's own number: a half-written one can never match an earlier decision
   try {
     u.source->fill(context(), {slots, live, live});
+    if (u.check_finite) refuse_non_finite(registry(), slots, live);
     if (off) off->refresh_resident();
   } catch (...) {
     restore();  // a half-written module must not stay live

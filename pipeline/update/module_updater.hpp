@@ -77,7 +77,10 @@ class module_updater {
   // The phases, in the order a transaction runs them. Each throws on failure with a message that
   // names the tensor or file; the caller adds module and phase.
   phase_report validate(module_source& source);
-  phase_report stage(std::shared_ptr<module_source> source, requested_path path);
+  // `check_finite`: the new values must hold no NaN or infinity, checked on the device where they are
+  // written: staged, before stage returns; in place, during commit (which then restores the module and
+  // fails), so that non-finite weights are never served. The message names the first offending tensor.
+  phase_report stage(std::shared_ptr<module_source> source, requested_path path, bool check_finite = false);
   phase_report commit();
   // A rollback was asked for: if it does not complete, the next stage finishes it (and never treats
   // the commit as decided). Call before rollback(), which may then fail.

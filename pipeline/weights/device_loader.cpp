@@ -99,12 +99,9 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     }
   } closer{direct};
   for (const auto& shard : w.shards) {
-    int fd = shard.resident_fraction() < kColdResidency ? ::open(shard.path().c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC) : -1;
-    if (fd >= 0 && !shard.same_file(fd)) {  // the path now names another file (renamed into place): read the opened one
-      ::close(fd);
-      fd = -1;
-    }
-    direct[&shard] = fd;
+    // Opened through the shard's own scope (beneath the allowed roots) and only when it is the very file
+    // opened before; otherwise (renamed into place meanwhile) the opened one is read without O_DIRECT.
+    direct[&shard] = shard.resident_fraction() < kColdResidency ? shard.reopen(O_RDONLY | O_DIRECT).release() : -1;
   }
   std::vector<target> targets;
   struct chunk {

@@ -12,6 +12,7 @@
 #include <mutex>
 
 #include "pipeline/weights/host_loader.hpp"
+#include "pipeline/weights/staging_geometry.hpp"
 
 namespace refit::weights {
 
@@ -32,7 +33,10 @@ class device_loader {
  public:
   // Allocates `slots` pinned buffers of `slot_bytes` each for CUDA device `device_index`. Slots outnumber
   // reader threads two to one, so every thread can read the next chunk while its last one is copied.
-  device_loader(int device_index, uint64_t slot_bytes = 32ull << 20, unsigned slots = 32, unsigned threads = 16);
+  device_loader(int device_index, uint64_t slot_bytes, unsigned slots, unsigned threads);
+  // The ring sized from the last-level cache (staging_geometry.hpp).
+  device_loader(int device_index, const staging_geometry& g) : device_loader(device_index, g.slot_bytes, g.slots, g.threads) {}
+  explicit device_loader(int device_index) : device_loader(device_index, choose_staging_geometry()) {}
   ~device_loader();
   device_loader(const device_loader&) = delete;
   device_loader& operator=(const device_loader&) = delete;

@@ -1,9 +1,7 @@
 #include "pipeline/weights/diffusers_layout.hpp"
 
 #include <algorithm>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -18,12 +16,15 @@ namespace {
   throw weight_error(code, where.string() + ": " + what);
 }
 
-json read_json_file(const fs::path& path, weight_errc code) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(code, path, "cannot be read");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  json doc = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+json read_json_file(const fs::path& path, weight_errc code, const file_scope& scope) {
+  std::string text;
+  try {
+    text = scope.read_small_file(path);
+  } catch (const weight_error& e) {
+    if (e.code() == weight_errc::outside_root) throw;
+    fail(code, path, "cannot be read");
+  }
+  json doc = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded()) fail(code, path, "is not valid JSON");
   if (!doc.is_object()) fail(code, path, "must hold a JSON object");
   return doc;
@@ -39,17 +40,16 @@ bool is_plain_file_name(const std::string& name) {
          name.find('\\') == std::string::npos && name.find('\0') == std::string::npos;
 }
 
-void locate_weights(component_info& c) {
+void locate_weights(component_info& c, const file_scope& scope) {
   std::vector<fs::path> indexes, files;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(c.dir, ec)) {
-    if (!e.is_regular_file()) continue;
-    const std::string name = e.path().filename().string();
+  for (const auto& name : scope.list(c.dir)) {
     if (name.starts_with(".")) continue;  // temporary files of writers
-    if (ends_with(name, ".safetensors.index.json")) indexes.push_back(e.path());
-    else if (ends_with(name, ".safetensors")) files.push_back(e.path());
+    const bool index = ends_with(name, ".safetensors.index.json"), weights = !index && ends_with(name, ".safetensors");
+    if (!index && !weights) continue;
+    // Resolved beneath the root: a weight file that is a symlink out of it is an error, not skipped.
+    if (!scope.is_regular_file(c.dir / name)) continue;
+    (index ? indexes : files).push_back(c.dir / name);
   }
-  if (ec) fail(weight_errc::io_error, c.dir, "cannot list: " + ec.message());
   std::sort(indexes.begin(), indexes.end());
   std::sort(files.begin(), files.end());
 
@@ -66,7 +66,7 @@ void locate_weights(component_info& c) {
   }
   if (indexes.size() == 1) {
     c.index_file = indexes.front();
-    json idx = read_json_file(*c.index_file, weight_errc::bad_shard_index);
+    json idx = read_json_file(*c.index_file, weight_errc::bad_shard_index, scope);
     auto wm = idx.find("weight_map");
     if (wm == idx.end() || !wm->is_object() || wm->empty())
       fail(weight_errc::bad_shard_index, *c.index_file, "has no 'weight_map' object");
@@ -79,7 +79,7 @@ void locate_weights(component_info& c) {
     }
     for (const auto& s : shards) {
       fs::path p = c.dir / s;
-      if (!fs::is_regular_file(p)) fail(weight_errc::missing_shard, *c.index_file, "lists shard '" + s + "' which does not exist");
+      if (!scope.is_regular_file(p)) fail(weight_errc::missing_shard, *c.index_file, "lists shard '" + s + "' which does not exist");
       c.weight_files.push_back(p);
     }
   } else if (files.size() == 1) {
@@ -116,15 +116,15 @@ std::vector<std::string> model_layout::weight_bearing_names() const {
   return out;
 }
 
-model_layout read_model_layout(const fs::path& root_in) {
+model_layout read_model_layout(const fs::path& root_in, const file_scope& scope) {
   model_layout m;
   std::error_code ec;
   m.root = fs::weakly_canonical(root_in, ec);
   if (ec) m.root = root_in;
-  if (!fs::is_directory(m.root)) fail(weight_errc::bad_model_index, root_in, "is not a directory");
+  if (!scope.is_directory(m.root)) fail(weight_errc::bad_model_index, root_in, "is not a directory");
   const fs::path index = m.root / "model_index.json";
-  if (!fs::is_regular_file(index)) fail(weight_errc::bad_model_index, m.root, "has no model_index.json");
-  json doc = read_json_file(index, weight_errc::bad_model_index);
+  if (!scope.is_regular_file(index)) fail(weight_errc::bad_model_index, m.root, "has no model_index.json");
+  json doc = read_json_file(index, weight_errc::bad_model_index, scope);
   if (auto cls = doc.find("_class_name"); cls != doc.end() && cls->is_string()) m.pipeline_class = cls->get<std::string>();
 
   for (auto& [key, value] : doc.items()) {
@@ -141,25 +141,25 @@ model_layout read_model_layout(const fs::path& root_in) {
     c.library = value[0].get<std::string>();
     c.class_name = value[1].get<std::string>();
     c.dir = m.root / key;
-    if (!fs::is_directory(c.dir))
+    if (!scope.is_directory(c.dir))
       fail(weight_errc::missing_component, index, "lists component '" + key + "' but folder " + c.dir.string() + " is missing");
-    locate_weights(c);
+    locate_weights(c, scope);
     m.components.push_back(std::move(c));
   }
   std::sort(m.components.begin(), m.components.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
   return m;
 }
 
-module_weights open_module_weights(const component_info& c) {
+module_weights open_module_weights(const component_info& c, const file_scope& scope) {
   module_weights w;
   w.module = c.name;
   w.dir = c.dir;
   if (c.weight_files.empty()) fail(weight_errc::no_weights, c.dir, "component '" + c.name + "' has no safetensors weights");
-  for (const auto& f : c.weight_files) w.shards.push_back(safetensors_file::open(f));
+  for (const auto& f : c.weight_files) w.shards.push_back(safetensors_file::open(f, scope));
 
   std::map<std::string, std::string> index_map;  // tensor -> shard file name, when sharded
   if (c.index_file) {
-    json idx = read_json_file(*c.index_file, weight_errc::bad_shard_index);
+    json idx = read_json_file(*c.index_file, weight_errc::bad_shard_index, scope);
     for (auto& [tensor, shard] : idx["weight_map"].items()) index_map.emplace(tensor, shard.get<std::string>());
   }
   for (size_t s = 0; s < w.shards.size(); ++s) {
@@ -190,13 +190,13 @@ module_weights open_module_weights(const component_info& c) {
   return w;
 }
 
-module_weights open_module_dir(const std::string& module, const fs::path& dir) {
+module_weights open_module_dir(const std::string& module, const fs::path& dir, const file_scope& scope) {
   component_info c;
   c.name = module;
   c.dir = dir;
-  if (!fs::is_directory(dir)) fail(weight_errc::missing_component, dir, "is not a directory");
-  locate_weights(c);
-  return open_module_weights(c);
+  if (!scope.is_directory(dir)) fail(weight_errc::missing_component, dir, "is not a directory");
+  locate_weights(c, scope);
+  return open_module_weights(c, scope);
 }
 
 }  // namespace refit::weights

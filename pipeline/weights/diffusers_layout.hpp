@@ -33,8 +33,9 @@ struct model_layout {
 };
 
 // Reads model_index.json and locates each component's weights. Checks that every listed component
-// has its folder, and that a weight folder is unambiguous. Does not open the safetensors files.
-model_layout read_model_layout(const std::filesystem::path& root);
+// has its folder, and that a weight folder is unambiguous. Does not open the safetensors files. Every
+// folder and file is opened through `scope` (beneath the allowed model roots when restricted).
+model_layout read_model_layout(const std::filesystem::path& root, const file_scope& scope = {});
 
 // Where one tensor of a module lives.
 struct tensor_location {
@@ -51,9 +52,9 @@ struct module_weights {
   uint64_t total_bytes = 0;
 };
 
-module_weights open_module_weights(const component_info& component);
+module_weights open_module_weights(const component_info& component, const file_scope& scope = {});
 
 // Opens a single component folder (config.json + weights) that is not part of a pipeline.
-module_weights open_module_dir(const std::string& module, const std::filesystem::path& dir);
+module_weights open_module_dir(const std::string& module, const std::filesystem::path& dir, const file_scope& scope = {});
 
 }  // namespace refit::weights

@@ -50,6 +50,7 @@ std::string_view to_string(weight_errc code) {
     case weight_errc::unknown_module: return "unknown_module";
     case weight_errc::unconvertible_dtype: return "unconvertible_dtype";
     case weight_errc::file_changed: return "file_changed";
+    case weight_errc::outside_root: return "outside_root";
   }
   return "unknown";
 }
@@ -170,12 +171,17 @@ safetensors_header parse_header(std::string_view label, std::span<const std::byt
     fail(weight_errc::file_too_small, label, "file has " + std::to_string(file_size) + " bytes, fewer than the 8-byte header length");
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(prefix[i]);
+  // Until the header has proven to be a JSON object, nothing read from the file goes into a message: a
+  // file that is not a safetensors file at all must not have its bytes echoed (the length field is its
+  // first 8 bytes).
   if (n > max_header_bytes)
-    fail(weight_errc::header_too_large, label, "header length " + std::to_string(n) + " exceeds the limit of " +
-                                                  std::to_string(max_header_bytes) + " bytes");
+    fail(weight_errc::header_too_large, label,
+         "not a safetensors file: its header length field is implausible (above the limit of " + std::to_string(max_header_bytes) +
+             " bytes; " + std::to_string(file_size) + " byte file)");
   if (8 + n > file_size)
-    fail(weight_errc::header_out_of_file, label, "header length " + std::to_string(n) + " runs past the end of the file (" +
-                                                     std::to_string(file_size) + " bytes)");
+    fail(weight_errc::header_out_of_file, label,
+         "not a safetensors file: its header length field runs past the end of the file (" + std::to_string(file_size) +
+             " byte file)");
   if (prefix.size() < 8 + n)
     fail(weight_errc::io_error, label, "short read of the header");
 
@@ -210,18 +216,21 @@ safetensors_header parse_header(std::string_view label, std::span<const std::byt
   const char* first = reinterpret_cast<const char*>(hdr);
   const char* last = first + n;
   bool ok = json::sax_parse(first, last, &finder, nlohmann::detail::input_format_t::json, /*strict=*/true);
-  if (!finder.duplicate.empty())
-    fail_tensor(weight_errc::duplicate_tensor, label, finder.duplicate, "name appears twice in the header");
   json doc = json::parse(first, last, nullptr, /*allow_exceptions=*/false);
-  if (!ok || doc.is_discarded()) {
-    std::string why = "header is not valid JSON";
+  if (doc.is_discarded()) {
+    // The position only: the parser's own message quotes the bytes it last read.
+    std::string why = "not a safetensors file: its header is not valid JSON";
     try {
-      [[maybe_unused]] json reparsed = json::parse(first, last);  // throws with the position and reason
-    } catch (const json::exception& e) {
-      why += std::string(" (") + e.what() + ")";
+      [[maybe_unused]] json reparsed = json::parse(first, last);  // throws with the position
+    } catch (const json::parse_error& e) {
+      why += " (syntax error at header byte " + std::to_string(e.byte) + ")";
+    } catch (const json::exception&) {
     }
     fail(weight_errc::header_bad_json, label, why);
   }
+  if (!finder.duplicate.empty() && doc.is_object())
+    fail_tensor(weight_errc::duplicate_tensor, label, finder.duplicate, "name appears twice in the header");
+  if (!ok) fail(weight_errc::header_bad_json, label, "not a safetensors file: its header is not valid JSON");
   if (!doc.is_object())
     fail(weight_errc::header_not_object, label, std::string("header must be a JSON object, got ") + doc.type_name());
 
@@ -277,12 +286,12 @@ safetensors_header parse_header(std::string_view label, std::span<const std::byt
 // ---------------------------------------------------------------------------------------------
 // safetensors_file
 
-safetensors_file safetensors_file::open(const std::filesystem::path& path) {
+safetensors_file safetensors_file::open(const std::filesystem::path& path, const file_scope& scope) {
   safetensors_file f;
   f.path_ = path;
+  f.scope_ = scope;
   const std::string label = path.string();
-  f.fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (f.fd_ < 0) fail(weight_errc::io_error, label, std::string("cannot open: ") + std::strerror(errno));
+  f.fd_ = scope.open(path, O_RDONLY).release();
   struct stat st {};
   if (::fstat(f.fd_, &st) != 0) fail(weight_errc::io_error, label, std::string("cannot stat: ") + std::strerror(errno));
   if (!S_ISREG(st.st_mode)) fail(weight_errc::io_error, label, "not a regular file");
@@ -324,6 +333,7 @@ safetensors_file safetensors_file::open(const std::filesystem::path& path) {
 
 safetensors_file::safetensors_file(safetensors_file&& o) noexcept
     : path_(std::move(o.path_)),
+      scope_(std::move(o.scope_)),
       header_(std::move(o.header_)),
       file_size_(o.file_size_),
       mtime_ns_(o.mtime_ns_),
@@ -362,6 +372,16 @@ void safetensors_file::check_unchanged() const {
 bool safetensors_file::same_file(int fd) const {
   struct stat st {};
   return ::fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_dev) == dev_ && static_cast<uint64_t>(st.st_ino) == ino_;
+}
+
+unique_fd safetensors_file::reopen(int flags) const {
+  try {
+    auto fd = scope_.try_open(path_, flags);
+    if (fd && same_file(fd->get())) return std::move(*fd);
+  } catch (const weight_error&) {
+    // The path now leads elsewhere (or cannot be opened): the descriptor opened at open() is still read.
+  }
+  return unique_fd();
 }
 
 double safetensors_file::resident_fraction() const {

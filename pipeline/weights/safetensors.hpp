@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "pipeline/weights/beneath.hpp"
 #include "pipeline/weights/dtype.hpp"
 #include "pipeline/weights/weight_error.hpp"
 
@@ -51,7 +52,8 @@ safetensors_header parse_header(std::string_view label, std::span<const std::byt
 // A validated safetensors file, mapped read-only.
 class safetensors_file {
  public:
-  static safetensors_file open(const std::filesystem::path& path);
+  // Opened through `scope` (beneath the allowed model roots when it is restricted).
+  static safetensors_file open(const std::filesystem::path& path, const file_scope& scope = {});
 
   safetensors_file(safetensors_file&&) noexcept;
   safetensors_file& operator=(safetensors_file&&) noexcept;
@@ -74,10 +76,14 @@ class safetensors_file {
   void check_unchanged() const;
   // Whether `fd` refers to this very file (the same inode), e.g. a second descriptor opened by path.
   bool same_file(int fd) const;
+  // A second descriptor of this very file with other `flags` (O_DIRECT), opened by path through the same
+  // scope; not open when the path no longer names this file or cannot be opened.
+  unique_fd reopen(int flags) const;
 
  private:
   safetensors_file() = default;
   std::filesystem::path path_;
+  file_scope scope_;
   safetensors_header header_;
   uint64_t file_size_ = 0;
   int64_t mtime_ns_ = 0;

@@ -42,6 +42,7 @@ enum class weight_errc : uint8_t {
   unknown_module,
   unconvertible_dtype,
   file_changed,             // written while it was read
+  outside_root,             // resolves outside the allowed model roots (refit serve --allowed-model-root)
 };
 
 std::string_view to_string(weight_errc code);

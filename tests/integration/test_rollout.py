@@ -66,6 +66,9 @@ BAD = {
     "indices": ({"rollout_sde_step_indices": [0, -1]}, "field 'rollout_sde_step_indices'"),
     "unknown": ({"rollout_steps": 2}, "unknown field(s) 'rollout_steps'"),
     "no_prompt": ({"prompt": ""}, "prompt is required"),
+    "group_too_large": ({"num_outputs_per_prompt": 65}, "field 'num_outputs_per_prompt' must be an integer between 1 and 64"),
+    "batch_pixels": ({"num_outputs_per_prompt": 24, "width": 1024, "height": 1024},
+                     "must be at most 16777216 pixels per request (a batch of 64 at 512x512, 16 at 1024x1024), got 24 x 1024x1024"),
 }
 
 
@@ -75,6 +78,13 @@ def test_fields_refit_cannot_honour_are_refused_with_sglangs_error_shape(server,
     r = server.post("/rollout/generate", {"prompt": "a red fox", "seed": 1, **fields})
     assert r.status_code == 400, r.text
     assert message in r.json()["detail"], r.text
+
+
+def test_a_flow_grpo_sized_group_is_one_request(server):
+    out = post(server, num_outputs_per_prompt=24, num_inference_steps=2)
+    assert len(out) == 24 and [s["seed"] for s in out] == [3] * 24
+    images = [s["generated_output"] for s in out]
+    assert all(not torch.equal(images[0], x) for x in images[1:])  # seed + i: every sample its own noise
 
 
 def test_rollouts_during_updates_name_the_weights_of_all_their_steps(server, ckpt):

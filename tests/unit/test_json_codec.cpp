@@ -145,7 +145,7 @@ BOOST_AUTO_TEST_CASE(update_request_lora_merge_names_the_adapter) {
 BOOST_AUTO_TEST_CASE(unknown_fields_are_refused_by_name) {
   BOOST_TEST(update_rejection(R"({"model_path": "/m", "target_module": ["vae"]})") ==
              "unknown field(s) 'target_module' (this endpoint takes: model_path, flush_cache, target_modules, weight_version, "
-             "abort_all_requests, mode, weight_update_mode, lora_alpha, lora_rank)");
+             "abort_all_requests, mode, weight_update_mode, lora_alpha, lora_rank, check_finite)");
   BOOST_TEST(update_rejection(R"({"model_path": "/m", "load_format": 3, "extra": {"nested": [1, 2]}})").find("unknown field(s) 'extra', 'load_format'") == 0);
   BOOST_TEST(checksum_rejection(R"({"whatever": null, "worker": 1})").find("unknown field(s) 'whatever'") == 0);
   BOOST_TEST(image_rejection(R"({"prompt": "a fox", "steps": 4})").find("unknown field(s) 'steps'") == 0);
@@ -155,6 +155,32 @@ BOOST_AUTO_TEST_CASE(unknown_fields_are_refused_by_name) {
   BOOST_TEST(i.generation.prompts.at(0) == "a fox");
   BOOST_TEST(*i.model == "m");
   BOOST_TEST(i.user == "me");
+}
+
+// Issue 13: a NUL byte would truncate a path; weight_version is repeated in every reply and in /metrics.
+BOOST_AUTO_TEST_CASE(nul_bytes_hostile_weight_versions_and_check_finite) {
+  BOOST_TEST(update_rejection(R"({"model_path": "/m\u0000/x"})") == "field 'model_path' must not contain a NUL byte");
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "target_modules": ["vae\u0000"]})") ==
+             "field 'target_modules' must not contain a NUL byte");
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "weight_version": ")" + std::string(257, 'v') + "\"}") ==
+             "field 'weight_version' is 257 bytes long; at most 256 are allowed");
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "weight_version": "a\tb"})") ==
+             "field 'weight_version' holds the byte 0x09 at offset 1; only printable ASCII without '\"' and '\\' is allowed");
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "weight_version": "\u00e9"})").find("holds the byte 0xc3 at offset 0") !=
+             std::string::npos);
+  BOOST_TEST(update_rejection(R"({"model_path": "/m", "check_finite": 1})").find("field 'check_finite' must be a boolean") == 0);
+  BOOST_TEST((net::parse_update_request(R"({"model_path": "/m"})").check_finite == msg::finite_check::server_default));
+  BOOST_TEST((net::parse_update_request(R"({"model_path": "/m", "check_finite": false})").check_finite == msg::finite_check::off));
+  const auto ok = net::parse_update_request(R"({"model_path": "/m", "check_finite": true, "weight_version": ")" + std::string(256, '~') + "\"}");
+  BOOST_TEST((ok.check_finite == msg::finite_check::on));
+  BOOST_TEST(ok.weight_version.size() == 256u);
+  // Prompts are free text.
+  BOOST_TEST(net::parse_image_request(R"({"prompt": "a\u0000fox"})").generation.prompts.at(0) == std::string("a\0fox", 5));
+  // The distributed endpoint refuses too, keeping the announcement for the workers to drop.
+  const auto d = net::parse_distributed_update_request(
+      R"({"names": ["a"], "dtypes": ["float16"], "shapes": [[4]], "weight_version": "x\ny", "check_finite": false})");
+  BOOST_TEST(d.refused == "field 'weight_version' holds the byte 0x0a at offset 1; only printable ASCII without '\"' and '\\' is allowed");
+  BOOST_TEST(d.tensors.size() == 1u);
 }
 
 BOOST_AUTO_TEST_CASE(openai_fields_refit_cannot_honour_are_refused_by_name) {

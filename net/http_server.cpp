@@ -1,0 +1,526 @@
+#include "net/http_server.hpp"
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <regex>
+#include <set>
+#include <thread>
+
+namespace refit::net::http {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
+using tcp = asio::ip::tcp;
+using clock = std::chrono::steady_clock;
+
+// ---------------------------------------------------------------------------------------------
+// Requests and responses
+
+namespace {
+
+bool iequals(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(b[i]))) return false;
+  return true;
+}
+
+int hex_value(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// nullopt for a malformed escape or an encoded NUL (which would cut the path short wherever it is used).
+std::optional<std::string> percent_decode(std::string_view s, bool plus_is_space) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '%') {
+      if (i + 2 >= s.size()) return std::nullopt;
+      const int hi = hex_value(s[i + 1]), lo = hex_value(s[i + 2]);
+      if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) return std::nullopt;
+      out.push_back(static_cast<char>(hi * 16 + lo));
+      i += 2;
+    } else if (plus_is_space && s[i] == '+') {
+      out.push_back(' ');
+    } else {
+      out.push_back(s[i]);
+    }
+  }
+  return out;
+}
+
+// The value of `key` in a query string, percent-decoded.
+std::optional<std::string> query_value(std::string_view query, std::string_view key) {
+  while (!query.empty()) {
+    const size_t amp = query.find('&');
+    const std::string_view pair = query.substr(0, amp);
+    const size_t eq = pair.find('=');
+    if (pair.substr(0, eq) == key) {
+      if (eq == std::string_view::npos) return std::string{};
+      return percent_decode(pair.substr(eq + 1), true).value_or(std::string{});
+    }
+    if (amp == std::string_view::npos) break;
+    query.remove_prefix(amp + 1);
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::string request::header(std::string_view name) const {
+  for (const auto& [k, v] : headers)
+    if (iequals(k, name)) return v;
+  return {};
+}
+
+bool request::has_param(std::string_view key) const { return query_value(query, key).has_value(); }
+
+std::string request::param(std::string_view key) const { return query_value(query, key).value_or(std::string{}); }
+
+std::string response::header(std::string_view name) const {
+  for (const auto& [k, v] : headers)
+    if (iequals(k, name)) return v;
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handler threads: grow on demand up to a limit, never shrink (they are few and cheap idle).
+
+namespace {
+
+class handler_pool : public std::enable_shared_from_this<handler_pool> {
+ public:
+  explicit handler_pool(unsigned max_threads) : max_(std::max(1u, max_threads)) {}
+
+  void post(std::function<void()> task) {
+    std::unique_lock lock(mu_);
+    tasks_.push_back(std::move(task));
+    if (idle_ == 0 && threads_ < max_) {
+      ++threads_;
+      std::thread([self = shared_from_this()] { self->run(); }).detach();
+    } else {
+      cv_.notify_one();
+    }
+  }
+
+  // Threads exit once the queue is empty; waits at most `wait` for them. Returns how many still run.
+  size_t stop(std::chrono::milliseconds wait) {
+    std::unique_lock lock(mu_);
+    stopping_ = true;
+    cv_.notify_all();
+    exited_.wait_for(lock, wait, [this] { return threads_ == 0; });
+    return threads_;
+  }
+
+ private:
+  void run() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      ++idle_;
+      cv_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
+      --idle_;
+      if (tasks_.empty()) break;  // stopping
+      auto task = std::move(tasks_.front());
+      tasks_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+    --threads_;
+    exited_.notify_all();
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_, exited_;
+  std::deque<std::function<void()>> tasks_;
+  unsigned max_, threads_ = 0, idle_ = 0;
+  bool stopping_ = false;
+};
+
+struct route_entry {
+  std::string method;
+  std::regex pattern;
+  handler fn;
+  server::dispatch how;
+};
+
+}  // namespace
+
+struct session;
+
+// ---------------------------------------------------------------------------------------------
+// The server's state, shared by its connections and the handler tasks, so that a handler still
+// running when the server is destroyed finds what it needs.
+
+struct server::impl : std::enable_shared_from_this<server::impl> {
+  explicit impl(server_config c) : config(std::move(c)), pool(std::make_shared<handler_pool>(config.max_handler_threads)) {}
+
+  server_config config;
+  asio::io_context io{static_cast<int>(std::max(1u, config.io_threads))};
+  std::optional<tcp::acceptor> acceptor;
+  // Keeps the I/O threads running while no operation is pending (the acceptor closed, replies still to come).
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> keep_running;
+  std::vector<std::thread> io_threads;
+  std::shared_ptr<handler_pool> pool;
+  std::vector<route_entry> routes;
+  error_renderer render_error;
+  request_logger log_request;
+  std::function<void(const request&, const std::string&, response&)> render_exception;
+
+  std::atomic<bool> draining{false};
+  std::atomic<size_t> open_connections{0};
+  mutable std::mutex mu;
+  std::condition_variable idle;
+  size_t handling = 0;  // guarded by mu
+  std::set<std::shared_ptr<session>> sessions;  // guarded by mu; so stop() can close them
+
+  void accept();
+  void finished_handling() {
+    std::lock_guard lock(mu);
+    --handling;
+    idle.notify_all();
+  }
+};
+
+namespace {
+
+std::string allowed_methods(const std::vector<route_entry>& routes, const std::string& path) {
+  std::string allow;
+  for (const auto& r : routes)
+    if (std::regex_match(path, r.pattern) && allow.find(r.method) == std::string::npos) allow += (allow.empty() ? "" : ", ") + r.method;
+  return allow;
+}
+
+}  // namespace
+
+struct session : std::enable_shared_from_this<session> {
+  session(tcp::socket s, std::shared_ptr<server::impl> owner) : stream(std::move(s)), srv(std::move(owner)) {
+    beast::error_code ec;
+    const auto ep = stream.socket().remote_endpoint(ec);
+    if (!ec) remote = ep.address().to_string() + ":" + std::to_string(ep.port());
+  }
+
+  beast::tcp_stream stream;
+  std::shared_ptr<server::impl> srv;
+  // The read deadline cancels the read rather than closing the socket (as the stream's own timeout
+  // would), so the client still gets its 408.
+  asio::steady_timer read_deadline{stream.get_executor()};
+  bool read_timed_out = false;
+  bool counted = false;
+  std::shared_ptr<bhttp::response<bhttp::empty_body>> continue_reply;  // a pooled request of this connection is in impl::handling
+  beast::flat_buffer buffer;
+  std::optional<bhttp::request_parser<bhttp::string_body>> parser;
+  bhttp::response<bhttp::string_body> reply;
+  std::string remote;
+  request current;
+  clock::time_point started{};
+  bool keep_alive = false;
+
+  void start() { read_next(); }
+
+  void read_next() {
+    parser.emplace();
+    parser->body_limit(srv->config.max_body_bytes);
+    parser->header_limit(static_cast<uint32_t>(srv->config.max_header_bytes));
+    // One deadline for the whole request: a client trickling bytes cannot extend it.
+    stream.expires_never();
+    read_timed_out = false;
+    read_deadline.expires_after(srv->config.read_timeout);
+    read_deadline.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec) return;  // cancelled: the request arrived in time
+      self->read_timed_out = true;
+      beast::error_code ignored;
+      self->stream.socket().cancel(ignored);
+    });
+    bhttp::async_read_header(stream, buffer, *parser, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
+  }
+
+  // A client that sent "Expect: 100-continue" (curl does, for larger bodies) waits for this before sending the
+  // body; the read deadline still covers the whole request.
+  void on_header(beast::error_code ec) {
+    if (ec || parser->is_done()) return on_read(ec);
+    const auto& h = parser->get();
+    const auto expect = h[bhttp::field::expect];
+    if (beast::iequals(expect, "100-continue") && !srv->draining) {
+      continue_reply = std::make_shared<bhttp::response<bhttp::empty_body>>(bhttp::status::continue_, 11);
+      bhttp::async_write(stream, *continue_reply, [self = shared_from_this()](beast::error_code ec, size_t) {
+        if (ec) return self->on_read(ec);
+        self->read_body();
+      });
+      return;
+    }
+    read_body();
+  }
+
+  void read_body() {
+    bhttp::async_read(stream, buffer, *parser, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_read(ec); });
+  }
+
+  void on_read(beast::error_code ec) {
+    started = clock::now();
+    read_deadline.cancel();
+    if (read_timed_out) ec = beast::error::timeout;
+    if (ec == bhttp::error::end_of_stream || ec == asio::error::connection_reset || ec == asio::error::operation_aborted) return close();
+    const bool got_bytes = parser && (parser->got_some() || buffer.size() > 0);
+    if (ec) {
+      current = request{};
+      current.remote_addr = remote;
+      if (parser && parser->is_header_done()) {
+        current.method = std::string(parser->get().method_string());
+        current.path = std::string(parser->get().target().substr(0, parser->get().target().find('?')));
+      }
+      keep_alive = false;
+      if (ec == beast::error::timeout) {
+        if (!got_bytes) return close();  // an idle keep-alive connection
+        return answer_error(408, "the request did not arrive whole within " + std::to_string(srv->config.read_timeout.count() / 1000.0).substr(0, 5) + " s");
+      }
+      if (ec == bhttp::error::body_limit)
+        return answer_error(413, "request body too large: the limit is " + std::to_string(srv->config.max_body_bytes) + " bytes (--max-request-bytes)");
+      if (ec == bhttp::error::header_limit)
+        return answer_error(431, "request header fields too large: the limit is " + std::to_string(srv->config.max_header_bytes) + " bytes");
+      if (!got_bytes) return close();
+      return answer_error(400, "malformed HTTP request (" + ec.message() + ")");
+    }
+    auto& msg = parser->get();
+    keep_alive = msg.keep_alive();
+    current = request{};
+    current.remote_addr = remote;
+    current.method = std::string(msg.method_string());
+    const std::string_view target(msg.target().data(), msg.target().size());
+    const size_t q = target.find('?');
+    auto path = percent_decode(target.substr(0, q), false);
+    if (q != std::string_view::npos) current.query = std::string(target.substr(q + 1));
+    for (const auto& f : msg) current.headers.emplace_back(std::string(f.name_string()), std::string(f.value()));
+    current.body = std::move(msg.body());
+    if (!path || path->empty() || (*path)[0] != '/') {
+      current.path = std::string(target.substr(0, q));
+      keep_alive = false;
+      return answer_error(400, "malformed request target");
+    }
+    current.path = std::move(*path);
+    if (srv->draining) {
+      keep_alive = false;
+      return answer_error(503, "the server is shutting down");
+    }
+    const route_entry* found = nullptr;
+    std::smatch m;
+    for (const auto& r : srv->routes)
+      if (r.method == current.method && std::regex_match(current.path, m, r.pattern)) {
+        found = &r;
+        current.matches.assign(m.begin(), m.end());
+        break;
+      }
+    if (!found) {
+      const std::string allow = allowed_methods(srv->routes, current.path);
+      if (!allow.empty()) return answer_error(405, allow);
+      return answer_error(404, "no such endpoint");
+    }
+    if (found->how == server::dispatch::inline_io) {
+      response res;
+      run_handler(*found, res);
+      return write(std::move(res));
+    }
+    {
+      std::lock_guard lock(srv->mu);
+      ++srv->handling;
+    }
+    counted = true;  // until its reply is written: drain() waits for that
+    srv->pool->post([self = shared_from_this(), fn = found]() {
+      response res;
+      self->run_handler(*fn, res);
+      asio::post(self->stream.get_executor(), [self, res = std::move(res)]() mutable { self->write(std::move(res)); });
+    });
+  }
+
+  void run_handler(const route_entry& r, response& res) {
+    try {
+      r.fn(current, res);
+    } catch (const std::exception& e) {
+      res = response{};
+      if (srv->render_exception) srv->render_exception(current, e.what(), res);
+      else res.set(500, "internal error");
+    } catch (...) {
+      res = response{};
+      if (srv->render_exception) srv->render_exception(current, "unknown exception", res);
+      else res.set(500, "internal error");
+    }
+  }
+
+  // `reason` is the Allow list for 405.
+  void answer_error(int status, const std::string& reason) {
+    response res;
+    res.status = status;
+    if (status == 405) res.set_header("Allow", reason);
+    if (srv->render_error) srv->render_error(status, current, reason, res);
+    else res.set(status, reason, "text/plain");
+    write(std::move(res));
+  }
+
+  void write(response res) {
+    reply = {};
+    reply.version(11);
+    reply.result(static_cast<unsigned>(res.status));
+    reply.set(bhttp::field::content_type, res.content_type);
+    for (auto& [k, v] : res.headers) reply.insert(k, v);
+    if (srv->draining) keep_alive = false;
+    reply.keep_alive(keep_alive);
+    reply.body() = std::move(res.body);
+    reply.prepare_payload();
+    if (srv->log_request) {
+      const double ms = started == clock::time_point{} ? 0.0 : std::chrono::duration<double, std::milli>(clock::now() - started).count();
+      srv->log_request(current, res.status, ms);
+    }
+    stream.expires_after(srv->config.write_timeout);
+    bhttp::async_write(stream, reply, [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (self->counted) {
+        self->counted = false;
+        self->srv->finished_handling();
+      }
+      if (ec || !self->keep_alive || self->srv->draining) return self->close();
+      self->read_next();
+    });
+  }
+
+  void close() {
+    beast::error_code ec;
+    stream.socket().shutdown(tcp::socket::shutdown_both, ec);
+    stream.close();
+    std::lock_guard lock(srv->mu);
+    srv->sessions.erase(shared_from_this());
+  }
+};
+
+void server::impl::accept() {
+  acceptor->async_accept(asio::make_strand(io), [self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
+    if (ec == asio::error::operation_aborted || !self->acceptor || !self->acceptor->is_open()) return;
+    if (!ec) {
+      std::shared_ptr<session> s;
+      {
+        std::lock_guard lock(self->mu);
+        if (self->sessions.size() >= self->config.max_connections) {
+          static std::atomic<uint64_t> refused{0};
+          if (refused++ % 1000 == 0)
+            spdlog::warn("http: {} connections open (the limit); closing new ones", self->sessions.size());
+          beast::error_code ignored;
+          socket.close(ignored);
+        } else {
+          s = std::make_shared<session>(std::move(socket), self);
+          self->sessions.insert(s);
+        }
+      }
+      if (s) s->start();
+    } else {
+      spdlog::warn("http: accept failed: {}", ec.message());
+    }
+    self->accept();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+server::server(server_config config) : impl_(std::make_shared<impl>(std::move(config))) {}
+
+server::~server() { stop(); }
+
+void server::route(std::string method, std::string pattern, handler h, dispatch d) {
+  impl_->routes.push_back({std::move(method), std::regex(pattern), std::move(h), d});
+}
+void server::on_error(error_renderer r) { impl_->render_error = std::move(r); }
+void server::on_request(request_logger l) { impl_->log_request = std::move(l); }
+void server::on_exception(std::function<void(const request&, const std::string&, response&)> f) { impl_->render_exception = std::move(f); }
+
+uint16_t server::listen(const std::string& host, uint16_t port) {
+  auto& s = *impl_;
+  beast::error_code ec;
+  tcp::resolver resolver(s.io);
+  auto results = resolver.resolve(host, std::to_string(port), ec);
+  if (ec || results.empty()) throw std::runtime_error("cannot listen on " + host + ":" + std::to_string(port) + ": " + (ec ? ec.message() : "no address"));
+  const tcp::endpoint ep = *results.begin();
+  s.acceptor.emplace(s.io);
+  s.acceptor->open(ep.protocol(), ec);
+  // SO_REUSEADDR (a restart over TIME_WAIT sockets), never SO_REUSEPORT (a second server would take half the traffic).
+  if (!ec) s.acceptor->set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) s.acceptor->bind(ep, ec);
+  if (!ec) s.acceptor->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec)
+    throw std::runtime_error("cannot listen on " + host + ":" + std::to_string(port) + " (" + ec.message() + ")");
+  const uint16_t bound = s.acceptor->local_endpoint().port();
+  s.accept();
+  s.keep_running.emplace(s.io.get_executor());
+  for (unsigned i = 0; i < std::max(1u, s.config.io_threads); ++i) s.io_threads.emplace_back([&s] { s.io.run(); });
+  return bound;
+}
+
+size_t server::drain(std::chrono::milliseconds wait) {
+  auto& s = *impl_;
+  if (!s.draining.exchange(true) && s.acceptor) {
+    std::promise<void> closed;
+    auto done = closed.get_future();
+    asio::post(s.io, [&s, &closed] {
+      beast::error_code ec;
+      s.acceptor->close(ec);
+      closed.set_value();
+    });
+    if (!s.io_threads.empty()) done.wait();
+  }
+  std::unique_lock lock(s.mu);
+  s.idle.wait_for(lock, wait, [&s] { return s.handling == 0; });
+  return s.handling;
+}
+
+void server::stop() {
+  auto& s = *impl_;
+  if (s.io_threads.empty()) return;
+  drain(std::chrono::milliseconds(0));
+  std::vector<std::shared_ptr<session>> open;
+  {
+    std::lock_guard lock(s.mu);
+    open.assign(s.sessions.begin(), s.sessions.end());
+  }
+  for (auto& c : open)
+    asio::post(c->stream.get_executor(), [c] {
+      beast::error_code ec;
+      c->stream.socket().shutdown(tcp::socket::shutdown_both, ec);
+      c->stream.close();
+    });
+  s.keep_running.reset();
+  s.io.stop();
+  for (auto& t : s.io_threads) t.join();
+  s.io_threads.clear();
+  {
+    std::lock_guard lock(s.mu);
+    s.sessions.clear();
+  }
+  // Handlers still running keep impl_ (and their session) alive through their task; they finish on their own.
+  s.pool->stop(std::chrono::milliseconds(0));
+}
+
+size_t server::in_flight() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->handling;
+}
+
+size_t server::connections() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->sessions.size();
+}
+
+}  // namespace refit::net::http
