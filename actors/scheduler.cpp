@@ -118,17 +118,19 @@ void run_on(self_ptr self, size_t w, pending_generation job) {
 const char *const sleeping_message =
     "Server is sleeping. Call resume_memory_occupation first.";
 
+// Every queued generation and rollout gets this error; the queue is empty after.
+void answer_queued(sched_state &st, refit_errc code, const char *message) {
+  for (auto &job : st.queue)
+    std::visit(
+        [&](auto &j) { j.promise.deliver(msg::make_error(code, message)); },
+        job);
+  st.queue.clear();
+}
+
 void dispatch(self_ptr self) {
   auto &st = self->state;
   if (st.sleeping) {
-    for (auto &job : st.queue)
-      std::visit(
-          [](auto &j) {
-            j.promise.deliver(
-                msg::make_error(refit_errc::sleeping, sleeping_message));
-          },
-          job);
-    st.queue.clear();
+    answer_queued(st, refit_errc::sleeping, sleeping_message);
     return;
   }
   while (!st.paused && !st.queue.empty()) {
@@ -168,15 +170,8 @@ caf::result<uint64_t> pause(self_ptr self, bool abort) {
 caf::result<uint64_t> shut_down(self_ptr self) {
   auto &st = self->state;
   st.shutting_down = true;
-  for (auto &job : st.queue)
-    std::visit(
-        [](auto &j) {
-          j.promise.deliver(
-              msg::make_error(refit_errc::cancelled, shutting_down_message));
-        },
-        job);
   const uint64_t queued = st.queue.size();
-  st.queue.clear();
+  answer_queued(st, refit_errc::cancelled, shutting_down_message);
   for (auto &u : st.updates)
     u.promise.deliver(not_started(st));
   st.updates.clear();

@@ -117,27 +117,26 @@ def test_a_component_folder_symlinked_out_of_the_root_is_refused(hserver, layout
     assert hserver.checksums() == ckpt.disk[str(ckpt.base)]
 
 
-def test_a_shard_symlinked_to_a_private_file_is_refused_without_leaking_it(hserver, layout, ckpt):
+def refused_without_leaking(hserver, layout, ckpt, model_path):
+    """Updates from model_path: 400, nothing changed, and neither the reply nor the log shows the secret's bytes."""
     reset(hserver, layout, ckpt)
-    r = hserver.post("/update_weights_from_disk", {"model_path": str(layout.shard_secret)})
+    r = hserver.post("/update_weights_from_disk", {"model_path": str(model_path)})
     assert r.status_code == 400, (r.status_code, r.text)
-    message = r.json()["message"]
-    assert "outside the allowed model root" in message, message
     assert hserver.checksums() == ckpt.disk[str(ckpt.base)]
     for text in (r.text, hserver.log()):
         assert "TOPSECRE" not in text and SECRET_NUMBER not in text
+    return r.json()["message"]
+
+
+def test_a_shard_symlinked_to_a_private_file_is_refused_without_leaking_it(hserver, layout, ckpt):
+    message = refused_without_leaking(hserver, layout, ckpt, layout.shard_secret)
+    assert "outside the allowed model root" in message, message
 
 
 def test_a_shard_that_is_not_a_safetensors_file_is_refused_without_echoing_its_bytes(hserver, layout, ckpt):
-    reset(hserver, layout, ckpt)
-    r = hserver.post("/update_weights_from_disk", {"model_path": str(layout.shard_junk)})
-    assert r.status_code == 400, (r.status_code, r.text)
-    message = r.json()["message"]
+    message = refused_without_leaking(hserver, layout, ckpt, layout.shard_junk)
     assert "not a safetensors file: its header length field is implausible" in message, message
     assert f"{len(SECRET)} byte file" in message, message
-    assert hserver.checksums() == ckpt.disk[str(ckpt.base)]
-    for text in (r.text, hserver.log()):
-        assert "TOPSECRE" not in text and SECRET_NUMBER not in text
 
 
 def test_a_relative_symlink_that_stays_inside_the_root_is_followed(hserver, layout, ckpt):
