@@ -6,7 +6,7 @@
 #include "messages/input_limits.hpp"
 #include "pipeline/lora/adapter.hpp"
 #include "pipeline/weights/beneath.hpp"
-#include "pipeline/weights/diffusers_layout.hpp"
+#include "pipeline/weights/beneath.hpp"
 
 namespace refit::actors {
 
@@ -32,18 +32,31 @@ update_plan plan_checkpoint(const msg::update_request &req,
     out.error = std::string("model_path ") + e.what();
     return out;
   }
+  // SGLang's rule: module M's weights are the folder model_path/M (config.json
+  // and safetensors, checked when the module opens them). model_index.json is
+  // not needed, and modules that are not updated need not be there: a trainer
+  // may save only its transformer.
   try {
-    const auto layout = weights::read_model_layout(admitted, scope);
+    if (!scope.is_directory(admitted)) {
+      out.error = "Cannot use model_path: " + admitted.string() +
+                  " is not a directory";
+      return out;
+    }
+    std::string missing;
     for (const auto &t : targets) {
-      const auto *c = layout.find(t);
-      if (!c || !c->weight_bearing) {
-        out.error = "Checkpoint " + layout.root.string() +
-                    " has no weights for module '" + t + "'";
-        return out;
-      }
-      out.sources[t] = {msg::source_kind::checkpoint, c->dir.string(), 0, {}, roots, false};
+      const auto dir = admitted / t;
+      if (!scope.is_directory(dir))
+        missing += (missing.empty() ? "'" : ", '") + t + "'";
+      else
+        out.sources[t] = {msg::source_kind::checkpoint, dir.string(), 0, {}, roots, false};
+    }
+    if (!missing.empty()) {
+      out.sources.clear();
+      out.error = "Cannot update weights: missing weight files for modules: [" +
+                  missing + "]. No partial updates allowed.";
     }
   } catch (const std::exception &e) {
+    out.sources.clear();
     out.error = std::string("Cannot use model_path: ") + e.what();
   }
   return out;

@@ -91,6 +91,26 @@ def test_target_modules_update_only_those(server, ckpt, targets):
         assert sources[m] == realpath((ckpt.seed2 if m in targets else ckpt.base) / m), m
 
 
+def test_a_folder_with_only_the_updated_module_is_enough_as_in_sglang(server, ckpt, tmp_path):
+    """SGLang reads module M from model_path/M and needs nothing else: a trainer may save only its transformer."""
+    import shutil
+    reset_to_base(server, ckpt)
+    only = tmp_path / "only-transformer"
+    shutil.copytree(ckpt.seed2 / "transformer", only / "transformer")  # no model_index.json, no other module
+    reply = server.update(only, target_modules=["transformer"], weight_version="only-transformer")
+    assert [m["name"] for m in reply["modules"]] == ["transformer"]
+    got, base = server.checksums(), ckpt.disk[str(ckpt.base)]
+    assert got["transformer"] == ckpt.disk[str(ckpt.seed2)]["transformer"]
+    assert got["vae"] == base["vae"] and got["text_encoder"] == base["text_encoder"]
+    # Every module (no target_modules) needs every module's folder: SGLang's refusal, and nothing changes.
+    reply = server.update(only, expect=400)
+    assert "Cannot update weights: missing weight files for modules: ['text_encoder', 'vae']. No partial updates allowed." \
+        in reply["message"], reply
+    assert server.checksums() == got
+    reply = server.update(tmp_path / "nothing", expect=400)
+    assert "Cannot use model_path: " in reply["message"] and "nothing is not a directory" in reply["message"], reply
+
+
 @pytest.mark.parametrize("mode", ["staged", "in_place", "auto"])
 def test_each_mode_loads_the_new_checkpoint_exactly(server, ckpt, mode):
     reset_to_base(server, ckpt)
