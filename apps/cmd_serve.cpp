@@ -29,7 +29,7 @@ namespace fs = std::filesystem;
 namespace {
 
 struct serve_args {
-  std::string model_path, host = "127.0.0.1", port_file, device = "cpu", dtype, api_key;
+  std::string model_path, host = "127.0.0.1", port_file, device = "cpu", devices, dtype, api_key;
   int port = 30010;
   int workers = 1;
   std::vector<std::string> allowed_roots;
@@ -152,11 +152,21 @@ int serve(const serve_args& a) {
 
   std::set_terminate(log_and_abort);
   if (a.workers < 1) throw std::invalid_argument("--workers must be at least 1");
+  // One worker per device of --devices, or --workers replicas on --device. A typo should stop the server
+  // before it loads for minutes.
+  std::vector<std::string> devices;
   try {
-    models::parse_placement(a.device, a.dtype);  // a typo should stop the server before it loads for minutes
+    if (!a.devices.empty()) {
+      devices = models::parse_device_list(a.devices, a.dtype);
+    } else {
+      models::parse_placement(a.device, a.dtype);
+      devices.assign(static_cast<size_t>(a.workers), a.device);
+    }
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(std::string("--") + e.what());
   }
+  std::string device_names;
+  for (const auto& d : devices) device_names += (device_names.empty() ? "" : ",") + d;
   if (a.port < 0 || a.port > 65535) throw std::invalid_argument("--port must be 0..65535");
   if (a.actor_port && (*a.actor_port < 0 || *a.actor_port > 65535)) throw std::invalid_argument("--actor-port must be 0..65535");
   const net::actor_port_tls actor_tls = check_actor_port_options(a);
@@ -168,8 +178,7 @@ int serve(const serve_args& a) {
   if (model_path != a.model_path) spdlog::info("refit serve: {} is {} in the Hugging Face cache", a.model_path, model_path);
   net::remote_system_config cfg{actor_tls};
   caf::actor_system sys{cfg};
-  const std::vector<std::string> devices(static_cast<size_t>(a.workers), a.device);
-  spdlog::info("refit serve: loading {} on {} worker(s) ({}, dtype {})", a.model_path, a.workers, a.device,
+  spdlog::info("refit serve: loading {} on {} worker(s) ({}, dtype {})", a.model_path, devices.size(), device_names,
                a.dtype.empty() ? "default" : a.dtype);
   if (a.dit_layerwise_offload)
     spdlog::info("refit serve: layerwise offload of the DiT's blocks, prefetch {}", a.dit_offload_prefetch_size);
@@ -214,14 +223,14 @@ int serve(const serve_args& a) {
   hc.read_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.http_read_timeout * 1000));
   hc.max_connections = a.max_connections;
   hc.max_queued_requests = a.max_queued_requests;
-  hc.workers = static_cast<size_t>(a.workers);
+  hc.workers = devices.size();
   auto bridge = net::spawn_http_bridge(sys, scheduler, hc);
   self->monitor(scheduler);
   self->monitor(bridge.actor);
   std::string roots;
   for (const auto& r : a.allowed_roots) roots += (roots.empty() ? "" : ", ") + r;
   spdlog::info("refit serve: model {}, {} worker(s) on {}, api key {}, allowed model roots: {}, max request {} bytes", a.model_path,
-               a.workers, a.device, a.api_key.empty() ? "off" : "on", roots.empty() ? "any" : roots, a.max_request_bytes);
+               devices.size(), device_names, a.api_key.empty() ? "off" : "on", roots.empty() ? "any" : roots, a.max_request_bytes);
   spdlog::info("refit serve: listening on http://{}:{}", a.host, bridge.port);
   if (!a.port_file.empty()) write_port_file(a.port_file, bridge.port);
 
@@ -285,6 +294,11 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
   cmd->add_option("--port-file", a->port_file, "Write the bound HTTP port (decimal, newline) to this file once serving");
   cmd->add_option("--workers", a->workers, "Data-parallel workers (model replicas), each on --device")->capture_default_str();
   cmd->add_option("--device", a->device, "cpu, cuda or cuda:N")->capture_default_str();
+  cmd->add_option("--devices", a->devices,
+                  "One worker per device, each with its own loader and staging ring: a comma-separated list (cuda:0,cuda:1) or "
+                  "'all' (every CUDA device); replaces --device and --workers")
+      ->excludes("--workers")
+      ->excludes("--device");
   cmd->add_option("--dtype", a->dtype, "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)");
   cmd->add_option("--api-key", a->api_key, "Require 'Authorization: Bearer KEY' on the weight endpoints (default: off)")
       ->envname("REFIT_API_KEY");

@@ -2,6 +2,7 @@
 
 #include <ATen/Context.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace refit::models {
@@ -22,8 +23,29 @@ placement parse_placement(std::string_view device, std::string_view dtype) {
     throw std::invalid_argument("device must be cpu, cuda or cuda:N, got '" + std::string(device) + "'");
   if (where.device.is_cuda() && !at::hasCUDA())
     throw std::invalid_argument("device '" + std::string(device) + "': this build or machine has no CUDA");
+  if (where.device.is_cuda() && where.device.has_index() && static_cast<size_t>(where.device.index()) >= at::getNumGPUs())
+    throw std::invalid_argument("device '" + std::string(device) + "': this machine has " + std::to_string(at::getNumGPUs()) + " CUDA device(s)");
   where.float_dtype = dtype.empty() ? (where.device.is_cuda() ? c10::kBFloat16 : c10::kFloat) : parse_float_dtype(dtype);
   return where;
+}
+
+std::vector<std::string> parse_device_list(std::string_view list, std::string_view dtype) {
+  std::vector<std::string> out;
+  if (list == "all") {
+    if (!at::hasCUDA() || at::getNumGPUs() == 0) throw std::invalid_argument("devices 'all': this build or machine has no CUDA device");
+    for (size_t i = 0; i < at::getNumGPUs(); ++i) out.push_back("cuda:" + std::to_string(i));
+    return out;
+  }
+  size_t start = 0;
+  while (start <= list.size()) {
+    const size_t comma = std::min(list.find(',', start), list.size());
+    const std::string_view one = list.substr(start, comma - start);
+    if (one.empty()) throw std::invalid_argument("devices must be a comma-separated list like cuda:0,cuda:1 (or all), got '" + std::string(list) + "'");
+    parse_placement(one, dtype);  // a typo or a missing GPU stops the server before it loads
+    out.emplace_back(one);
+    start = comma + 1;
+  }
+  return out;
 }
 
 std::string dtype_label(c10::ScalarType t) {

@@ -7,6 +7,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "pipeline/weights/dtype.hpp"
 #include "pipeline/weights/host_loader.hpp"
@@ -22,6 +23,9 @@ struct placement {
 // their long spellings), empty: bf16 on CUDA, fp32 on CPU. Throws std::invalid_argument naming the
 // flag's value: "dtype must be bf16, fp16 or fp32, got 'int4'".
 placement parse_placement(std::string_view device, std::string_view dtype);
+// --devices: "all" (every CUDA device: cuda:0, cuda:1, ...) or a comma-separated list of devices, each checked as
+// parse_placement checks one (with `dtype`). Throws std::invalid_argument.
+std::vector<std::string> parse_device_list(std::string_view list, std::string_view dtype);
 // The floating dtype of a spelling (bf16, fp16, fp32, ...); throws like parse_placement.
 c10::ScalarType parse_float_dtype(std::string_view dtype);
 

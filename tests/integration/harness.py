@@ -119,8 +119,9 @@ class Server:
         self.api_key = api_key
         self.port_file = workdir / "port"
         self.log_path = workdir / "server.log"
+        placement = [] if "--devices" in map(str, extra) else ["--device", "cpu"]
         args = [REFIT, "serve", "--model-path", self.model_path, "--host", "127.0.0.1", "--port", "0",
-                "--port-file", str(self.port_file), "--device", "cpu", "--dtype", "fp32", *map(str, extra)]
+                "--port-file", str(self.port_file), *placement, "--dtype", "fp32", *map(str, extra)]
         if api_key:
             args += ["--api-key", api_key]
         self.args = args

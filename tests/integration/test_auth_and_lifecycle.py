@@ -100,6 +100,35 @@ def test_key_and_allowed_path_update_reaches_every_worker(guarded, ckpt):
     assert guarded.checksums() == ckpt.disk[str(ckpt.base)]
 
 
+def test_devices_puts_one_worker_on_each_and_updates_reach_all(tmp_path_factory, ckpt):
+    s = start_server(tmp_path_factory, ckpt.base, "--devices", "cpu,cpu")
+    try:
+        workers = sorted({(m["worker"], m["device"]) for m in s.info()["modules"]})
+        assert workers == [(0, "cpu"), (1, "cpu")], workers
+        reply = s.update(ckpt.second, weight_version="devices-second")
+        assert sorted({m["worker"] for m in reply["modules"]}) == [0, 1]
+        for worker in (0, 1):
+            assert s.checksums(worker=worker) == ckpt.disk[str(ckpt.second)], worker
+        assert s.generate(seed=5)[1] == "devices-second"
+        assert "on 2 worker(s) (cpu,cpu" in s.log()
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "cpu,,cpu"], "--devices must be a comma-separated list like cuda:0,cuda:1 (or all), got 'cpu,,cpu'"),
+    (["--devices", "tpu:0"], "--device must be cpu, cuda or cuda:N, got 'tpu:0'"),
+    (["--devices", "cpu", "--workers", "2"], "--workers excludes --devices"),
+])
+def test_bad_devices_stop_the_server_before_it_loads(ckpt, args, message):
+    import subprocess
+    from harness import REFIT
+    p = subprocess.run([REFIT, "serve", "--model-path", str(ckpt.base), "--port", "0", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0, p.stderr
+    assert message in p.stderr + p.stdout, p.stderr + p.stdout
+    assert "loading" not in p.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_the_server_with_exit_code_0(tmp_path_factory, ckpt, sig):
     s = start_server(tmp_path_factory, ckpt.base)
