@@ -348,7 +348,7 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
   cmd->add_option("--max-queued-requests", a->max_queued_requests,
                   "Generation requests (images, rollouts) waiting beyond those running; more get 429 with Retry-After")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 20));
+      ->check(CLI::Range(0, 3900));  // each waits on a handler thread; 4096 at most, room kept for the other endpoints
   cmd->add_option("--http-read-timeout", a->http_read_timeout,
                   "Seconds a request's headers and body may take to arrive (else 408 and the connection closes); also "
                   "the idle time after which a keep-alive connection closes")

@@ -42,12 +42,16 @@ struct bridge_context {
   // Admission control: generation requests (images and rollouts) being served or queued, and a moving
   // average of their duration for Retry-After.
   std::atomic<int64_t> generations{0};
+  // Set when the bridge actor exits: a handler still running then must not create a scoped_actor in an
+  // actor system that is being destroyed.
+  std::atomic<bool> closing{false};
   std::atomic<double> generation_seconds{1.0};
 };
 
 // One blocking request to the scheduler, from the calling HTTP thread.
 template <class Result, class... Ts>
 std::variant<Result, caf::error> ask(bridge_context& ctx, std::chrono::seconds timeout, Ts&&... xs) {
+  if (ctx.closing) return caf::error{caf::make_error(caf::sec::request_receiver_down)};
   caf::scoped_actor self{ctx.sys};  // fresh per request: a reply that missed its timeout cannot reach a later request
   std::variant<Result, caf::error> out{caf::error{}};
   self->request(ctx.scheduler, timeout, std::forward<Ts>(xs)...)

@@ -383,6 +383,7 @@ std::string reason_for(int status) {
     case 405: return "method not allowed";
     case 408: return "request timeout";
     case 413: return "request body too large";
+    case 414: return "request URI too long";
     case 431: return "request header fields too large";
     case 503: return "service unavailable";
     default: return "HTTP error " + std::to_string(status);
@@ -445,9 +446,11 @@ void install_routes(http::server& srv, std::shared_ptr<bridge_context> ctx) {
 
 struct bridge_state {
   std::shared_ptr<http::server> server;
+  std::shared_ptr<bridge_context> ctx;
   std::string url;
   // The actor's exit closes every connection, whoever else still holds the server.
   ~bridge_state() {
+    if (ctx) ctx->closing = true;
     if (server) server->stop();
   }
   static inline const char* name = "refit.http_bridge";
@@ -477,8 +480,9 @@ http_bridge spawn_http_bridge(caf::actor_system& sys, msg::client_api_actor sche
   // Detached: shutdown_atom waits for in-flight requests, which must not hold a thread of CAF's shared pool
   // (the scheduler needs it to answer them).
   auto actor = sys.spawn<caf::detached>(
-      [server, scheduler, url](msg::http_bridge_actor::stateful_pointer<bridge_state> self) -> msg::http_bridge_actor::behavior_type {
+      [server, ctx, scheduler, url](msg::http_bridge_actor::stateful_pointer<bridge_state> self) -> msg::http_bridge_actor::behavior_type {
         self->state.server = server;
+        self->state.ctx = ctx;
         self->state.url = url;
         self->monitor(scheduler);
         self->set_down_handler([self](caf::down_msg& dm) {

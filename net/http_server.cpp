@@ -1,6 +1,7 @@
 #include "net/http_server.hpp"
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
@@ -9,8 +10,11 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 
 #include <atomic>
+#include <cstdio>
+#include <system_error>
 #include <condition_variable>
 #include <deque>
 #include <future>
@@ -67,6 +71,15 @@ std::optional<std::string> percent_decode(std::string_view s, bool plus_is_space
   return out;
 }
 
+// Request targets longer than this get 414 before any route pattern sees them.
+constexpr size_t max_target_bytes = 4096;
+
+std::string seconds_text(std::chrono::milliseconds ms) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", static_cast<double>(ms.count()) / 1000.0);
+  return buf;
+}
+
 // The value of `key` in a query string, percent-decoded.
 std::optional<std::string> query_value(std::string_view query, std::string_view key) {
   while (!query.empty()) {
@@ -113,11 +126,17 @@ class handler_pool : public std::enable_shared_from_this<handler_pool> {
   void post(std::function<void()> task) {
     std::unique_lock lock(mu_);
     tasks_.push_back(std::move(task));
-    if (idle_ == 0 && threads_ < max_) {
+    cv_.notify_one();
+    // A woken thread counts as idle until it takes its task: grow while tasks outnumber idle threads, so a
+    // request never waits behind a long one while the pool may still grow.
+    if (tasks_.size() > idle_ && threads_ < max_) {
       ++threads_;
-      std::thread([self = shared_from_this()] { self->run(); }).detach();
-    } else {
-      cv_.notify_one();
+      try {
+        std::thread([self = shared_from_this()] { self->run(); }).detach();
+      } catch (const std::system_error& e) {
+        --threads_;  // the machine's thread limit: the task waits for a running thread
+        spdlog::warn("http: cannot start another handler thread ({} running): {}", threads_, e.what());
+      }
     }
   }
 
@@ -186,11 +205,12 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
   std::function<void(const request&, const std::string&, response&)> render_exception;
 
   std::atomic<bool> draining{false};
-  std::atomic<size_t> open_connections{0};
   mutable std::mutex mu;
   std::condition_variable idle;
-  size_t handling = 0;  // guarded by mu
+  size_t handling = 0;   // guarded by mu
+  bool stopped = false;  // guarded by mu: stop() closed the connections; nothing more is posted to the I/O threads
   std::set<std::shared_ptr<session>> sessions;  // guarded by mu; so stop() can close them
+  std::optional<asio::steady_timer> accept_retry;  // after an accept error (out of descriptors): retry later, not at once
 
   void accept();
   void finished_handling() {
@@ -221,11 +241,13 @@ struct session : std::enable_shared_from_this<session> {
   beast::tcp_stream stream;
   std::shared_ptr<server::impl> srv;
   // The read deadline cancels the read rather than closing the socket (as the stream's own timeout
-  // would), so the client still gets its 408.
+  // would), so the client still gets its 408. `deadline_armed` tells a stale expiry (one already queued when
+  // the read finished) from the current one.
   asio::steady_timer read_deadline{stream.get_executor()};
+  uint64_t deadline_armed = 0;
   bool read_timed_out = false;
-  bool counted = false;
-  std::shared_ptr<bhttp::response<bhttp::empty_body>> continue_reply;  // a pooled request of this connection is in impl::handling
+  bool counted = false;  // a pooled request of this connection is in impl::handling until its reply is written
+  std::shared_ptr<bhttp::response<bhttp::empty_body>> continue_reply;
   beast::flat_buffer buffer;
   std::optional<bhttp::request_parser<bhttp::string_body>> parser;
   bhttp::response<bhttp::string_body> reply;
@@ -236,20 +258,43 @@ struct session : std::enable_shared_from_this<session> {
 
   void start() { read_next(); }
 
-  void read_next() {
-    parser.emplace();
-    parser->body_limit(srv->config.max_body_bytes);
-    parser->header_limit(static_cast<uint32_t>(srv->config.max_header_bytes));
-    // One deadline for the whole request: a client trickling bytes cannot extend it.
-    stream.expires_never();
+  void arm_deadline(std::chrono::milliseconds after) {
+    const uint64_t armed = ++deadline_armed;
     read_timed_out = false;
-    read_deadline.expires_after(srv->config.read_timeout);
-    read_deadline.async_wait([self = shared_from_this()](beast::error_code ec) {
-      if (ec) return;  // cancelled: the request arrived in time
+    read_deadline.expires_after(after);
+    read_deadline.async_wait([self = shared_from_this(), armed](beast::error_code ec) {
+      if (ec || armed != self->deadline_armed) return;  // cancelled, or the read it was armed for is over
       self->read_timed_out = true;
       beast::error_code ignored;
       self->stream.socket().cancel(ignored);
     });
+  }
+
+  void disarm_deadline() {
+    ++deadline_armed;
+    read_deadline.cancel();
+  }
+
+  // An idle connection waits for the first byte of its next request (at most read_timeout, then it closes
+  // quietly); from that byte the whole request has read_timeout to arrive.
+  void read_next() {
+    parser.emplace();
+    parser->body_limit(srv->config.max_body_bytes);
+    parser->header_limit(static_cast<uint32_t>(srv->config.max_header_bytes));
+    stream.expires_never();
+    if (buffer.size() > 0) return read_request();  // a pipelined request is already here
+    arm_deadline(srv->config.read_timeout);
+    stream.async_read_some(buffer.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
+      self->buffer.commit(n);
+      if (ec || n == 0) return self->on_read(ec ? ec : bhttp::error::end_of_stream);
+      self->read_request();
+    });
+  }
+
+  void read_request() {
+    started = clock::now();
+    // One deadline for the whole request: a client trickling bytes cannot extend it.
+    arm_deadline(srv->config.read_timeout);
     bhttp::async_read_header(stream, buffer, *parser, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
   }
 
@@ -275,8 +320,7 @@ struct session : std::enable_shared_from_this<session> {
   }
 
   void on_read(beast::error_code ec) {
-    started = clock::now();
-    read_deadline.cancel();
+    disarm_deadline();
     if (read_timed_out) ec = beast::error::timeout;
     if (ec == bhttp::error::end_of_stream || ec == asio::error::connection_reset || ec == asio::error::operation_aborted) return close();
     const bool got_bytes = parser && (parser->got_some() || buffer.size() > 0);
@@ -290,7 +334,7 @@ struct session : std::enable_shared_from_this<session> {
       keep_alive = false;
       if (ec == beast::error::timeout) {
         if (!got_bytes) return close();  // an idle keep-alive connection
-        return answer_error(408, "the request did not arrive whole within " + std::to_string(srv->config.read_timeout.count() / 1000.0).substr(0, 5) + " s");
+        return answer_error(408, "the request did not arrive whole within " + seconds_text(srv->config.read_timeout) + " s of its first byte");
       }
       if (ec == bhttp::error::body_limit)
         return answer_error(413, "request body too large: the limit is " + std::to_string(srv->config.max_body_bytes) + " bytes (--max-request-bytes)");
@@ -305,6 +349,12 @@ struct session : std::enable_shared_from_this<session> {
     current.remote_addr = remote;
     current.method = std::string(msg.method_string());
     const std::string_view target(msg.target().data(), msg.target().size());
+    if (target.size() > max_target_bytes) {
+      current.path = std::string(target.substr(0, 64)) + "...";
+      keep_alive = false;
+      return answer_error(414, "the request target is " + std::to_string(target.size()) + " bytes long; at most " +
+                                   std::to_string(max_target_bytes) + " are allowed");
+    }
     const size_t q = target.find('?');
     auto path = percent_decode(target.substr(0, q), false);
     if (q != std::string_view::npos) current.query = std::string(target.substr(q + 1));
@@ -340,12 +390,18 @@ struct session : std::enable_shared_from_this<session> {
     }
     {
       std::lock_guard lock(srv->mu);
+      if (srv->draining) {  // checked again with the count, so drain() cannot miss this request
+        keep_alive = false;
+        return answer_error(503, "the server is shutting down");
+      }
       ++srv->handling;
     }
     counted = true;  // until its reply is written: drain() waits for that
     srv->pool->post([self = shared_from_this(), fn = found]() {
       response res;
       self->run_handler(*fn, res);
+      std::lock_guard lock(self->srv->mu);
+      if (self->srv->stopped) return;  // the connection is closed; nothing is posted to stopped I/O threads
       asio::post(self->stream.get_executor(), [self, res = std::move(res)]() mutable { self->write(std::move(res)); });
     });
   }
@@ -377,7 +433,7 @@ struct session : std::enable_shared_from_this<session> {
   void write(response res) {
     reply = {};
     reply.version(11);
-    reply.result(static_cast<unsigned>(res.status));
+    reply.result(static_cast<unsigned>(res.status >= 100 && res.status <= 599 ? res.status : 500));
     reply.set(bhttp::field::content_type, res.content_type);
     for (auto& [k, v] : res.headers) reply.insert(k, v);
     if (srv->draining) keep_alive = false;
@@ -394,12 +450,17 @@ struct session : std::enable_shared_from_this<session> {
         self->counted = false;
         self->srv->finished_handling();
       }
+      // An idle connection keeps neither its last request nor its reply (a body, an image) in memory.
+      self->reply = {};
+      self->current = request{};
+      if (self->buffer.capacity() > 64 * 1024 && self->buffer.size() == 0) self->buffer = beast::flat_buffer{};
       if (ec || !self->keep_alive || self->srv->draining) return self->close();
       self->read_next();
     });
   }
 
   void close() {
+    disarm_deadline();
     beast::error_code ec;
     stream.socket().shutdown(tcp::socket::shutdown_both, ec);
     stream.close();
@@ -408,28 +469,35 @@ struct session : std::enable_shared_from_this<session> {
   }
 };
 
+// The acceptor lives on its own strand (drain() closes it there). An accept error (out of descriptors, say)
+// is retried 100 ms later, not at once: the failing connection stays in the backlog and would fail again.
 void server::impl::accept() {
   acceptor->async_accept(asio::make_strand(io), [self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
-    if (ec == asio::error::operation_aborted || !self->acceptor || !self->acceptor->is_open()) return;
-    if (!ec) {
-      std::shared_ptr<session> s;
-      {
-        std::lock_guard lock(self->mu);
-        if (self->sessions.size() >= self->config.max_connections) {
-          static std::atomic<uint64_t> refused{0};
-          if (refused++ % 1000 == 0)
-            spdlog::warn("http: {} connections open (the limit); closing new ones", self->sessions.size());
-          beast::error_code ignored;
-          socket.close(ignored);
-        } else {
-          s = std::make_shared<session>(std::move(socket), self);
-          self->sessions.insert(s);
-        }
-      }
-      if (s) s->start();
-    } else {
-      spdlog::warn("http: accept failed: {}", ec.message());
+    if (ec == asio::error::operation_aborted || !self->acceptor->is_open()) return;
+    if (ec) {
+      static std::atomic<uint64_t> failures{0};
+      if (failures++ % 100 == 0) spdlog::warn("http: accept failed ({} so far): {}; retrying in 100 ms", failures.load(), ec.message());
+      self->accept_retry.emplace(self->acceptor->get_executor(), std::chrono::milliseconds(100));
+      self->accept_retry->async_wait([self](beast::error_code e) {
+        if (!e && self->acceptor->is_open()) self->accept();
+      });
+      return;
     }
+    std::shared_ptr<session> s;
+    {
+      std::lock_guard lock(self->mu);
+      if (self->stopped || self->sessions.size() >= self->config.max_connections) {
+        static std::atomic<uint64_t> refused{0};
+        if (!self->stopped && refused++ % 1000 == 0)
+          spdlog::warn("http: {} connections open (--max-connections); closing new ones", self->sessions.size());
+        beast::error_code ignored;
+        socket.close(ignored);
+      } else {
+        s = std::make_shared<session>(std::move(socket), self);
+        self->sessions.insert(s);
+      }
+    }
+    if (s) asio::dispatch(s->stream.get_executor(), [s] { s->start(); });  // on the session's strand
     self->accept();
   });
 }
@@ -447,14 +515,37 @@ void server::on_error(error_renderer r) { impl_->render_error = std::move(r); }
 void server::on_request(request_logger l) { impl_->log_request = std::move(l); }
 void server::on_exception(std::function<void(const request&, const std::string&, response&)> f) { impl_->render_exception = std::move(f); }
 
+namespace {
+
+// Each connection holds a descriptor; CAF, libtorch and weight files need theirs. Raise the soft limit to the
+// hard one when --max-connections needs it, and lower the connection limit when even that is short.
+size_t connections_within_fd_limit(size_t wanted) {
+  constexpr size_t reserve = 512;
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return wanted;
+  if (lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < wanted + reserve && lim.rlim_cur < lim.rlim_max) {
+    rlimit raised = lim;
+    raised.rlim_cur = lim.rlim_max == RLIM_INFINITY ? wanted + reserve : std::min<rlim_t>(lim.rlim_max, wanted + reserve);
+    if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) lim = raised;
+  }
+  if (lim.rlim_cur == RLIM_INFINITY || lim.rlim_cur >= wanted + reserve) return wanted;
+  const size_t fit = lim.rlim_cur > reserve + 16 ? static_cast<size_t>(lim.rlim_cur) - reserve : 16;
+  spdlog::warn("http: the descriptor limit ({}) allows {} connections, not the {} of --max-connections; using {}", lim.rlim_cur, fit,
+               wanted, fit);
+  return fit;
+}
+
+}  // namespace
+
 uint16_t server::listen(const std::string& host, uint16_t port) {
   auto& s = *impl_;
+  s.config.max_connections = connections_within_fd_limit(s.config.max_connections);
   beast::error_code ec;
   tcp::resolver resolver(s.io);
   auto results = resolver.resolve(host, std::to_string(port), ec);
   if (ec || results.empty()) throw std::runtime_error("cannot listen on " + host + ":" + std::to_string(port) + ": " + (ec ? ec.message() : "no address"));
   const tcp::endpoint ep = *results.begin();
-  s.acceptor.emplace(s.io);
+  s.acceptor.emplace(asio::make_strand(s.io));
   s.acceptor->open(ep.protocol(), ec);
   // SO_REUSEADDR (a restart over TIME_WAIT sockets), never SO_REUSEPORT (a second server would take half the traffic).
   if (!ec) s.acceptor->set_option(asio::socket_base::reuse_address(true), ec);
@@ -474,9 +565,10 @@ size_t server::drain(std::chrono::milliseconds wait) {
   if (!s.draining.exchange(true) && s.acceptor) {
     std::promise<void> closed;
     auto done = closed.get_future();
-    asio::post(s.io, [&s, &closed] {
+    asio::post(s.acceptor->get_executor(), [&s, &closed] {
       beast::error_code ec;
       s.acceptor->close(ec);
+      if (s.accept_retry) s.accept_retry->cancel();
       closed.set_value();
     });
     if (!s.io_threads.empty()) done.wait();
@@ -493,14 +585,21 @@ void server::stop() {
   std::vector<std::shared_ptr<session>> open;
   {
     std::lock_guard lock(s.mu);
+    s.stopped = true;  // no session is accepted, and no reply posted, after this snapshot
     open.assign(s.sessions.begin(), s.sessions.end());
   }
+  // Close every connection on its strand and wait (bounded) until that happened: a client waiting for a reply
+  // sees the connection close rather than hang until the process exits.
+  auto left = std::make_shared<std::atomic<size_t>>(open.size());
+  auto all_closed = std::make_shared<std::promise<void>>();
+  auto closed = all_closed->get_future();
+  if (open.empty()) all_closed->set_value();
   for (auto& c : open)
-    asio::post(c->stream.get_executor(), [c] {
-      beast::error_code ec;
-      c->stream.socket().shutdown(tcp::socket::shutdown_both, ec);
-      c->stream.close();
+    asio::post(c->stream.get_executor(), [c, left, all_closed] {
+      c->close();
+      if (--*left == 0) all_closed->set_value();
     });
+  closed.wait_for(std::chrono::seconds(5));
   s.keep_running.reset();
   s.io.stop();
   for (auto& t : s.io_threads) t.join();

@@ -136,6 +136,8 @@ def test_malformed_and_oversized_requests_get_json_errors(guarded):
     assert a.startswith(b"HTTP/1.1 413") and b"--max-request-bytes" in a, a[:300]
     a = raw(b"GET /get_weights_checksum HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert a.startswith(b"HTTP/1.1 405") and b"Allow: POST" in a, a[:300]
+    a = raw(b"GET /v1/models/" + b"a" * 6000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert a.startswith(b"HTTP/1.1 414") and b"at most 4096 are allowed" in a, a[:300]
     a = raw(b"GET /health%00x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert a.startswith(b"HTTP/1.1 400"), a[:300]
     with http() as session:
