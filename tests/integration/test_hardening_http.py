@@ -203,6 +203,22 @@ def wait_until_busy(server, running=1, queued=0):
     raise AssertionError(f"the server never had {running} running and {queued} queued requests\n{server.log()}")
 
 
+def test_simultaneous_requests_run_side_by_side_on_two_workers(tmp_path_factory, ckpt):
+    """Two generations sent at once both run (the handler pool grows for the second instead of queueing it behind
+    the first), and a query sent meanwhile is answered while they run."""
+    s = start_server(tmp_path_factory, ckpt.base, "--workers", 2)
+    try:
+        long = {"prompt": "a red fox", "response_format": "b64_json", "size": "256x256", "num_inference_steps": 40}
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(s.post, "/v1/images/generations", {**long, "seed": i}, timeout=600) for i in range(2)]
+            wait_until_busy(s, running=2)  # both on a worker at the same time
+            assert s.info()["modules"], "a query during two generations"
+            assert not all(f.done() for f in running)
+            assert [f.result().status_code for f in running] == [200, 200]
+    finally:
+        s.stop()
+
+
 def test_sigterm_waits_for_a_short_request_then_exits_0(tmp_path_factory, ckpt):
     s = start_server(tmp_path_factory, ckpt.base, "--shutdown-timeout", 60)
     body = {"prompt": "a red fox", "seed": 1, "response_format": "b64_json", "size": "128x128", "num_inference_steps": 4}
