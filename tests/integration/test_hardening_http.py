@@ -209,6 +209,7 @@ def test_simultaneous_requests_run_side_by_side_on_two_workers(tmp_path_factory,
     s = start_server(tmp_path_factory, ckpt.base, "--workers", 2)
     try:
         long = {"prompt": "a red fox", "response_format": "b64_json", "size": "256x256", "num_inference_steps": 40}
+        s.info()  # leaves one idle handler thread: the second generation must not queue behind the one it wakes
         with ThreadPoolExecutor(2) as pool:
             running = [pool.submit(s.post, "/v1/images/generations", {**long, "seed": i}, timeout=600) for i in range(2)]
             wait_until_busy(s, running=2)  # both on a worker at the same time
