@@ -35,7 +35,7 @@ update_plan plan_checkpoint(const msg::update_request &req,
   // SGLang's rule: module M's weights are the folder model_path/M (config.json
   // and safetensors, checked when the module opens them). model_index.json is
   // not needed, and modules that are not updated need not be there: a trainer
-  // may save only its transformer.
+  // may save only the module it trained.
   try {
     if (!scope.is_directory(admitted)) {
       out.error = "Cannot use model_path: " + admitted.string() +
