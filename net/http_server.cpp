@@ -1,5 +1,7 @@
 #include "net/http_server.hpp"
 
+#include "net/handler_pool.hpp"
+
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -32,44 +34,7 @@ namespace bhttp = boost::beast::http;
 using tcp = asio::ip::tcp;
 using clock = std::chrono::steady_clock;
 
-// ---------------------------------------------------------------------------------------------
-// Requests and responses
-
 namespace {
-
-bool iequals(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(b[i]))) return false;
-  return true;
-}
-
-int hex_value(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
-// nullopt for a malformed escape or an encoded NUL (which would cut the path short wherever it is used).
-std::optional<std::string> percent_decode(std::string_view s, bool plus_is_space) {
-  std::string out;
-  out.reserve(s.size());
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '%') {
-      if (i + 2 >= s.size()) return std::nullopt;
-      const int hi = hex_value(s[i + 1]), lo = hex_value(s[i + 2]);
-      if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) return std::nullopt;
-      out.push_back(static_cast<char>(hi * 16 + lo));
-      i += 2;
-    } else if (plus_is_space && s[i] == '+') {
-      out.push_back(' ');
-    } else {
-      out.push_back(s[i]);
-    }
-  }
-  return out;
-}
 
 // Request targets longer than this get 414 before any route pattern sees them.
 constexpr size_t max_target_bytes = 4096;
@@ -80,99 +45,9 @@ std::string seconds_text(std::chrono::milliseconds ms) {
   return buf;
 }
 
-// The value of `key` in a query string, percent-decoded.
-std::optional<std::string> query_value(std::string_view query, std::string_view key) {
-  while (!query.empty()) {
-    const size_t amp = query.find('&');
-    const std::string_view pair = query.substr(0, amp);
-    const size_t eq = pair.find('=');
-    if (pair.substr(0, eq) == key) {
-      if (eq == std::string_view::npos) return std::string{};
-      return percent_decode(pair.substr(eq + 1), true).value_or(std::string{});
-    }
-    if (amp == std::string_view::npos) break;
-    query.remove_prefix(amp + 1);
-  }
-  return std::nullopt;
-}
-
 }  // namespace
 
-std::string request::header(std::string_view name) const {
-  for (const auto& [k, v] : headers)
-    if (iequals(k, name)) return v;
-  return {};
-}
-
-bool request::has_param(std::string_view key) const { return query_value(query, key).has_value(); }
-
-std::string request::param(std::string_view key) const { return query_value(query, key).value_or(std::string{}); }
-
-std::string response::header(std::string_view name) const {
-  for (const auto& [k, v] : headers)
-    if (iequals(k, name)) return v;
-  return {};
-}
-
-// ---------------------------------------------------------------------------------------------
-// Handler threads: grow on demand up to a limit, never shrink (they are few and cheap idle).
-
 namespace {
-
-class handler_pool : public std::enable_shared_from_this<handler_pool> {
- public:
-  explicit handler_pool(unsigned max_threads) : max_(std::max(1u, max_threads)) {}
-
-  void post(std::function<void()> task) {
-    std::unique_lock lock(mu_);
-    tasks_.push_back(std::move(task));
-    cv_.notify_one();
-    // A woken thread counts as idle until it takes its task: grow while tasks outnumber idle threads, so a
-    // request never waits behind a long one while the pool may still grow.
-    if (tasks_.size() > idle_ && threads_ < max_) {
-      ++threads_;
-      try {
-        std::thread([self = shared_from_this()] { self->run(); }).detach();
-      } catch (const std::system_error& e) {
-        --threads_;  // the machine's thread limit: the task waits for a running thread
-        spdlog::warn("http: cannot start another handler thread ({} running): {}", threads_, e.what());
-      }
-    }
-  }
-
-  // Threads exit once the queue is empty; waits at most `wait` for them. Returns how many still run.
-  size_t stop(std::chrono::milliseconds wait) {
-    std::unique_lock lock(mu_);
-    stopping_ = true;
-    cv_.notify_all();
-    exited_.wait_for(lock, wait, [this] { return threads_ == 0; });
-    return threads_;
-  }
-
- private:
-  void run() {
-    std::unique_lock lock(mu_);
-    for (;;) {
-      ++idle_;
-      cv_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
-      --idle_;
-      if (tasks_.empty()) break;  // stopping
-      auto task = std::move(tasks_.front());
-      tasks_.pop_front();
-      lock.unlock();
-      task();
-      lock.lock();
-    }
-    --threads_;
-    exited_.notify_all();
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_, exited_;
-  std::deque<std::function<void()>> tasks_;
-  unsigned max_, threads_ = 0, idle_ = 0;
-  bool stopping_ = false;
-};
 
 struct route_entry {
   std::string method;

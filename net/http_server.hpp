@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -49,6 +50,10 @@ struct response {
 };
 
 using handler = std::function<void(const request&, response&)>;
+
+// %XX escapes decoded (and '+' as a space when `plus_is_space`); nullopt for a malformed escape or an encoded
+// NUL (which would cut the text short wherever it is used).
+std::optional<std::string> percent_decode(std::string_view s, bool plus_is_space);
 
 struct server_config {
   size_t max_body_bytes = 1 << 20;     // larger bodies: 413
