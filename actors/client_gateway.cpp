@@ -2,8 +2,8 @@
 
 namespace refit::actors {
 
-msg::client_api_actor spawn_client_gateway(caf::actor_system& sys, msg::client_api_actor scheduler) {
-  return sys.spawn([scheduler](msg::client_api_actor::pointer self) -> msg::client_api_actor::behavior_type {
+msg::cluster_api_actor spawn_client_gateway(caf::actor_system& sys, msg::cluster_api_actor scheduler) {
+  return sys.spawn([scheduler](msg::cluster_api_actor::pointer self) -> msg::cluster_api_actor::behavior_type {
     // Monitored, not linked: the gateway goes with the scheduler, never the other way round.
     self->monitor(scheduler);
     self->set_down_handler([self](caf::down_msg& dm) { self->quit(dm.reason); });
@@ -23,6 +23,8 @@ msg::client_api_actor spawn_client_gateway(caf::actor_system& sys, msg::client_a
         [self, scheduler](msg::release_memory_atom a) { return self->delegate(scheduler, a); },
         [self, scheduler](msg::resume_memory_atom a) { return self->delegate(scheduler, a); },
         [self, scheduler](msg::stats_atom a) { return self->delegate(scheduler, a); },
+        // Refused by the scheduler unless the offer carries the server's worker secret.
+        [self, scheduler](msg::join_worker_atom a, msg::worker_offer& o) { return self->delegate(scheduler, a, std::move(o)); },
     };
   });
 }

@@ -59,13 +59,15 @@ loaded_worker load(const engine_config& config, size_t index) {
 // One module state per weight-bearing module: its update core, starting from the folder it was loaded from.
 std::map<std::string, std::shared_ptr<module_state>> module_states(const loaded_worker& w, int32_t index,
                                                                    const std::shared_ptr<transfer::received_table>& received,
-                                                                   const std::shared_ptr<lora::adapter_store>& adapters) {
+                                                                   const std::shared_ptr<lora::adapter_store>& adapters,
+                                                                   const std::shared_ptr<const path_map>& paths) {
   std::map<std::string, std::shared_ptr<module_state>> out;
   const auto& layout = w.pipe->layout();
   for (const auto& m : w.pipe->module_names()) {
     const auto* c = layout.find(m);
     auto loaded_from = std::make_shared<update::checkpoint_source>(c->dir);
     out[m] = make_module_state(std::make_shared<update::module_updater>(w.pipe, m, index, std::move(loaded_from), w.loader), received, adapters);
+    out[m]->paths = paths;
     spdlog::info("worker {}: loaded module {} ({}) from {}", index, m, c->class_name, c->dir.string());
   }
   return out;
@@ -73,31 +75,58 @@ std::map<std::string, std::shared_ptr<module_state>> module_states(const loaded_
 
 }  // namespace
 
-msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& config) {
+worker_set spawn_workers(caf::actor_system& sys, const engine_config& config) {
   if (config.devices.empty()) throw std::invalid_argument("the engine needs at least one device");
   // Every device loads before any actor exists: a failure leaves nothing running.
   std::vector<loaded_worker> loaded;
   for (size_t i = 0; i < config.devices.size(); ++i) loaded.push_back(load(config, i));
-  scheduler_setup setup;
-  setup.model_path = config.model_path.string();
-  setup.devices = config.devices;
-  setup.modules = loaded.front().pipe->module_names();
-  setup.denoiser = loaded.front().pipe->denoiser();
-  setup.adapters = std::make_shared<lora::adapter_store>();
-  setup.check_finite = config.check_finite;
-  // Resolved once: the roots a weight source carries are the canonical folders files are opened beneath.
-  for (const auto& r : weights::file_scope(config.allowed_model_roots).roots()) setup.allowed_roots.push_back(r.string());
+  worker_set out;
+  const auto& first = *loaded.front().pipe;
+  out.class_name = first.class_name();
+  out.modules = first.module_names();
+  out.denoiser = first.denoiser();
+  out.adapters = std::make_shared<lora::adapter_store>();
+  for (const auto& m : out.modules) out.loaded[m] = msg::weight_source{msg::source_kind::checkpoint, first.layout().find(m)->dir.string()};
+  const auto paths = config.paths.prefixes.empty() ? nullptr : std::make_shared<const path_map>(config.paths);
   for (size_t i = 0; i < loaded.size(); ++i) {
     const auto index = static_cast<int32_t>(i);
     const loaded_worker& w = loaded[i];
-    setup.cancels.push_back(std::make_shared<std::atomic<bool>>(false));
-    setup.caches.push_back(spawn_cache_actor(sys, index));
+    worker_actors a;
+    a.device = config.devices[i];
+    a.cancel = std::make_shared<std::atomic<bool>>(false);
+    a.cache = spawn_cache_actor(sys, index);
     auto received = std::make_shared<transfer::received_table>();
-    setup.supervisors.push_back(spawn_module_supervisor(sys, index, module_states(w, index, received, setup.adapters)));
-    setup.transfers.push_back(spawn_transfer_actor(sys, {index, w.pipe, received, config.weight_sync_timeout}));
-    setup.workers.push_back(spawn_worker(sys, {index, w.pipe, setup.caches.back(), setup.cancels.back()}));
-    for (const auto& m : w.pipe->module_names())
-      if (w.pipe->offload(m)) setup.offloads.push_back(spawn_offload_manager(sys, index, w.pipe, m));
+    a.supervisor = spawn_module_supervisor(sys, index, module_states(w, index, received, out.adapters, paths));
+    a.transfer = spawn_transfer_actor(sys, {index, w.pipe, received, config.weight_sync_timeout});
+    a.worker = spawn_worker(sys, {index, w.pipe, a.cache, a.cancel});
+    for (const auto& m : out.modules)
+      if (w.pipe->offload(m)) a.offloads.push_back(spawn_offload_manager(sys, index, w.pipe, m));
+    out.workers.push_back(std::move(a));
+  }
+  return out;
+}
+
+msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& config) {
+  worker_set set = spawn_workers(sys, config);
+  scheduler_setup setup;
+  setup.model_path = config.model_path.string();
+  setup.modules = set.modules;
+  setup.denoiser = set.denoiser;
+  setup.class_name = set.class_name;
+  setup.adapters = set.adapters;
+  setup.served = set.loaded;
+  setup.check_finite = config.check_finite;
+  setup.worker_secret = config.worker_secret;
+  // Resolved once: the roots a weight source carries are the canonical folders files are opened beneath.
+  for (const auto& r : weights::file_scope(config.allowed_model_roots).roots()) setup.allowed_roots.push_back(r.string());
+  for (auto& a : set.workers) {
+    setup.devices.push_back(a.device);
+    setup.cancels.push_back(a.cancel);
+    setup.caches.push_back(a.cache);
+    setup.supervisors.push_back(a.supervisor);
+    setup.transfers.push_back(a.transfer);
+    setup.workers.push_back(a.worker);
+    for (auto& o : a.offloads) setup.offloads.push_back(o);
   }
   return spawn_scheduler(sys, std::move(setup));
 }

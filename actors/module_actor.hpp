@@ -6,6 +6,7 @@
 
 #include <memory>
 
+#include "actors/path_map.hpp"
 #include "messages/protocol.hpp"
 
 namespace refit::update {
@@ -26,6 +27,7 @@ struct module_state {
   std::shared_ptr<update::module_updater> core;
   std::shared_ptr<const transfer::received_table> received;  // the worker's; distributed updates read it
   std::shared_ptr<lora::adapter_store> adapters;              // the server's LoRA adapters; merges read it
+  std::shared_ptr<const path_map> paths;                      // a joined worker: where this host has the server's folders
   msg::fault_spec fault;  // fires once in its phase
 };
 

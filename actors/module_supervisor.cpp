@@ -92,6 +92,12 @@ msg::module_supervisor_actor spawn_module_supervisor(caf::actor_system& sys, int
           return true;
         },
         [self, st](msg::recover_atom, const std::string& module) { return recover(self, st, module); },
+        // The server is gone: every module actor exits; recover_atom then yields each one's replacement once
+        // its start-up has settled the update its predecessor was in (kept if decided, else undone).
+        [self, st](msg::abandon_atom) {
+          for (auto& [name, handle] : st->actors) self->send_exit(handle, caf::exit_reason::kill);
+          return static_cast<uint64_t>(st->actors.size());
+        },
     };
   });
 }

@@ -31,8 +31,8 @@ void maybe_finish_pause(self_ptr self) {
   auto &st = self->state;
   if (!st.paused || total_in_flight(st) > 0 || st.pause_waiters.empty())
     return;
-  for (auto &c : st.setup.cancels)
-    c->store(false);
+  for (size_t w = 0; w < st.slots.size(); ++w)
+    cancel_on(self, w, false);
   for (auto &w : st.pause_waiters)
     w.deliver(st.cancelling);
   st.pause_waiters.clear();
@@ -52,11 +52,14 @@ void record_latency(msg::scheduler_stats &stats, double latency) {
 
 // Both carry the weight_version they were computed with: updates commit only
 // while nothing runs.
-void stamp(msg::generation_result &r, const std::string &version) {
+// And the worker that computed them (a joined worker numbers itself in its own process).
+void stamp(msg::generation_result &r, const std::string &version, size_t w) {
   r.weight_version = version;
+  r.worker = static_cast<int32_t>(w);
 }
-void stamp(msg::rollout_result &r, const std::string &version) {
+void stamp(msg::rollout_result &r, const std::string &version, size_t w) {
   r.weight_version = version;
+  r.worker = static_cast<int32_t>(w);
 }
 
 const char *const shutting_down_message =
@@ -76,13 +79,15 @@ void run_on(self_ptr self, size_t w, job<Request, Result> j) {
   const std::string version = st.weight_version;
   auto promise = j.promise;
   auto enqueued = j.enqueued;
+  // A joined worker can be lost mid-generation: the request then goes back to the queue.
+  auto again = st.slots[w].host.empty() ? nullptr : std::make_shared<job<Request, Result>>(j);
   self->request(st.setup.workers[w], generation_timeout, Atom::value,
                 std::move(j.req))
       .then(
           [self, w, version, promise, enqueued](Result &r) mutable {
             auto &st = self->state;
             --st.in_flight[w];
-            stamp(r, version);
+            stamp(r, version, w);
             ++st.stats.generations_ok;
             record_latency(
                 st.stats,
@@ -91,9 +96,18 @@ void run_on(self_ptr self, size_t w, job<Request, Result> j) {
             maybe_finish_pause(self);
             dispatch(self);
           },
-          [self, w, promise](caf::error &e) mutable {
+          [self, w, promise, again](caf::error &e) mutable {
             auto &st = self->state;
             --st.in_flight[w];
+            if (again && !st.shutting_down &&
+                (msg::is(e, refit_errc::worker_lost) || e == caf::sec::request_receiver_down)) {
+              spdlog::warn("worker {} failed a generation it was given ({}); it goes to another worker", w, msg::describe(e));
+              st.slots[w].status = worker_status::lost;
+              st.queue.push_front(std::move(*again));
+              maybe_finish_pause(self);
+              dispatch(self);
+              return;
+            }
             if (msg::is(e, refit_errc::cancelled))
               ++st.stats.generations_cancelled;
             else
@@ -137,7 +151,7 @@ void dispatch(self_ptr self) {
     const size_t n = st.setup.workers.size();
     size_t best = n;
     for (size_t w = 0; w < n; ++w)
-      if (st.in_flight[w] == 0 &&
+      if (st.in_flight[w] == 0 && st.slots[w].status == worker_status::serving &&
           (best == n || st.in_flight[w] < st.in_flight[best]))
         best = w;
     if (best == n)
@@ -158,7 +172,7 @@ caf::result<uint64_t> pause(self_ptr self, bool abort) {
   if (abort)
     for (size_t w = 0; w < st.setup.workers.size(); ++w)
       if (st.in_flight[w] > 0) {
-        st.setup.cancels[w]->store(true);
+        cancel_on(self, w, true);
         st.cancelling += static_cast<uint64_t>(st.in_flight[w]);
       }
   maybe_finish_pause(self);
@@ -222,6 +236,22 @@ void start_next_update(self_ptr self) {
     st.updating = false;
     return start_next_update(self);
   }
+  if (job.catch_up >= 0)
+    return start_catch_up(self, std::move(job));
+  if (job.req.source != msg::source_kind::checkpoint)
+    for (size_t w : serving_workers(st))
+      if (!st.slots[w].host.empty()) {
+        // Tensors shared by a colocated trainer are on this host; a trainer's group counts this process's
+        // workers; merged adapters would leave a joining worker nothing it could read.
+        msg::update_result r;
+        r.message = "update kind '" + msg::to_string(job.req.source) + "' cannot include worker " +
+                    std::to_string(w) + " on " + st.slots[w].host +
+                    " (joined workers take updates from disk only). No weights were changed.";
+        r.weight_version = st.weight_version;
+        job.promise.deliver(std::move(r));
+        st.updating = false;
+        return start_next_update(self);
+      }
   if (job.req.check_finite == msg::finite_check::server_default)
     job.req.check_finite = st.setup.check_finite ? msg::finite_check::on
                                                  : msg::finite_check::off;
@@ -229,13 +259,14 @@ void start_next_update(self_ptr self) {
       self->system(),
       {self, st.setup.supervisors, st.setup.caches, st.setup.modules,
        st.setup.denoiser, st.setup.transfers, ++st.transactions,
-       st.setup.allowed_roots});
+       st.setup.allowed_roots, serving_workers(st), {}});
   auto promise = job.promise;
   st.current_update = job.req;
   const uint64_t number = st.transactions;
-  auto finished = [self, promise, number](msg::update_result r) mutable {
+  auto finished = [self, promise, number, job](msg::update_result r) mutable {
     auto &st = self->state;
     st.setup.adapters->end_update(number, r.success);
+    update_finished(self, job, r);
     if (r.success) {
       ++st.stats.updates_ok;
       st.lora.committed(st.current_update, st.setup.denoiser);
@@ -270,6 +301,13 @@ void start_next_update(self_ptr self) {
 // Trainers' groups: every worker joins as its own rank (rank_offset + worker
 // index)
 
+std::vector<size_t> local_workers(const sched_state &st) {
+  std::vector<size_t> out;
+  for (size_t w = 0; w < st.slots.size(); ++w)
+    if (st.slots[w].host.empty()) out.push_back(w);
+  return out;
+}
+
 // One answer for all workers: SGLang's sentence when they agree, else each
 // worker's.
 msg::group_result merge(fan_in<msg::group_result> &in, size_t workers) {
@@ -295,7 +333,8 @@ msg::group_result merge(fan_in<msg::group_result> &in, size_t workers) {
 caf::result<msg::group_result> join_group(self_ptr self,
                                           const msg::group_request &req) {
   auto &st = self->state;
-  const auto workers = static_cast<int64_t>(st.setup.transfers.size());
+  // This process's workers: joined ones take no distributed updates.
+  const auto workers = static_cast<int64_t>(local_workers(st).size());
   std::string bad;
   if (req.group_name.empty())
     bad = "group_name must not be empty";
@@ -321,7 +360,7 @@ caf::result<msg::group_result> join_group(self_ptr self,
         false, "Failed to initialize custom process group: " + bad + "."};
   auto promise = self->make_response_promise<msg::group_result>();
   fan_out<msg::group_result>(
-      indices(st.setup.transfers.size()),
+      local_workers(st),
       [self, req](size_t w) {
         return self->request(
             self->state.setup.transfers[w], caf::infinite,
@@ -350,7 +389,7 @@ caf::result<msg::group_result> leave_group(self_ptr self,
   auto &st = self->state;
   auto promise = self->make_response_promise<msg::group_result>();
   fan_out<msg::group_result>(
-      indices(st.setup.transfers.size()),
+      local_workers(st),
       [self, name](size_t w) {
         return self->request(self->state.setup.transfers[w], caf::infinite,
                              msg::leave_group_atom::value, name);
@@ -373,6 +412,12 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system &sys,
     auto &st = self->state;
     st.setup = std::move(setup);
     st.in_flight.assign(st.setup.workers.size(), 0);
+    for (const auto &d : st.setup.devices) {
+      worker_slot slot;
+      slot.device = d;
+      st.slots.push_back(slot);
+    }
+    self->set_down_handler([self](caf::down_msg &dm) { worker_down(self, dm); });
     st.model_path = st.setup.model_path;
     for (auto &w : st.setup.workers)
       self->link_to(w);
@@ -432,6 +477,9 @@ msg::scheduler_actor spawn_scheduler(caf::actor_system &sys,
           return promise;
         },
         [self](msg::list_loras_atom) { return list_loras(self); },
+        [self](msg::join_worker_atom, msg::worker_offer &offer) {
+          return join_worker(self, offer);
+        },
         [self](msg::release_memory_atom) { return release_memory(self); },
         [self](msg::resume_memory_atom) { return resume_memory(self); },
         [self](msg::tensor_hashes_atom, const std::string &module,

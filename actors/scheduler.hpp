@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,6 +32,9 @@ struct scheduler_setup {
   std::vector<std::string> devices;  // per worker, e.g. "cuda:0" (device memory is reported for these)
   std::vector<std::string> allowed_roots;  // canonical; updates read files only beneath these (empty: anywhere)
   bool check_finite = true;                // an update's check_finite when the request leaves it to the server
+  std::string class_name;                  // the pipeline's; a joining worker must serve the same
+  std::map<std::string, msg::weight_source> served;  // what each module holds (the load's folders at start)
+  std::string worker_secret;               // joining as a worker needs it; empty: nobody may join
 };
 
 // Links itself to every actor it is given: stopping the scheduler stops them all.

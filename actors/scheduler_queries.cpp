@@ -34,6 +34,10 @@ checksums(self_ptr self, const msg::checksum_request &req) {
     return msg::make_error(refit_errc::invalid_request,
                            "worker " + std::to_string(worker) +
                                " does not exist");
+  if (st.slots[worker].status != worker_status::serving)
+    return msg::make_error(refit_errc::invalid_request,
+                           "worker " + std::to_string(worker) + " is " +
+                               to_string(st.slots[worker].status));
   if (names.empty())
     names = st.setup.modules;
   auto promise =
@@ -101,16 +105,24 @@ void module_infos(self_ptr self, std::vector<size_t> which,
   module_actors(self, std::move(which),
                 [self, done](fan_in<module_map> &in) mutable {
                   std::vector<msg::module_actor> actors;
+                  std::vector<size_t> worker_of;
                   for (auto &[w, map] : in.replies)
-                    for (auto &[name, actor] : map)
+                    for (auto &[name, actor] : map) {
                       actors.push_back(actor);
+                      worker_of.push_back(w);
+                    }
                   fan_out<msg::module_info>(
                       indices(actors.size()),
                       [self, actors](size_t i) {
                         return self->request(actors[i], query_timeout,
                                              msg::info_atom::value);
                       },
-                      std::move(done));
+                      [done, worker_of](fan_in<msg::module_info> &in) {
+                        // A joined worker numbers itself in its own process.
+                        for (auto &[i, mi] : in.replies)
+                          mi.worker = static_cast<int32_t>(worker_of[i]);
+                        done(in);
+                      });
                 });
 }
 
@@ -121,8 +133,11 @@ caf::result<msg::model_info> model_info(self_ptr self) {
   info.model_path = st.model_path;
   info.weight_version = st.weight_version;
   info.sleeping = st.sleeping;
+  for (size_t w = 0; w < st.slots.size(); ++w)
+    info.workers.push_back({static_cast<int32_t>(w), st.slots[w].device,
+                            st.slots[w].host, to_string(st.slots[w].status)});
   module_infos(
-      self, indices(st.setup.workers.size()),
+      self, serving_workers(st),
       [self, info, promise](fan_in<msg::module_info> &in) mutable {
         for (auto &[i, mi] : in.replies)
           info.modules.push_back(mi);
@@ -140,7 +155,7 @@ caf::result<msg::model_info> model_info(self_ptr self) {
 
 uint64_t devices_used(const sched_state &st) {
   uint64_t n = 0;
-  for (const auto &d : st.setup.devices)
+  for (const auto &d : st.setup.devices)  // this process's devices
     n += update::device_used_bytes(c10::Device(d));
   return n;
 }
@@ -152,7 +167,7 @@ void memory_step(self_ptr self, caf::typed_response_promise<msg::memory_result> 
                  msg::memory_result r, bool sleeping_after,
                  clock::time_point t0) {
   module_actors(
-      self, indices(self->state.setup.workers.size()),
+      self, serving_workers(self->state),
       [self, promise, r, sleeping_after, t0](fan_in<module_map> &in) mutable {
         std::vector<msg::module_actor> actors;
         for (auto &[w, map] : in.replies)

@@ -38,10 +38,26 @@ using pending_generation = std::variant<generation_job, rollout_job>;
 struct pending_update {
   msg::update_request req;
   caf::typed_response_promise<msg::update_result> promise;
+  int32_t catch_up = -1;  // >= 0: give this joined worker the served weights (no client waits)
+};
+
+// Where a worker stands. Local workers always serve; a joined one serves once it holds the served weights.
+enum class worker_status : uint8_t { serving, catching_up, lost };
+const char *to_string(worker_status s);
+
+// What the scheduler knows of each worker beyond its actors (same index as setup.workers).
+struct worker_slot {
+  std::string device;
+  std::string host;                  // a joined process's name; empty: local
+  worker_status status = worker_status::serving;
+  msg::node_agent_actor agent;       // a joined worker's (through a relay): cancels its generations
+  int32_t local_index = 0;           // its index in its own process
+  caf::actor_addr remote;            // the joined worker's own actor (its down message means it is gone)
 };
 
 struct sched_state {
   scheduler_setup setup;
+  std::vector<worker_slot> slots; // per worker
   std::vector<int> in_flight; // per worker
   std::deque<pending_generation> queue;
   bool paused = false;
@@ -68,6 +84,17 @@ using self_ptr = msg::scheduler_actor::stateful_pointer<sched_state>;
 uint64_t total_in_flight(const sched_state &st);
 void dispatch(self_ptr self);
 void start_next_update(self_ptr self);
+// scheduler_workers.cpp: workers joining from other processes, losing them, bringing them up to date
+std::vector<size_t> serving_workers(const sched_state &st);
+caf::result<msg::join_reply> join_worker(self_ptr self, msg::worker_offer &offer);
+void worker_down(self_ptr self, const caf::down_msg &dm);
+// Stops a generation in flight on worker w at its next step (a joined worker: through its agent); off again
+// once the pause holds.
+void cancel_on(self_ptr self, size_t w, bool on);
+// Starts the catch-up of a joined worker (an update queued with catch_up set); false when it cannot be.
+void start_catch_up(self_ptr self, pending_update job);
+// A transaction ended: a catch-up's worker serves or is let go; a committed update's sources are recorded.
+void update_finished(self_ptr self, const pending_update &job, const msg::update_result &r);
 // The module actors of workers `which` (module name -> actor, per worker).
 void module_actors(self_ptr self, std::vector<size_t> which,
                    std::function<void(fan_in<module_map> &)> done);

@@ -49,7 +49,7 @@ std::string describe_committed(const state& st) {
   for (const auto& m : modules) names += (names.empty() ? "" : ", ") + m;
   // SGLang's sentence for a distributed update comes first: its clients look for it.
   std::string out = st.req.source == msg::source_kind::distributed ? "Succeeded to update parameter online. " : "";
-  out += "Updated " + names + " from " + source_label(st.req) + " on " + std::to_string(st.ctx.workers.size()) + " worker(s) (" +
+  out += "Updated " + names + " from " + source_label(st.req) + " on " + std::to_string(st.ctx.members.size()) + " worker(s) (" +
          msg::to_string(st.result.mode) + ")";
   for (const auto& p : st.parts) {
     if (p.fate == participant::after_decision::reapplied)

@@ -84,12 +84,16 @@ void start(self_ptr self, const msg::update_request& req) {
   st.req = req;
   st.start = st.phase_start = clock::now();
   st.result.weight_version = req.weight_version;
+  if (!st.ctx.preplanned.empty()) {
+    record_phase(self, "plan");
+    return join(self, st.ctx.preplanned);
+  }
   update_plan plan = plan_update(req, st.ctx.pipeline_modules, st.ctx.denoiser, st.ctx.update, st.ctx.allowed_roots);
   if (static_cast<uint8_t>(req.mode) > static_cast<uint8_t>(msg::update_mode::in_place))
     plan.error = "mode must be auto, staged or in_place, got '" + msg::to_string(req.mode) + "'";
   if (req.source == msg::source_kind::tensor) {
     // SGLang's rule: one payload for all, one per worker, or one per GPU (payload_gpu_uuids).
-    const size_t n = req.payloads.size(), workers = st.ctx.transfers.size();
+    const size_t n = req.payloads.size(), workers = st.ctx.members.size();
     if (plan.error.empty() && n != 1 && n != workers && (n == 0 || req.payloads.front().gpu_uuid.empty()))
       plan.error = "serialized_named_tensors size must be 1 or world_size (" + std::to_string(workers) + "), got " + std::to_string(n);
     if (!plan.error.empty()) {
@@ -126,7 +130,7 @@ void refuse_broadcast(self_ptr self, const std::string& why) {
   r.refused = why;
   for (const auto& t : st.req.tensors) r.tensors.push_back({"", t.name, t.name, t.dtype, t.shape});
   fan_out<msg::receive_report>(
-      indices(st.ctx.transfers.size()),
+      st.ctx.members,
       [self, r](size_t w) { return self->request(self->state.ctx.transfers[w], caf::infinite, msg::receive_atom::value, r); },
       [self, why](fan_in<msg::receive_report>& in) {
         auto& st = self->state;
@@ -144,7 +148,7 @@ void receive(self_ptr self, update_plan plan) {
   auto& st = self->state;
   st.received = true;
   fan_out<msg::receive_report>(
-      indices(st.ctx.transfers.size()),
+      st.ctx.members,
       [self, req = plan.receive](size_t w) { return self->request(self->state.ctx.transfers[w], caf::infinite, msg::receive_atom::value, req); },
       [self, sources = std::move(plan.sources)](fan_in<msg::receive_report>& in) mutable {
         auto& st = self->state;
@@ -173,7 +177,7 @@ void receive(self_ptr self, update_plan plan) {
 void join(self_ptr self, std::map<std::string, msg::weight_source> planned) {
   auto& st = self->state;
   fan_out<std::map<std::string, msg::module_actor>>(
-      indices(st.ctx.workers.size()),
+      st.ctx.members,
       [self](size_t w) { return self->request(self->state.ctx.workers[w], phase_timeout, msg::modules_atom::value); },
       [self, sources = std::move(planned)](fan_in<std::map<std::string, msg::module_actor>>& in) {
         auto& st = self->state;
@@ -251,6 +255,7 @@ void stage(self_ptr self) {
 
 void pause(self_ptr self) {
   auto& st = self->state;
+  if (!st.ctx.preplanned.empty()) return commit(self);  // a catch-up: its worker serves nothing yet
   st.pause_start = clock::now();
   st.paused = true;  // from the request on: the scheduler holds generation back even when its answer is lost
   self->request(st.ctx.scheduler, phase_timeout, msg::pause_atom::value, st.req.abort_all_requests)
@@ -276,6 +281,7 @@ void commit(self_ptr self) {
                 p.at = phase::committed;
                 // A module's work is its staging read plus its commit (a swap, or the in-place read).
                 msg::module_report total = r;
+                total.worker = p.worker;  // a joined worker numbers itself in its own process
                 total.seconds += p.stage_report.seconds;
                 total.bytes = std::max(total.bytes, p.stage_report.bytes);
                 st.result.modules.push_back(total);
@@ -306,9 +312,10 @@ void decided(self_ptr self) {
         resume_and_reply(self, true);
       });
     };
+    for (const auto& p : st.parts) st.result.applied[p.module] = p.source;
     if (!st.req.flush_cache || st.ctx.caches.empty()) return finish();
     fan_out<uint64_t>(
-        indices(st.ctx.caches.size()),
+        st.ctx.members,
         [self](size_t c) { return self->request(self->state.ctx.caches[c], phase_timeout, msg::reset_atom::value); },
         [self, finish](fan_in<uint64_t>& in) {
           self->state.result.cache_flushed = !in.replies.empty();
@@ -360,7 +367,10 @@ void compensate(self_ptr self, fan_in<msg::module_report>& commit_replies) {
                 std::vector<size_t> unsure;  // the rollback did not answer success
                 for (size_t i : undo) {
                   if (!rolled.ok(i)) unsure.push_back(i);
-                  else if (st.parts[i].at == phase::committed) st.result.modules.push_back(rolled.replies.at(i));
+                  else if (st.parts[i].at == phase::committed) {
+                    st.result.modules.push_back(rolled.replies.at(i));
+                    st.result.modules.back().worker = st.parts[i].worker;
+                  }
                 }
                 std::map<size_t, std::string> errors;
                 for (auto& [i, e] : rolled.errors) errors[i] = msg::describe(e);
@@ -420,7 +430,7 @@ void reply(self_ptr self) {
     // the memory is back when the client hears the outcome.
     st.received = false;
     fan_out<bool>(
-        indices(st.ctx.transfers.size()),
+        st.ctx.members,
         [self](size_t w) {
           auto& st = self->state;
           return self->request(st.ctx.transfers[w], phase_timeout, msg::release_atom::value, st.ctx.update, st.req.empty_cache);

@@ -2,6 +2,7 @@
 // of update_transaction.cpp and in docs/architecture.md).
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,10 @@ struct transaction_context {
   std::vector<msg::transfer_actor> transfers;         // per worker: receives distributed updates
   uint64_t update = 0;                                // this transaction's number (names what workers receive)
   std::vector<std::string> allowed_roots;             // files an update reads lie beneath these (empty: anywhere)
+  std::vector<size_t> members;                        // the workers taking part (indices into the vectors above)
+  // A catch-up: these sources (module -> source) instead of planning the request, and generation goes on
+  // (the one member is not serving yet).
+  std::map<std::string, msg::weight_source> preplanned;
 };
 
 msg::transaction_actor spawn_update_transaction(caf::actor_system& sys, transaction_context context);

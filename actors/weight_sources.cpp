@@ -63,7 +63,13 @@ std::shared_ptr<update::module_source> open_lora(const msg::weight_source& sourc
 
 }  // namespace
 
-std::shared_ptr<update::module_source> open_source(const msg::weight_source& source, module_state& state) {
+std::shared_ptr<update::module_source> open_source(const msg::weight_source& named, module_state& state) {
+  msg::weight_source source = named;
+  if (state.paths) {
+    source.location = state.paths->map(source.location);
+    for (auto& r : source.roots) r = state.paths->map(r);
+    for (auto& a : source.adapters) a.path = state.paths->map(a.path);
+  }
   switch (source.kind) {
     case msg::source_kind::checkpoint: return std::make_shared<update::checkpoint_source>(source.location, scope_of(source));
     case msg::source_kind::distributed: return std::make_shared<transfer::received_source>(received_for(source, state));

@@ -35,7 +35,7 @@ struct serve_args {
   std::vector<std::string> allowed_roots;
   bool check_finite = true;
   std::optional<int> actor_port;
-  std::string actor_host = "127.0.0.1", actor_tls_cert, actor_tls_key, actor_tls_ca;
+  std::string actor_host = "127.0.0.1", actor_tls_cert, actor_tls_key, actor_tls_ca, worker_secret_file;
   uint64_t actor_max_message_mb = 16, actor_max_buffered_mb = 256;
   size_t max_request_bytes = 1 << 20;
   int image_url_ttl = 600;
@@ -186,6 +186,10 @@ int serve(const serve_args& a) {
   actors::engine_config engine{model_path, devices, a.dtype, a.dit_layerwise_offload, a.dit_offload_prefetch_size, sync_timeout};
   engine.allowed_model_roots.assign(a.allowed_roots.begin(), a.allowed_roots.end());  // enforced by the engine, every port
   engine.check_finite = a.check_finite;
+  if (!a.worker_secret_file.empty()) {
+    if (!a.actor_port) throw std::invalid_argument("--worker-secret-file needs --actor-port (workers join through it)");
+    engine.worker_secret = read_worker_secret(a.worker_secret_file);
+  }
   spdlog::info("refit serve: weight updates {} non-finite values unless a request says otherwise (--{}check-finite)",
                a.check_finite ? "refuse" : "accept", a.check_finite ? "" : "no-");
   auto scheduler = actors::spawn_engine(sys, engine);
@@ -198,9 +202,10 @@ int serve(const serve_args& a) {
     ~stop_on_exit() { self->send_exit(scheduler, caf::exit_reason::user_shutdown); }
   } engine_guard{self, scheduler};
 
-  // The actor port publishes only the client API, through a gateway that forwards nothing else.
+  // The actor port publishes only the client API (and worker offers, which need the worker secret), through a
+  // gateway that forwards nothing else.
   std::optional<uint16_t> actor_port;
-  msg::client_api_actor gateway;
+  msg::cluster_api_actor gateway;
   std::optional<net::actor_port_endpoint> actor_endpoint;
   if (a.actor_port) {
     gateway = actors::spawn_client_gateway(sys, scheduler);
@@ -319,6 +324,9 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
                   "present a certificate signed by the same CA, or are refused before any message is read");
   cmd->add_option("--actor-tls-key", a->actor_tls_key, "The private key of --actor-tls-cert (PEM, unencrypted; keep it mode 600)");
   cmd->add_option("--actor-tls-ca", a->actor_tls_ca, "The cluster CA certificate (PEM) that signs the server's and every client's certificate");
+  cmd->add_option("--worker-secret-file", a->worker_secret_file,
+                  "Let `refit worker --join` processes that present this secret (the file's first line, >= 16 characters, "
+                  "mode 600) join through the actor port as workers (default: nobody may join)");
   cmd->add_option("--actor-max-message-mb", a->actor_max_message_mb,
                   "Largest message a peer may send on the actor port, MiB; a frame announcing more closes its connection")
       ->capture_default_str()

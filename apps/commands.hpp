@@ -16,6 +16,11 @@ using command_registry = std::vector<std::pair<CLI::App*, std::function<int()>>>
 void add_weight_commands(CLI::App& app, command_registry& commands);    // inspect, checksum
 void add_pipeline_commands(CLI::App& app, command_registry& commands);  // make-model, generate
 void add_serve_commands(CLI::App& app, command_registry& commands);     // serve
+void add_worker_commands(CLI::App& app, command_registry& commands);    // worker
+
+// The worker secret in `path` (its first line; at least 16 characters; the file must not be readable by group
+// or others). Throws std::invalid_argument naming --worker-secret-file.
+std::string read_worker_secret(const std::string& path);
 
 std::string build_info();
 

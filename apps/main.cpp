@@ -45,6 +45,7 @@ int main(int argc, char** argv) {
   refit::apps::add_weight_commands(app, commands);
   refit::apps::add_pipeline_commands(app, commands);
   refit::apps::add_serve_commands(app, commands);
+  refit::apps::add_worker_commands(app, commands);
 
   try {
     app.parse(argc, argv);
@@ -55,8 +56,8 @@ int main(int argc, char** argv) {
   try {
     for (auto& [sub, run] : commands)
       if (sub->parsed()) {
-        // `serve` waits for them with sigwait and shuts down in order; every other command dies as usual.
-        if (sub->get_name() != "serve") unblock_stop_signals();
+        // `serve` and `worker` wait for them with sigwait and shut down in order; every other command dies as usual.
+        if (sub->get_name() != "serve" && sub->get_name() != "worker") unblock_stop_signals();
         return run();
       }
   } catch (const std::exception& e) {

@@ -41,4 +41,9 @@ using release_memory_atom = caf::atom_constant<caf::atom("relmemory")>;
 using resume_memory_atom = caf::atom_constant<caf::atom("resmemory")>;
 using shutdown_atom = caf::atom_constant<caf::atom("shutdown")>;
 
+// Workers on other hosts (cluster.hpp)
+using join_worker_atom = caf::atom_constant<caf::atom("joinworker")>;
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
+using abandon_atom = caf::atom_constant<caf::atom("abandon")>;
+
 }  // namespace refit::msg

@@ -15,6 +15,7 @@ std::string to_string(refit_errc code) {
     case refit_errc::phase_failed: return "phase_failed";
     case refit_errc::cancelled: return "cancelled";
     case refit_errc::sleeping: return "sleeping";
+    case refit_errc::worker_lost: return "worker_lost";
     case refit_errc::generation_failed: return "generation_failed";
     case refit_errc::fault_injection_unavailable: return "fault_injection_unavailable";
     case refit_errc::transfer_failed: return "transfer_failed";

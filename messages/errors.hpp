@@ -18,6 +18,7 @@ enum class refit_errc : uint8_t {
   fault_injection_unavailable,
   transfer_failed,      // receiving from a trainer failed (the group was left)
   sleeping,             // the server released its device memory (release_memory_occupation)
+  worker_lost,          // the connection to a worker on another host was lost (its requests fail with this)
 };
 std::string to_string(refit_errc code);
 caf::error make_error(refit_errc code, std::string message);

@@ -6,6 +6,10 @@ namespace refit::msg {
 
 void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<weight_source>("refit.weight_source");
+  cfg.add_message_type<std::map<std::string, weight_source>>("refit.weight_sources");
+  // Sent as message elements between the scheduler and joined workers (range-checked where they are used).
+  cfg.add_message_type<update_mode>("refit.update_mode");
+  cfg.add_message_type<checksum_format>("refit.checksum_format");
   cfg.add_message_type<update_request>("refit.update_request");
   cfg.add_message_type<shared_storage>("refit.shared_storage");
   cfg.add_message_type<std::vector<shared_storage>>("refit.shared_storages");
@@ -54,6 +58,14 @@ void add_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<module_actor>("refit.module_actor");
   cfg.add_message_type<std::map<std::string, module_actor>>("refit.module_actors");
   cfg.add_message_type<transfer_actor>("refit.transfer_actor");
+  cfg.add_message_type<worker_actor>("refit.worker_actor");
+  cfg.add_message_type<module_supervisor_actor>("refit.module_supervisor_actor");
+  cfg.add_message_type<cache_actor>("refit.cache_actor");
+  cfg.add_message_type<node_agent_actor>("refit.node_agent_actor");
+  cfg.add_message_type<worker_offer>("refit.worker_offer");
+  cfg.add_message_type<join_reply>("refit.join_reply");
+  cfg.add_message_type<worker_info>("refit.worker_info");
+  cfg.add_message_type<std::vector<worker_info>>("refit.worker_infos");
   cfg.add_error_category(error_category, [](uint8_t code, caf::atom_value, const caf::message& ctx) {
     std::string s = "refit_error(" + to_string(static_cast<refit_errc>(code)) + ")";
     if (ctx.match_elements<std::string>()) s += ": " + ctx.get_as<std::string>(0);

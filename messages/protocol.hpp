@@ -8,6 +8,7 @@
 
 #include "messages/atoms.hpp"
 #include "messages/client_api.hpp"
+#include "messages/cluster.hpp"
 #include "messages/control.hpp"
 #include "messages/errors.hpp"
 #include "messages/types.hpp"

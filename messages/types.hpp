@@ -240,13 +240,15 @@ struct update_result {
   std::string mode_reason;
   bool cache_flushed = false;
   uint64_t aborted_requests = 0;
+  // Committed: what each module now holds (the scheduler gives a joining worker the same).
+  std::map<std::string, weight_source> applied;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, update_result& x) {
   auto mode = static_cast<uint8_t>(x.mode);
   return f(caf::meta::type_name("update_result"), x.success, x.message, x.weight_version, x.modules, x.timings, mode, x.mode_reason,
-           x.cache_flushed, x.aborted_requests,
+           x.cache_flushed, x.aborted_requests, x.applied,
            caf::meta::load_callback([&] { return load_enum(x.mode, mode, write_path::mixed, "write path"); }));
 }
 
@@ -439,17 +441,31 @@ typename Inspector::result_type inspect(Inspector& f, offload_info& x) {
            x.spare_host_bytes, x.device_bytes, x.prefetches, x.prefetched_bytes, x.refreshes);
 }
 
+// One worker of the server: local (host empty) or joined from another process (refit worker --join).
+struct worker_info {
+  int32_t index = 0;
+  std::string device;
+  std::string host;    // the joined process's name; empty: this process
+  std::string status;  // serving; catching_up (a joined worker being given the served weights); lost
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, worker_info& x) {
+  return f(caf::meta::type_name("worker_info"), x.index, x.device, x.host, x.status);
+}
+
 struct model_info {
   std::string model_path;
   std::string weight_version;
-  std::vector<module_info> modules;   // every module on every worker
+  std::vector<module_info> modules;   // every module on every serving worker
   std::vector<offload_info> offload;  // one per worker and offloaded module; empty when offload is off
   bool sleeping = false;              // the device memory was released (release_memory_occupation)
+  std::vector<worker_info> workers;   // every worker the server has had, lost ones included
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, model_info& x) {
-  return f(caf::meta::type_name("model_info"), x.model_path, x.weight_version, x.modules, x.offload, x.sleeping);
+  return f(caf::meta::type_name("model_info"), x.model_path, x.weight_version, x.modules, x.offload, x.sleeping, x.workers);
 }
 
 

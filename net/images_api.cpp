@@ -142,7 +142,8 @@ std::string image_result_json(const msg::generation_result& r, int64_t created_u
   for (size_t i = 0; i < r.images.size(); ++i)
     data.push_back(urls.empty() ? json{{"b64_json", base64_encode(r.images[i])}} : json{{"url", urls.at(i)}});
   json out{{"id", id}, {"created", created_unix_s}, {"data", std::move(data)}, {"output_format", msg::to_string(r.format)},
-           {"weight_version", r.weight_version}, {"inference_time_s", r.inference_time_s}};
+           {"weight_version", r.weight_version}, {"inference_time_s", r.inference_time_s},
+           {"worker", r.worker}};
   if (r.teacache_calls) out["teacache"] = {{"transformer_calls", r.teacache_calls}, {"skipped", r.teacache_skipped}};
   return text(out);
 }

@@ -128,6 +128,13 @@ std::string model_info_json(const msg::model_info& info) {
   }
   json out{{"model_path", info.model_path}, {"weight_version", info.weight_version}, {"modules", std::move(modules)},
            {"sleeping", info.sleeping}};
+  json workers = json::array();
+  for (const auto& w : info.workers) {
+    json entry{{"worker", w.index}, {"device", w.device}, {"status", w.status}};
+    if (!w.host.empty()) entry["host"] = w.host;  // joined from another process (refit worker --join)
+    workers.push_back(std::move(entry));
+  }
+  out["workers"] = std::move(workers);
   if (!info.offload.empty()) {
     std::vector<msg::offload_info> offload = info.offload;
     std::sort(offload.begin(), offload.end(), [](const auto& a, const auto& b) { return a.worker < b.worker; });

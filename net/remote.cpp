@@ -57,7 +57,7 @@ actor_port_endpoint::~actor_port_endpoint() {
 
 bool actor_port_endpoint::tls() const { return sys_.has_openssl_manager() && sys_.openssl_manager().authentication_enabled(); }
 
-uint16_t actor_port_endpoint::publish(const msg::client_api_actor& gateway, const std::string& host, uint16_t port) {
+uint16_t actor_port_endpoint::publish(const msg::cluster_api_actor& gateway, const std::string& host, uint16_t port) {
   auto publish = caf::make_function_view(middleman_);
   auto bound = publish(caf::publish_atom::value, port, caf::actor_cast<caf::strong_actor_ptr>(gateway), sys_.message_types(gateway),
                        host, /*reuse_addr=*/true);
@@ -66,22 +66,37 @@ uint16_t actor_port_endpoint::publish(const msg::client_api_actor& gateway, cons
   return *bound;
 }
 
-void actor_port_endpoint::unpublish(const msg::client_api_actor& gateway, uint16_t port) {
+void actor_port_endpoint::unpublish(const msg::cluster_api_actor& gateway, uint16_t port) {
   caf::scoped_actor self{sys_, true};
   self->request(middleman_, caf::infinite, caf::unpublish_atom::value, caf::actor_cast<caf::actor_addr>(gateway), port)
       .receive([] {}, [](caf::error&) {});
 }
 
-caf::expected<msg::client_api_actor> actor_port_endpoint::connect(const std::string& host, uint16_t port,
-                                                                  std::chrono::milliseconds timeout) {
-  auto connect = caf::make_function_view(middleman_, caf::duration{timeout});
+namespace {
+
+template <class Handle>
+caf::expected<Handle> connect_to(caf::actor_system& sys, const caf::io::middleman_actor& middleman, const std::string& host, uint16_t port,
+                                 std::chrono::milliseconds timeout) {
+  auto connect = caf::make_function_view(middleman, caf::duration{timeout});
   auto found = connect(caf::connect_atom::value, host, port);
   if (!found) return std::move(found.error());
   auto& published = std::get<1>(*found);
   if (!published) return caf::sec::no_actor_published_at_port;
-  if (!sys_.assignable(std::get<2>(*found), sys_.message_types(caf::detail::type_list<msg::client_api_actor>{})))
+  if (!sys.assignable(std::get<2>(*found), sys.message_types(caf::detail::type_list<Handle>{})))
     return caf::sec::unexpected_actor_messaging_interface;
-  return caf::actor_cast<msg::client_api_actor>(std::move(published));
+  return caf::actor_cast<Handle>(std::move(published));
+}
+
+}  // namespace
+
+caf::expected<msg::client_api_actor> actor_port_endpoint::connect(const std::string& host, uint16_t port,
+                                                                  std::chrono::milliseconds timeout) {
+  return connect_to<msg::client_api_actor>(sys_, middleman_, host, port, timeout);
+}
+
+caf::expected<msg::cluster_api_actor> actor_port_endpoint::connect_cluster(const std::string& host, uint16_t port,
+                                                                           std::chrono::milliseconds timeout) {
+  return connect_to<msg::cluster_api_actor>(sys_, middleman_, host, port, timeout);
 }
 
 }  // namespace refit::net

@@ -40,13 +40,15 @@ class actor_port_endpoint {
   bool tls() const;
 
   // Publishes on host:port (0: ephemeral) and returns the bound port; throws std::runtime_error.
-  uint16_t publish(const msg::client_api_actor& gateway, const std::string& host, uint16_t port);
+  uint16_t publish(const msg::cluster_api_actor& gateway, const std::string& host, uint16_t port);
 
   // Closes the actor port, so remote clients see the server go before the engine stops.
-  void unpublish(const msg::client_api_actor& gateway, uint16_t port);
+  void unpublish(const msg::cluster_api_actor& gateway, uint16_t port);
 
   // Connects to a published client API; the error says why not (refused, TLS failed, another interface).
   caf::expected<msg::client_api_actor> connect(const std::string& host, uint16_t port, std::chrono::milliseconds timeout);
+  // The same for a process joining as a worker (the server must publish the cluster interface).
+  caf::expected<msg::cluster_api_actor> connect_cluster(const std::string& host, uint16_t port, std::chrono::milliseconds timeout);
 
  private:
   caf::actor_system& sys_;

@@ -1,5 +1,6 @@
 // Fault injection into the update transaction: every phase (and finalize, after the decision) x failure kind x module, with 1 and 2
-// workers, staged and in place, without and with layerwise offload of the transformer's blocks. A failed update must name
+// workers and with a second worker joined from another actor system over the actor port (the victim is then that remote
+// participant, reached through its relays), staged and in place, without and with layerwise offload of the transformer's blocks. A failed update must name
 // module and phase, leave every checksum on every worker as it was, keep the server serving, and leave
 // no undo or shadow buffers behind.
 #define BOOST_TEST_MODULE faults
@@ -10,6 +11,7 @@
 
 #include "actors/module_actor.hpp"
 #include "tests/unit/engine_fixture.hpp"
+#include "tests/unit/remote_engine.hpp"
 
 using namespace refit;
 using namespace refit::test;
@@ -24,12 +26,19 @@ struct world {
   engine_system_config cfg;
   std::unique_ptr<caf::actor_system> sys;
   std::map<std::pair<size_t, bool>, std::unique_ptr<engine_client>> engines;  // by worker count and offload
+  std::map<bool, std::unique_ptr<test::remote_engine>> remote;                 // by offload
   world() {
     a = make_tiny(dir.path() / "a", 1);
     b = make_tiny(dir.path() / "b", 2);
     sys = std::make_unique<caf::actor_system>(cfg);
   }
+  // workers: 1 or 2 local ones, or joined_worker (one local, one joined from another actor system).
   engine_client& engine(size_t workers, bool offload) {
+    if (workers == joined_worker) {
+      auto& r = remote[offload];
+      if (!r) r = std::make_unique<test::remote_engine>(a, offload);
+      return r->client();
+    }
     auto& e = engines[{workers, offload}];
     if (!e)
       e = std::make_unique<engine_client>(
@@ -37,8 +46,10 @@ struct world {
     return *e;
   }
   ~world() {
+    remote.clear();
     for (auto& [n, e] : engines) caf::anon_send_exit(e->scheduler(), caf::exit_reason::user_shutdown);
   }
+  static constexpr size_t joined_worker = 3;
 };
 
 // Lives for the whole test module and is torn down before main returns (not at static destruction,
@@ -55,6 +66,9 @@ const char* phases[] = {"validate", "stage", "commit"};
 const char* kinds[] = {"error", "throw", "die"};
 const char* modules[] = {"text_encoder", "transformer", "vae"};
 const char* modes[] = {"staged", "in_place"};
+// 1 or 2 local workers, or 3: a local worker and a joined one (the victim).
+const int worker_setups[] = {1, 2, 3};
+int32_t worker_count(int setup) { return setup == 3 ? 2 : setup; }
 
 }  // namespace
 
@@ -63,10 +77,11 @@ BOOST_TEST_GLOBAL_FIXTURE(world_fixture);
 BOOST_AUTO_TEST_CASE(fault_injection_is_compiled_into_this_test_build) { BOOST_TEST(actors::fault_injection_compiled()); }
 
 BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_keeps_serving,
-                     bdata::make({false, true}) * bdata::make(modes) * bdata::make({1, 2}) * bdata::make(phases) *
+                     bdata::make({false, true}) * bdata::make(modes) * bdata::make(worker_setups) * bdata::make(phases) *
                          bdata::make(kinds) * bdata::make(modules),
-                     offload, mode, workers, phase, kind, module) {
-  engine_client& e = w().engine(static_cast<size_t>(workers), offload);
+                     offload, mode, setup, phase, kind, module) {
+  engine_client& e = w().engine(static_cast<size_t>(setup), offload);
+  const int32_t workers = worker_count(setup);
   const int32_t victim = workers - 1;
   std::vector<std::map<std::string, std::string>> before;
   for (int32_t k = 0; k < workers; ++k) before.push_back(e.checksums(k));
@@ -100,9 +115,10 @@ BOOST_DATA_TEST_CASE(failed_update_changes_nothing_names_module_and_phase_and_ke
 // its module back to the old weights. A dead one's replacement undoes its commit on start, so the
 // transaction applies the update to it again before generation resumes.
 BOOST_DATA_TEST_CASE(a_failure_after_the_last_commit_still_leaves_every_module_updated,
-                     bdata::make({false, true}) * bdata::make(modes) * bdata::make({1, 2}) * bdata::make(kinds) * bdata::make(modules),
-                     offload, mode, workers, kind, module) {
-  engine_client& e = w().engine(static_cast<size_t>(workers), offload);
+                     bdata::make({false, true}) * bdata::make(modes) * bdata::make(worker_setups) * bdata::make(kinds) * bdata::make(modules),
+                     offload, mode, setup, kind, module) {
+  engine_client& e = w().engine(static_cast<size_t>(setup), offload);
+  const int32_t workers = worker_count(setup);
   const int32_t victim = workers - 1;
   BOOST_REQUIRE(e.fault(module, victim, {"finalize", kind}));
   msg::update_request req;
@@ -130,9 +146,10 @@ BOOST_DATA_TEST_CASE(a_failure_after_the_last_commit_still_leaves_every_module_u
 // The same death, but the worker's record of the decision did not reach the module first: its
 // replacement undoes the commit on start, and the transaction applies the update to it again.
 BOOST_DATA_TEST_CASE(a_module_that_missed_the_decision_is_updated_again,
-                     bdata::make({false, true}) * bdata::make(modes) * bdata::make({1, 2}) * bdata::make(modules), offload, mode, workers,
+                     bdata::make({false, true}) * bdata::make(modes) * bdata::make(worker_setups) * bdata::make(modules), offload, mode, setup,
                      module) {
-  engine_client& e = w().engine(static_cast<size_t>(workers), offload);
+  engine_client& e = w().engine(static_cast<size_t>(setup), offload);
+  const int32_t workers = worker_count(setup);
   const int32_t victim = workers - 1;
   BOOST_REQUIRE(e.fault(module, victim, {"decide", "lost"}));
   BOOST_REQUIRE(e.fault(module, victim, {"finalize", "die"}));
@@ -154,8 +171,9 @@ BOOST_DATA_TEST_CASE(a_module_that_missed_the_decision_is_updated_again,
 }
 
 BOOST_DATA_TEST_CASE(after_every_failure_a_clean_update_still_succeeds_on_every_worker,
-                     bdata::make({false, true}) * bdata::make({1, 2}), offload, workers) {
-  engine_client& e = w().engine(static_cast<size_t>(workers), offload);
+                     bdata::make({false, true}) * bdata::make(worker_setups), offload, setup) {
+  engine_client& e = w().engine(static_cast<size_t>(setup), offload);
+  const int32_t workers = worker_count(setup);
   msg::update_request req;
   req.model_path = w().b.string();
   auto r = e.update(req);

@@ -393,8 +393,12 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   msg::module_info first = other;
   first.name = "text_encoder";
   info.modules = {mi, other, first};
+  info.workers = {{0, "cuda:0", "", "serving"}, {1, "cuda:1", "host-b", "catching_up"}};
   const json i = json::parse(net::model_info_json(info));
-  BOOST_TEST((keys(i) == std::set<std::string>{"model_path", "weight_version", "modules", "sleeping"}));
+  BOOST_TEST((keys(i) == std::set<std::string>{"model_path", "weight_version", "modules", "sleeping", "workers"}));
+  // A local worker has no host; a joined one says which process it is.
+  BOOST_TEST(i["workers"] == json::parse(R"([{"worker": 0, "device": "cuda:0", "status": "serving"},
+                                             {"worker": 1, "device": "cuda:1", "host": "host-b", "status": "catching_up"}])"));
   // Sorted by worker, then name, whatever order the module actors answered in.
   BOOST_TEST(i["modules"][0]["name"] == "text_encoder");
   BOOST_TEST(i["modules"][1]["name"] == "transformer");
@@ -424,9 +428,11 @@ BOOST_AUTO_TEST_CASE(query_reply_shapes) {
   g.images = {{'f', 'o', 'o'}, {'f', 'o'}};
   g.weight_version = "2";
   g.inference_time_s = 0.75;
+  g.worker = 1;
   const json im = json::parse(net::image_result_json(g, 1700000000, "abc123"));
   BOOST_TEST(im == json::parse(R"({"id": "abc123", "created": 1700000000, "data": [{"b64_json": "Zm9v"}, {"b64_json": "Zm8="}],
-                                   "output_format": "png", "weight_version": "2", "inference_time_s": 0.75})"));
+                                   "output_format": "png", "weight_version": "2", "inference_time_s": 0.75,
+                                   "worker": 1})"));
   // response_format "url": the images' URLs instead of their bytes.
   const json iu = json::parse(net::image_result_json(g, 1700000000, "abc123", {"/v1/images/abc123/content?variant=0", "/v1/images/abc123/content?variant=1"}));
   BOOST_TEST(iu["data"] == json::parse(R"([{"url": "/v1/images/abc123/content?variant=0"}, {"url": "/v1/images/abc123/content?variant=1"}])"));
