@@ -88,6 +88,20 @@ worker_set spawn_workers(caf::actor_system& sys, const engine_config& config) {
   out.adapters = std::make_shared<lora::adapter_store>();
   for (const auto& m : out.modules) out.loaded[m] = msg::weight_source{msg::source_kind::checkpoint, first.layout().find(m)->dir.string()};
   const auto paths = config.paths.prefixes.empty() ? nullptr : std::make_shared<const path_map>(config.paths);
+  std::vector<std::shared_ptr<transfer::received_table>> received;
+  std::vector<std::map<std::string, std::shared_ptr<module_state>>> states;
+  for (size_t i = 0; i < loaded.size(); ++i) {
+    received.push_back(std::make_shared<transfer::received_table>());
+    states.push_back(module_states(loaded[i], static_cast<int32_t>(i), received.back(), out.adapters, paths));
+  }
+  // Each module knows its siblings on the other workers: a disk update reads the files once per process.
+  for (const auto& m : out.modules)
+    for (size_t i = 0; i < states.size(); ++i) {
+      auto siblings = std::make_shared<std::map<int32_t, std::shared_ptr<update::module_updater>>>();
+      for (size_t j = 0; j < states.size(); ++j)
+        if (j != i) (*siblings)[static_cast<int32_t>(j)] = states[j].at(m)->core;
+      states[i].at(m)->siblings = std::move(siblings);
+    }
   for (size_t i = 0; i < loaded.size(); ++i) {
     const auto index = static_cast<int32_t>(i);
     const loaded_worker& w = loaded[i];
@@ -95,9 +109,8 @@ worker_set spawn_workers(caf::actor_system& sys, const engine_config& config) {
     a.device = config.devices[i];
     a.cancel = std::make_shared<std::atomic<bool>>(false);
     a.cache = spawn_cache_actor(sys, index);
-    auto received = std::make_shared<transfer::received_table>();
-    a.supervisor = spawn_module_supervisor(sys, index, module_states(w, index, received, out.adapters, paths));
-    a.transfer = spawn_transfer_actor(sys, {index, w.pipe, received, config.weight_sync_timeout});
+    a.supervisor = spawn_module_supervisor(sys, index, std::move(states[i]));
+    a.transfer = spawn_transfer_actor(sys, {index, w.pipe, received[i], config.weight_sync_timeout});
     a.worker = spawn_worker(sys, {index, w.pipe, a.cache, a.cancel});
     for (const auto& m : out.modules)
       if (w.pipe->offload(m)) a.offloads.push_back(spawn_offload_manager(sys, index, w.pipe, m));

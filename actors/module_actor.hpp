@@ -4,6 +4,7 @@
 // settles what a dead one left half done.
 #pragma once
 
+#include <map>
 #include <memory>
 
 #include "actors/path_map.hpp"
@@ -28,6 +29,8 @@ struct module_state {
   std::shared_ptr<const transfer::received_table> received;  // the worker's; distributed updates read it
   std::shared_ptr<lora::adapter_store> adapters;              // the server's LoRA adapters; merges read it
   std::shared_ptr<const path_map> paths;                      // a joined worker: where this host has the server's folders
+  // The same module on the other workers of this process (read once per host: weight_source::copy_from).
+  std::shared_ptr<const std::map<int32_t, std::shared_ptr<update::module_updater>>> siblings;
   msg::fault_spec fault;  // fires once in its phase
 };
 

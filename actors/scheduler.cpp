@@ -215,6 +215,21 @@ std::string resume(self_ptr self, bool committed) {
 // ---------------------------------------------------------------------------------------------
 // Updates: one transaction at a time, the rest queued
 
+// Read once per host: every serving worker of this process copies what the first one staged.
+std::vector<int32_t> read_once(const sched_state &st) {
+  std::vector<int32_t> out(st.slots.size(), -1);
+  int32_t reader = -1;
+  for (size_t w = 0; w < st.slots.size(); ++w) {
+    if (!st.slots[w].host.empty() || st.slots[w].status != worker_status::serving)
+      continue;
+    if (reader < 0)
+      reader = static_cast<int32_t>(w);
+    else
+      out[w] = reader;
+  }
+  return out;
+}
+
 void start_next_update(self_ptr self) {
   auto &st = self->state;
   if (st.updating || st.updates.empty() || st.memory_busy)
@@ -259,7 +274,7 @@ void start_next_update(self_ptr self) {
       self->system(),
       {self, st.setup.supervisors, st.setup.caches, st.setup.modules,
        st.setup.denoiser, st.setup.transfers, ++st.transactions,
-       st.setup.allowed_roots, serving_workers(st), {}});
+       st.setup.allowed_roots, serving_workers(st), {}, read_once(st)});
   auto promise = job.promise;
   st.current_update = job.req;
   const uint64_t number = st.transactions;

@@ -226,28 +226,75 @@ void validate(self_ptr self) {
             });
 }
 
+void staged(self_ptr self, fan_in<msg::module_report>& in);
+
+// The worker whose staged copy participant i's worker takes (read once per host), or -1.
+int32_t copies_from(const state& st, const participant& p) {
+  if (p.source.kind != msg::source_kind::checkpoint || static_cast<size_t>(p.worker) >= st.ctx.copy_from.size()) return -1;
+  return st.ctx.copy_from[static_cast<size_t>(p.worker)];
+}
+
+// Every participant stages. Read once per host: a participant whose worker copies from another worker of its process
+// stages after that worker's participant of the same module did, copying its staged values (over NVLink between GPUs)
+// instead of reading the files again; it reads them when that one did not stage a copy (failed, or in place).
 void stage(self_ptr self) {
-  ask_parts(self, indices(self->state.parts.size()),
-            [self](participant& p) {
-              return self->request(p.handle, phase_timeout, msg::stage_atom::value, p.source, self->state.req.mode);
+  auto& st = self->state;
+  std::vector<size_t> first;
+  std::map<size_t, std::vector<size_t>> after;  // a reader -> the participants copying from it
+  for (size_t i = 0; i < st.parts.size(); ++i) {
+    const int32_t from = copies_from(st, st.parts[i]);
+    size_t reader = st.parts.size();
+    for (size_t r = 0; r < st.parts.size() && from >= 0; ++r)
+      if (st.parts[r].worker == from && st.parts[r].module == st.parts[i].module) reader = r;
+    if (reader < st.parts.size()) after[reader].push_back(i);
+    else first.push_back(i);
+  }
+  struct gather {
+    fan_in<msg::module_report> in;
+    size_t left;
+  };
+  auto g = std::make_shared<gather>(gather{{}, st.parts.size()});
+  auto ask = std::make_shared<std::function<void(size_t, int32_t)>>();
+  *ask = [self, g, after, ask](size_t i, int32_t from) {
+    auto& p = self->state.parts[i];
+    msg::weight_source source = p.source;
+    source.copy_from = from;
+    self->request(p.handle, phase_timeout, msg::stage_atom::value, source, self->state.req.mode)
+        .then(
+            [self, g, after, ask, i](msg::module_report& r) {
+              const bool copyable = r.path == msg::write_path::staged;
+              g->in.replies.emplace(i, std::move(r));
+              if (auto it = after.find(i); it != after.end())
+                for (size_t d : it->second) (*ask)(d, copyable ? self->state.parts[i].worker : -1);
+              if (--g->left == 0) staged(self, g->in);
             },
-            [self](fan_in<msg::module_report>& in) {
-              auto& st = self->state;
-              std::set<msg::write_path> paths;
-              for (auto& [i, r] : in.replies) {
-                auto& p = st.parts[i];
-                p.at = phase::staged;
-                p.stage_report = r;
-                paths.insert(r.path);
-                spdlog::info("update: {} staged ({}): {:.1f} MB in {:.3f} s ({:.2f} GB/s) from {}", who(p), msg::to_string(r.path),
-                             r.bytes / 1e6, r.seconds, r.seconds > 0 ? r.bytes / r.seconds / 1e9 : 0.0, r.source);
-              }
-              if (auto failure = first_failure(self, in, "stage"); !failure.empty()) return abort(self, failure);
-              st.result.mode = paths.size() == 1 ? *paths.begin() : msg::write_path::mixed;
-              st.result.mode_reason = mode_reason(st.req.mode, st.result.mode);
-              record_phase(self, "stage");
-              pause(self);
+            [self, g, after, ask, i](caf::error& e) {
+              g->in.errors.emplace(i, std::move(e));
+              if (auto it = after.find(i); it != after.end())
+                for (size_t d : it->second) (*ask)(d, -1);
+              if (--g->left == 0) staged(self, g->in);
             });
+  };
+  if (st.parts.empty()) return staged(self, g->in);
+  for (size_t i : first) (*ask)(i, -1);
+}
+
+void staged(self_ptr self, fan_in<msg::module_report>& in) {
+  auto& st = self->state;
+  std::set<msg::write_path> paths;
+  for (auto& [i, r] : in.replies) {
+    auto& p = st.parts[i];
+    p.at = phase::staged;
+    p.stage_report = r;
+    paths.insert(r.path);
+    spdlog::info("update: {} staged ({}): {:.1f} MB in {:.3f} s ({:.2f} GB/s) from {}", who(p), msg::to_string(r.path),
+                 r.bytes / 1e6, r.seconds, r.seconds > 0 ? r.bytes / r.seconds / 1e9 : 0.0, r.source);
+  }
+  if (auto failure = first_failure(self, in, "stage"); !failure.empty()) return abort(self, failure);
+  st.result.mode = paths.size() == 1 ? *paths.begin() : msg::write_path::mixed;
+  st.result.mode_reason = mode_reason(st.req.mode, st.result.mode);
+  record_phase(self, "stage");
+  pause(self);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ struct transaction_context {
   // A catch-up: these sources (module -> source) instead of planning the request, and generation goes on
   // (the one member is not serving yet).
   std::map<std::string, msg::weight_source> preplanned;
+  // Read once per host: per worker, the worker of the same process whose staged copy of a checkpoint it copies
+  // instead of reading the files (-1, or no entry: it reads them).
+  std::vector<int32_t> copy_from;
 };
 
 msg::transaction_actor spawn_update_transaction(caf::actor_system& sys, transaction_context context);

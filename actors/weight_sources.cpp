@@ -71,7 +71,12 @@ std::shared_ptr<update::module_source> open_source(const msg::weight_source& nam
     for (auto& a : source.adapters) a.path = state.paths->map(a.path);
   }
   switch (source.kind) {
-    case msg::source_kind::checkpoint: return std::make_shared<update::checkpoint_source>(source.location, scope_of(source));
+    case msg::source_kind::checkpoint: {
+      auto c = std::make_shared<update::checkpoint_source>(source.location, scope_of(source));
+      if (source.copy_from >= 0 && state.siblings)
+        if (auto it = state.siblings->find(source.copy_from); it != state.siblings->end()) c->copy_staged_from(it->second, source.copy_from);
+      return c;
+    }
     case msg::source_kind::distributed: return std::make_shared<transfer::received_source>(received_for(source, state));
     case msg::source_kind::lora: return open_lora(source, state);
     case msg::source_kind::tensor: break;  // shared tensors reach modules as what their worker opened (distributed)

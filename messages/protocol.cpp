@@ -1,6 +1,11 @@
+// CAF 0.17's deserializer of a vector of enums (instantiated by registering update_mode and checksum_format) reads
+// each element into an uninitialized local that GCC cannot prove is written first; it is.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include "messages/protocol.hpp"
 
 #include <caf/all.hpp>
+
 
 namespace refit::msg {
 

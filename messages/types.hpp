@@ -79,12 +79,15 @@ struct weight_source {
   // opened (openat2 RESOLVE_BENEATH); empty: any path (the operator's own start model).
   std::vector<std::string> roots;
   bool check_finite = false;  // staging fails when a new value is NaN or infinite
+  // A checkpoint read once per host: the worker of this process whose staged copy of the same module holds these
+  // values (a device-to-device copy instead of reading the files again); -1: read the files.
+  int32_t copy_from = -1;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, weight_source& x) {
   auto kind = static_cast<uint8_t>(x.kind);
-  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update, x.adapters, x.roots, x.check_finite,
+  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update, x.adapters, x.roots, x.check_finite, x.copy_from,
            caf::meta::load_callback([&] { return load_enum(x.kind, kind, source_kind::lora, "source kind"); }));
 }
 

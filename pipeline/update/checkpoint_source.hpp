@@ -15,6 +15,8 @@ struct module_weights;
 
 namespace refit::update {
 
+class module_updater;
+
 class checkpoint_source final : public module_source {
  public:
   // Every file is opened through `scope`: beneath the allowed model roots for a client's update, anywhere
@@ -30,11 +32,20 @@ class checkpoint_source final : public module_source {
   // held dtype; a file that changed since it was opened fails the read (file_changed).
   void fill(const module_context& module, const fill_target& target) override;
   bool repeatable() const override { return true; }
+  // Read once per host: fill copies the values `sibling` (the same module on another worker of this process) staged
+  // from this folder, when it holds them, instead of reading the files again (a device-to-device copy: NVLink
+  // between GPUs). The headers are still checked at plan.
+  void copy_staged_from(std::shared_ptr<const module_updater> sibling, int32_t worker) {
+    sibling_ = std::move(sibling);
+    sibling_worker_ = worker;
+  }
 
  private:
   std::filesystem::path dir_;
   weights::file_scope scope_;
   std::unique_ptr<weights::module_weights> opened_;  // by plan, for the next fill
+  std::shared_ptr<const module_updater> sibling_;
+  int32_t sibling_worker_ = -1;
 };
 
 }  // namespace refit::update

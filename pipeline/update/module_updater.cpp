@@ -75,6 +75,19 @@ module_updater::module_updater(std::shared_ptr<pipeline::diffusion_pipeline> pip
 
 module_updater::~module_updater() = default;
 
+std::optional<std::vector<at::Tensor>> module_updater::staged_values(const std::vector<size_t>& slots, const std::string& origin) const {
+  if (!pending_ || pending_->committed || pending_->path != write_path::staged || pending_->source->origin() != origin) return std::nullopt;
+  const auto& planned = pending_->plan.slots;
+  std::vector<at::Tensor> out;
+  out.reserve(slots.size());
+  for (size_t slot : slots) {
+    const auto it = std::lower_bound(planned.begin(), planned.end(), slot);
+    if (it == planned.end() || *it != slot || offloaded(slot)) return std::nullopt;
+    out.push_back(pending_->shadows[static_cast<size_t>(it - planned.begin())]);
+  }
+  return out;
+}
+
 models::tensor_registry& module_updater::registry() const { return pipe_->registry(module_); }
 models::layer_offload* module_updater::offload() const { return pipe_->offload(module_); }
 bool module_updater::offloaded(size_t slot) const {

@@ -22,6 +22,7 @@
 #include <map>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -102,6 +103,12 @@ class module_updater {
   // repr(tuple(shape)) and the raw bytes, for each of `names` the module holds (absent names are left out).
   std::map<std::string, std::string> tensor_sha256(const std::vector<std::string>& names) const;
   module_status status() const;
+  // Read once per host: the values a staged, uncommitted update from `origin` holds for `slots` (its shadows on
+  // this module's device), for the same module on another worker of this process, which copies them instead of
+  // reading the files again. nullopt when there are none (nothing staged, staged in place, another origin, a slot
+  // not planned or offloaded). Only while this module's actor waits between stage and commit (the transaction
+  // stages the copies after this stage replied and commits after every stage).
+  std::optional<std::vector<at::Tensor>> staged_values(const std::vector<size_t>& slots, const std::string& origin) const;
   // Where each registry slot's values came from (a LoRA merge reads the base of earlier merges from them).
   const std::vector<std::shared_ptr<module_source>>& origins() const { return origins_; }
 

@@ -105,12 +105,22 @@ def test_devices_puts_one_worker_on_each_and_updates_reach_all(tmp_path_factory,
     try:
         workers = sorted({(m["worker"], m["device"]) for m in s.info()["modules"]})
         assert workers == [(0, "cpu"), (1, "cpu")], workers
+        before = len(s.log())
         reply = s.update(ckpt.second, weight_version="devices-second")
         assert sorted({m["worker"] for m in reply["modules"]}) == [0, 1]
         for worker in (0, 1):
             assert s.checksums(worker=worker) == ckpt.disk[str(ckpt.second)], worker
         assert s.generate(seed=5)[1] == "devices-second"
         assert "on 2 worker(s) (cpu,cpu" in s.log()
+        # Read once per process: worker 1 copied what worker 0 staged instead of reading the files again.
+        log = s.log()[before:]
+        for module in ("text_encoder", "transformer", "vae"):
+            assert f"module {module} (worker 1): copied" in log and "from worker 0's staged weights" in log, log[-3000:]
+            assert f"module {module} (worker 0): read " in log and f"module {module} (worker 1): read " not in log, log[-3000:]
+        # In place (no shadows to copy from), each worker reads the files itself, and the result is the same.
+        s.update(ckpt.base, mode="in_place")
+        for worker in (0, 1):
+            assert s.checksums(worker=worker) == ckpt.disk[str(ckpt.base)], worker
     finally:
         s.stop()
 
