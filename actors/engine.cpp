@@ -130,6 +130,7 @@ msg::scheduler_actor spawn_engine(caf::actor_system& sys, const engine_config& c
   setup.served = set.loaded;
   setup.check_finite = config.check_finite;
   setup.worker_secret = config.worker_secret;
+  setup.read_once = config.read_once;
   // Resolved once: the roots a weight source carries are the canonical folders files are opened beneath.
   for (const auto& r : weights::file_scope(config.allowed_model_roots).roots()) setup.allowed_roots.push_back(r.string());
   for (auto& a : set.workers) {

@@ -35,6 +35,7 @@ struct engine_config {
   bool check_finite = true;  // updates refuse NaN/Inf values unless the request says otherwise (--check-finite)
   // refit serve --worker-secret-file: processes that present it may join as workers (empty: joining is refused).
   std::string worker_secret;
+  bool read_once = true;  // a disk update reads the files once per process; the other workers copy (--read-once)
   path_map paths;  // a joined worker (refit worker --map-path): the server's folders as this host has them
 };
 

@@ -218,6 +218,8 @@ std::string resume(self_ptr self, bool committed) {
 // Read once per host: every serving worker of this process copies what the first one staged.
 std::vector<int32_t> read_once(const sched_state &st) {
   std::vector<int32_t> out(st.slots.size(), -1);
+  if (!st.setup.read_once)
+    return out;
   int32_t reader = -1;
   for (size_t w = 0; w < st.slots.size(); ++w) {
     if (!st.slots[w].host.empty() || st.slots[w].status != worker_status::serving)

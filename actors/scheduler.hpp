@@ -35,6 +35,7 @@ struct scheduler_setup {
   std::string class_name;                  // the pipeline's; a joining worker must serve the same
   std::map<std::string, msg::weight_source> served;  // what each module holds (the load's folders at start)
   std::string worker_secret;               // joining as a worker needs it; empty: nobody may join
+  bool read_once = true;                   // a disk update's other local workers copy the first one's staged weights
 };
 
 // Links itself to every actor it is given: stopping the scheduler stops them all.

@@ -34,6 +34,7 @@ struct serve_args {
   int workers = 1;
   std::vector<std::string> allowed_roots;
   bool check_finite = true;
+  bool read_once = true;
   std::optional<int> actor_port;
   std::string actor_host = "127.0.0.1", actor_tls_cert, actor_tls_key, actor_tls_ca, worker_secret_file;
   uint64_t actor_max_message_mb = 16, actor_max_buffered_mb = 256;
@@ -186,6 +187,7 @@ int serve(const serve_args& a) {
   actors::engine_config engine{model_path, devices, a.dtype, a.dit_layerwise_offload, a.dit_offload_prefetch_size, sync_timeout};
   engine.allowed_model_roots.assign(a.allowed_roots.begin(), a.allowed_roots.end());  // enforced by the engine, every port
   engine.check_finite = a.check_finite;
+  engine.read_once = a.read_once;
   if (!a.worker_secret_file.empty()) {
     if (!a.actor_port) throw std::invalid_argument("--worker-secret-file needs --actor-port (workers join through it)");
     engine.worker_secret = read_worker_secret(a.worker_secret_file);
@@ -313,6 +315,10 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
   cmd->add_flag("--check-finite,!--no-check-finite", a->check_finite,
                 "Weight updates refuse NaN or infinite values (checked on the device while staging; a request's "
                 "\"check_finite\" overrides it)")
+      ->capture_default_str();
+  cmd->add_flag("--read-once,!--no-read-once", a->read_once,
+                "With several workers in this process (--devices, --workers): a disk update reads each file once and the other "
+                "workers copy the first one's staged weights device to device (NVLink between GPUs)")
       ->capture_default_str();
   cmd->add_option("--actor-port", a->actor_port, "Publish the client API (generate, update, checksum, info, stats) to CAF remote clients on this port; 0: ephemeral (default: off)");
   cmd->add_option("--actor-host", a->actor_host,
