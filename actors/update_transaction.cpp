@@ -259,6 +259,8 @@ void stage(self_ptr self) {
     auto& p = self->state.parts[i];
     msg::weight_source source = p.source;
     source.copy_from = from;
+    if (auto it = after.find(i); it != after.end())
+      for (size_t d : it->second) source.copy_to.push_back(self->state.parts[d].worker);
     self->request(p.handle, phase_timeout, msg::stage_atom::value, source, self->state.req.mode)
         .then(
             [self, g, after, ask, i](msg::module_report& r) {

@@ -75,6 +75,13 @@ std::shared_ptr<update::module_source> open_source(const msg::weight_source& nam
       auto c = std::make_shared<update::checkpoint_source>(source.location, scope_of(source));
       if (source.copy_from >= 0 && state.siblings)
         if (auto it = state.siblings->find(source.copy_from); it != state.siblings->end()) c->copy_staged_from(it->second, source.copy_from);
+      if (!source.copy_to.empty() && state.siblings) {
+        std::vector<std::pair<int32_t, c10::Device>> to;
+        for (int32_t w : source.copy_to)
+          if (auto it = state.siblings->find(w); it != state.siblings->end() && it->second->device().is_cuda())
+            to.emplace_back(w, it->second->device());
+        c->fan_out_to(std::move(to));
+      }
       return c;
     }
     case msg::source_kind::distributed: return std::make_shared<transfer::received_source>(received_for(source, state));

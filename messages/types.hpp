@@ -82,12 +82,14 @@ struct weight_source {
   // A checkpoint read once per host: the worker of this process whose staged copy of the same module holds these
   // values (a device-to-device copy instead of reading the files again); -1: read the files.
   int32_t copy_from = -1;
+  // The workers of this process that will copy this stage (it also writes replicas on their GPUs while it reads).
+  std::vector<int32_t> copy_to;
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, weight_source& x) {
   auto kind = static_cast<uint8_t>(x.kind);
-  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update, x.adapters, x.roots, x.check_finite, x.copy_from,
+  return f(caf::meta::type_name("weight_source"), kind, x.location, x.update, x.adapters, x.roots, x.check_finite, x.copy_from, x.copy_to,
            caf::meta::load_callback([&] { return load_enum(x.kind, kind, source_kind::lora, "source kind"); }));
 }
 

@@ -63,8 +63,13 @@ std::vector<at::Tensor> held_tensors(const tensor_registry& registry, const laye
 c10::ScalarType held_dtype(const tensor_slot& slot, const placement& where) { return slot.fixed_dtype.value_or(where.float_dtype); }
 
 void read_checkpoint(const weights::module_weights& w, const weights::named_tensors& dst, const placement& where,
-                     weights::device_loader* loader) {
+                     weights::device_loader* loader, const std::vector<std::vector<at::Tensor>>* replicas) {
   const weights::host_load_options opts = load_options(where);
+  if (replicas) {
+    if (!loader || replicas->size() != dst.size()) throw std::invalid_argument("replicas need the GPU loader and one list per destination");
+    loader->read_into(w, dst, opts, replicas);
+    return;
+  }
   weights::named_tensors host, device;
   for (const auto& entry : dst) (entry.second.device().is_cpu() ? host : device).push_back(entry);
   if (!host.empty()) weights::read_into(w, host, opts);

@@ -33,9 +33,10 @@ c10::ScalarType held_dtype(const tensor_slot& slot, const placement& where);
 // Reads the named tensors of `weights` into existing contiguous tensors of their held shape and dtype
 // (floats converted to the placement's dtype). The one place that picks a reader: host tensors through
 // the host loader, device tensors through `loader` (the GPU fast path) when given, else through host
-// memory. Every destination is written before it returns.
+// memory. Every destination is written before it returns. `replicas` (one list per destination, device
+// destinations through `loader` only): more copies on other GPUs, filled from the same staging slots.
 void read_checkpoint(const weights::module_weights& weights, const weights::named_tensors& destinations, const placement& where,
-                     weights::device_loader* loader = nullptr);
+                     weights::device_loader* loader = nullptr, const std::vector<std::vector<at::Tensor>>* replicas = nullptr);
 
 // Validates, reads and places every tensor: after it returns, every slot holds its checkpoint tensor.
 // Tensors are allocated where they are held (on the device, or in `offload`'s host store for the slots it

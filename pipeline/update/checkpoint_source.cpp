@@ -48,6 +48,11 @@ bool copy_values(const std::vector<at::Tensor>& from, const std::vector<at::Tens
 }  // namespace
 
 void checkpoint_source::fill(const module_context& m, const fill_target& target) {
+  if (sibling_ && target.slots.empty()) {  // every value was adopted from the sibling's replicas
+    spdlog::info("module {} (worker {}): holds the replicas worker {}'s read of {} made on {} (read once)", m.module, m.worker,
+                 sibling_worker_, dir_.string(), m.where.device.str());
+    return;
+  }
   if (sibling_) {
     const auto t0 = std::chrono::steady_clock::now();
     if (auto values = sibling_->staged_values(target.slots, dir_.string()); values && copy_values(*values, target.destinations)) {
@@ -63,6 +68,10 @@ void checkpoint_source::fill(const module_context& m, const fill_target& target)
                  dir_.string());
   }
   std::unique_ptr<weights::module_weights> w = std::move(opened_);
+  {
+    std::lock_guard lock(replicas_mutex_);
+    replicas_.clear();
+  }
   if (!w) {
     w = std::make_unique<weights::module_weights>(weights::open_module_dir(m.module, dir_, scope_));
     models::validate_against(m.registry, *w);
@@ -74,10 +83,53 @@ void checkpoint_source::fill(const module_context& m, const fill_target& target)
     named.emplace_back(m.registry.slots().at(target.slots[k]).name, target.destinations[k]);
     bytes += target.destinations[k].nbytes();
   }
-  models::read_checkpoint(*w, named, m.where, m.loader);
+  // Read once per host: replicas on the workers this stage fans out to, filled from the same staging slots.
+  std::vector<std::vector<at::Tensor>> replicas(named.size());
+  std::vector<int32_t> replicated;
+  if (!fan_out_.empty() && m.loader && !named.empty()) {
+    for (const auto& [worker, device] : fan_out_) {
+      try {
+        std::vector<at::Tensor> made;
+        for (const auto& [name, dst] : named) made.push_back(at::empty(dst.sizes(), dst.options().device(device)));
+        for (size_t k = 0; k < made.size(); ++k) replicas[k].push_back(made[k]);
+        replicated.push_back(worker);
+      } catch (const std::exception& e) {
+        spdlog::warn("module {} (worker {}): no room for a replica on worker {} ({}); it copies or reads the files itself", m.module,
+                     m.worker, worker, device.str());
+      }
+    }
+  }
+  models::read_checkpoint(*w, named, m.where, m.loader, replicated.empty() ? nullptr : &replicas);
+  if (!replicated.empty()) {
+    std::lock_guard lock(replicas_mutex_);
+    for (size_t r = 0; r < replicated.size(); ++r)
+      for (size_t k = 0; k < target.slots.size(); ++k) replicas_[replicated[r]][target.slots[k]] = replicas[k][r];
+  }
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  spdlog::info("module {} (worker {}): read {:.1f} MB from {} to {} in {:.3f} s ({:.2f} GB/s)", m.module, m.worker, bytes / 1e6,
-               dir_.string(), m.where.device.str(), s, s > 0 ? bytes / s / 1e9 : 0.0);
+  std::string also;
+  for (int32_t r : replicated) also += (also.empty() ? " and worker " : ", ") + std::to_string(r);
+  spdlog::info("module {} (worker {}): read {:.1f} MB from {} to {}{} in {:.3f} s ({:.2f} GB/s)", m.module, m.worker, bytes / 1e6,
+               dir_.string(), m.where.device.str(), also, s, s > 0 ? bytes / s / 1e9 : 0.0);
+}
+
+at::Tensor checkpoint_source::take_replica(int32_t worker, size_t slot) {
+  std::lock_guard lock(replicas_mutex_);
+  auto w = replicas_.find(worker);
+  if (w == replicas_.end()) return {};
+  auto it = w->second.find(slot);
+  if (it == w->second.end()) return {};
+  at::Tensor t = std::move(it->second);
+  w->second.erase(it);
+  return t;
+}
+
+at::Tensor checkpoint_source::adopt(const module_context& m, size_t slot, const at::Tensor& current) {
+  if (!sibling_) return {};
+  at::Tensor t = sibling_->take_staged_replica(slot, dir_.string(), m.worker);
+  if (!t.defined() || t.device() != current.device() || t.sizes() != current.sizes() || t.scalar_type() != current.scalar_type() ||
+      !t.is_contiguous())
+    return {};
+  return t;
 }
 
 }  // namespace refit::update

@@ -2,9 +2,15 @@
 // safetensors file or shards with an index), validated strictly from its headers.
 #pragma once
 
+#include <c10/core/Device.h>
+
 #include <filesystem>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "pipeline/update/weight_source.hpp"
 #include "pipeline/weights/beneath.hpp"
@@ -39,6 +45,14 @@ class checkpoint_source final : public module_source {
     sibling_ = std::move(sibling);
     sibling_worker_ = worker;
   }
+  // Read once per host, on GPUs: fill also writes a replica of every value on each of these workers' devices, from the
+  // same pinned staging slots (each GPU's own host link). A worker copying from this stage adopts its replicas
+  // (take_replica) as its shadows. Replicas that do not fit in a device's memory are left out (that worker copies or reads).
+  void fan_out_to(std::vector<std::pair<int32_t, c10::Device>> workers) { fan_out_ = std::move(workers); }
+  // The replica of `slot` this source made for `worker`, handed over once (undefined when there is none).
+  at::Tensor take_replica(int32_t worker, size_t slot);
+  // The sibling's replica of `slot` for this worker, when it made one: a staged update keeps it as its shadow.
+  at::Tensor adopt(const module_context& module, size_t slot, const at::Tensor& current) override;
 
  private:
   std::filesystem::path dir_;
@@ -46,6 +60,9 @@ class checkpoint_source final : public module_source {
   std::unique_ptr<weights::module_weights> opened_;  // by plan, for the next fill
   std::shared_ptr<const module_updater> sibling_;
   int32_t sibling_worker_ = -1;
+  std::vector<std::pair<int32_t, c10::Device>> fan_out_;
+  std::mutex replicas_mutex_;
+  std::map<int32_t, std::map<size_t, at::Tensor>> replicas_;  // worker -> slot -> replica on its device
 };
 
 }  // namespace refit::update

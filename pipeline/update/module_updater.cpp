@@ -1,5 +1,7 @@
 #include "pipeline/update/module_updater.hpp"
 
+#include "pipeline/update/checkpoint_source.hpp"
+
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -74,6 +76,12 @@ module_updater::module_updater(std::shared_ptr<pipeline::diffusion_pipeline> pip
 }
 
 module_updater::~module_updater() = default;
+
+at::Tensor module_updater::take_staged_replica(size_t slot, const std::string& origin, int32_t worker) const {
+  if (!pending_ || pending_->committed || pending_->path != write_path::staged || pending_->source->origin() != origin) return {};
+  auto* c = dynamic_cast<checkpoint_source*>(pending_->source.get());
+  return c ? c->take_replica(worker, slot) : at::Tensor();
+}
 
 std::optional<std::vector<at::Tensor>> module_updater::staged_values(const std::vector<size_t>& slots, const std::string& origin) const {
   if (!pending_ || pending_->committed || pending_->path != write_path::staged || pending_->source->origin() != origin) return std::nullopt;

@@ -109,6 +109,9 @@ class module_updater {
   // not planned or offloaded). Only while this module's actor waits between stage and commit (the transaction
   // stages the copies after this stage replied and commits after every stage).
   std::optional<std::vector<at::Tensor>> staged_values(const std::vector<size_t>& slots, const std::string& origin) const;
+  // The replica of `slot` a staged, uncommitted update from `origin` made on `worker`'s device (a checkpoint read
+  // fanned out over the GPUs' host links), handed over once; undefined when there is none.
+  at::Tensor take_staged_replica(size_t slot, const std::string& origin, int32_t worker) const;
   // Where each registry slot's values came from (a LoRA merge reads the base of earlier merges from them).
   const std::vector<std::shared_ptr<module_source>>& origins() const { return origins_; }
 

@@ -45,14 +45,34 @@ struct device_loader::impl {
   std::vector<cudaEvent_t> copied;      // recorded after the copy out of each slot
   std::vector<std::mutex> slot_locks;
   c10::optional<c10::cuda::CUDAStream> stream;
+  // Other devices that replicas are copied to from the same slots: a stream and per-slot events on each.
+  struct replica_device {
+    c10::optional<c10::cuda::CUDAStream> stream;
+    std::vector<cudaEvent_t> copied;
+  };
+  std::map<int, replica_device> replica_devices;
+
+  replica_device& replica_on(int dev) {
+    auto& r = replica_devices[dev];
+    if (r.stream) return r;
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(dev));
+    r.stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, static_cast<c10::DeviceIndex>(dev));
+    for (size_t i = 0; i < slots.size(); ++i) {
+      cudaEvent_t e;
+      check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+      r.copied.push_back(e);
+    }
+    return r;
+  }
 
   impl(int dev, uint64_t bytes, unsigned n, unsigned t) : device(dev), slot_bytes(bytes), threads(t), slot_locks(n) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, static_cast<c10::DeviceIndex>(device));
     for (unsigned i = 0; i < n; ++i) {
       void* p = nullptr;
-      // Room for an O_DIRECT read widened to page boundaries on both sides.
-      check(cudaHostAlloc(&p, slot_bytes + 2 * kDirectAlign, cudaHostAllocDefault), "cudaHostAlloc of the staging ring");
+      // Room for an O_DIRECT read widened to page boundaries on both sides. Portable: replicas on other devices
+      // are copied from the same slots at the pinned rate.
+      check(cudaHostAlloc(&p, slot_bytes + 2 * kDirectAlign, cudaHostAllocPortable), "cudaHostAlloc of the staging ring");
       slots.push_back(p);
       cudaEvent_t e;
       check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
@@ -61,6 +81,8 @@ struct device_loader::impl {
   }
   ~impl() {
     for (auto e : copied) cudaEventDestroy(e);
+    for (auto& [dev, r] : replica_devices)
+      for (auto e : r.copied) cudaEventDestroy(e);
     for (auto p : slots) cudaFreeHost(p);
   }
 };
@@ -72,7 +94,8 @@ device_loader::~device_loader() = default;
 
 bool device_loader::available() { return true; }
 
-device_read_stats device_loader::read_into(const module_weights& w, const named_tensors& out, const host_load_options& options) {
+device_read_stats device_loader::read_into(const module_weights& w, const named_tensors& out, const host_load_options& options,
+                                            const std::vector<std::vector<at::Tensor>>* replicas) {
   std::lock_guard busy(busy_);
   impl& m = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
@@ -88,6 +111,8 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     at::Tensor raw;  // defined when a conversion follows
     const at::Tensor* dst;
     int direct_fd = -1;  // O_DIRECT descriptor of a cold file
+    std::vector<std::pair<std::byte*, int>> copies;  // replicas filled from the same slots: bytes, device
+    std::vector<at::Tensor> converted_copies;        // replicas of a converted destination: copied after the conversion
   };
   // Cold shards get an O_DIRECT descriptor, closed when the read ends.
   std::map<const safetensors_file*, int> direct;
@@ -116,7 +141,18 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     const dtype held = held_dtype(t.type, options.float_dtype);
     if (!dst.is_cuda() || !dst.is_contiguous() || dst.sizes().vec() != t.shape || dst.scalar_type() != to_scalar_type(held))
       throw weight_error(weight_errc::bad_shape, w.dir.string() + ": tensor '" + name + "': destination is not a contiguous CUDA tensor of its shape and dtype");
-    target tg{&t, &w.shards[it->second.shard], nullptr, {}, &dst, direct[&w.shards[it->second.shard]]};
+    target tg{&t, &w.shards[it->second.shard], nullptr, {}, &dst, direct[&w.shards[it->second.shard]], {}, {}};
+    if (replicas)
+      for (const at::Tensor& r : replicas->at(targets.size())) {
+        if (!r.is_cuda() || !r.is_contiguous() || r.sizes() != dst.sizes() || r.scalar_type() != dst.scalar_type())
+          throw weight_error(weight_errc::bad_shape, w.dir.string() + ": tensor '" + name + "': a replica is not a contiguous CUDA tensor like its destination");
+        if (held == t.type) {
+          m.replica_on(r.device().index());
+          tg.copies.emplace_back(static_cast<std::byte*>(r.data_ptr()), r.device().index());
+        } else {
+          tg.converted_copies.push_back(r);
+        }
+      }
     if (held == t.type) {
       tg.device_bytes = static_cast<std::byte*>(dst.data_ptr());
     } else {
@@ -141,6 +177,7 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
       const size_t s = i % n_slots;
       std::lock_guard slot(m.slot_locks[s]);
       check(cudaEventSynchronize(m.copied[s]), "waiting for a staging slot");  // its previous copy is done
+      for (auto& [dev, r] : m.replica_devices) check(cudaEventSynchronize(r.copied[s]), "waiting for a staging slot");
       auto* buf = static_cast<std::byte*>(m.slots[s]);
       const uint64_t at = tg.file->file_offset(*tg.entry) + c.offset;
       // O_DIRECT needs page-aligned offsets and lengths: read the enclosing pages, copy from inside them.
@@ -161,11 +198,29 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
       if (use_direct) direct_bytes += c.len;
       check(cudaMemcpyAsync(tg.device_bytes + c.offset, buf + skip, c.len, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
       check(cudaEventRecord(m.copied[s], stream), "cudaEventRecord");
+      for (const auto& [bytes, dev] : tg.copies) {  // the same slot to another GPU, over that GPU's own link
+        auto& r = m.replica_devices.at(dev);
+        check(cudaSetDevice(dev), "cudaSetDevice");
+        check(cudaMemcpyAsync(bytes + c.offset, buf + skip, c.len, cudaMemcpyHostToDevice, r.stream->stream()), "cudaMemcpyAsync");
+        check(cudaEventRecord(r.copied[s], r.stream->stream()), "cudaEventRecord");
+        check(cudaSetDevice(m.device), "cudaSetDevice");
+      }
     }
   });
   for (auto& tg : targets)
     if (tg.raw.defined()) const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the loader's stream
   check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  for (auto& tg : targets)
+    for (auto& r : tg.converted_copies) r.copy_(*tg.dst);  // device to device, after the conversion
+  for (auto& [dev, r] : m.replica_devices) check(cudaStreamSynchronize(r.stream->stream()), "cudaStreamSynchronize");
+  std::set<int> converted_on;
+  for (auto& tg : targets)
+    for (auto& r : tg.converted_copies) converted_on.insert(r.device().index());
+  for (int dev : converted_on) {
+    check(cudaSetDevice(dev), "cudaSetDevice");
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  }
+  if (!converted_on.empty()) check(cudaSetDevice(m.device), "cudaSetDevice");
   std::set<const safetensors_file*> read;
   for (const auto& tg : targets) read.insert(tg.file);
   for (const auto* file : read) file->check_unchanged();
@@ -236,7 +291,8 @@ struct device_loader::impl {};
 device_loader::device_loader(int, uint64_t, unsigned, unsigned) { throw std::runtime_error("refit was built without CUDA"); }
 device_loader::~device_loader() = default;
 bool device_loader::available() { return false; }
-device_read_stats device_loader::read_into(const module_weights&, const named_tensors&, const host_load_options&) {
+device_read_stats device_loader::read_into(const module_weights&, const named_tensors&, const host_load_options&,
+                                            const std::vector<std::vector<at::Tensor>>*) {
   throw std::runtime_error("refit was built without CUDA");
 }
 

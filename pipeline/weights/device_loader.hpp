@@ -44,7 +44,10 @@ class device_loader {
   // Reads every tensor of `weights` into the matching device tensors of `destinations` (same names and
   // shapes; dtype = the held dtype under options.float_dtype). Returns after the data is on the device.
   // Reads of one loader are serialised (the ring is shared); the PCIe link is the bottleneck anyway.
-  device_read_stats read_into(const module_weights& weights, const named_tensors& destinations, const host_load_options& options);
+  // `replicas` (optional, one list per destination): more destinations of the same shape and dtype on other CUDA
+  // devices of this process, filled from the same staging slot (each GPU's own host link; the file is read once).
+  device_read_stats read_into(const module_weights& weights, const named_tensors& destinations, const host_load_options& options,
+                              const std::vector<std::vector<at::Tensor>>* replicas = nullptr);
 
   // Whether this build can drive CUDA devices.
   static bool available();
