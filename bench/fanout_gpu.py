@@ -7,6 +7,7 @@ reading the checkpoint holds (module checksums) and compute byte-equal images.
     python3 bench/fanout_gpu.py --refit-bin build-gpu/apps/refit --work /tmp/refit-fanout [--repeat 3] [--out fanout.json]
 """
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ def run_config(a, work, ckpt, name, devices, extra):
     """Starts a server on A with `devices`, alternates staged updates B/A `repeat` times; returns the replies' timings."""
     out = {"devices": devices, "updates": []}
     (work / name).mkdir(exist_ok=True)
+    (work / name / "port").unlink(missing_ok=True)  # a port file of an earlier run would be taken for this server's
     with refit_server(a.refit_bin, ["--model-path", str(ckpt["A"]), "--devices", devices, *extra], work / name) as url:
         current = "A"
         for _ in range(a.repeat + 1):  # the first update allocates; it is reported but not in the median
@@ -43,18 +45,25 @@ def run_config(a, work, ckpt, name, devices, extra):
             out["updates"].append({"total": r["timings"]["total"], "stage": r["timings"].get("stage"), "wall": wall,
                                    "bytes": sum(m["bytes"] for m in r["modules"] if m.get("worker", 0) == 0)})
         out["last"] = current
-        if a.check and name != "each":
+        if a.check:
             workers = len(devices.split(","))
-            out["checksums"] = [post(url, "/get_weights_checksum", {"worker": w})[1] for w in range(workers)]
+            if name != "each":
+                out["checksums"] = [post(url, "/get_weights_checksum", {"worker": w, "format": "refit"})[1] for w in range(workers)]
             size = "512x512" if "4b" in a.preset else "64x64"
             body = {"prompt": "a lighthouse on a cliff", "seed": 11, "size": size, "num_inference_steps": 4}
-            with ThreadPoolExecutor(2 * workers) as pool:
-                replies = list(pool.map(lambda _: post(url, "/v1/images/generations", body)[1], range(2 * workers)))
             by_worker = {}
-            for r in replies:
-                by_worker.setdefault(r.get("worker", 0), set()).add(r["data"][0]["b64_json"])
-            out["images_equal"] = len({x for v in by_worker.values() for x in v}) == 1
+            out["rounds"] = []
+            for _ in range(3):  # rounds of one request per worker at once: each worker's repeats, and across workers
+                with ThreadPoolExecutor(workers) as pool:
+                    replies = list(pool.map(lambda _: post(url, "/v1/images/generations", body)[1], range(workers)))
+                for r in replies:
+                    by_worker.setdefault(r.get("worker", 0), []).append(r["data"][0]["b64_json"])
+                out["rounds"].append([(r.get("worker", 0), hashlib.sha256(r["data"][0]["b64_json"].encode()).hexdigest()[:12])
+                                      for r in replies])
+            print(f"  {name}: images per round (worker, sha256): {out['rounds']}")
             out["image_workers"] = sorted(by_worker)
+            out["images_repeat_equal"] = {str(w): len(set(v)) == 1 for w, v in by_worker.items()}
+            out["images_equal"] = len({x for v in by_worker.values() for x in v}) == 1
     return out
 
 
@@ -102,7 +111,10 @@ def main():
         equal = all(c == once["checksums"][0] for c in once["checksums"])
         print(f"  read-once checksums equal on both GPUs: {equal}; equal to one GPU's read of the same checkpoint: "
               f"{once['checksums'][0] == one['checksums'][0] if same_ckpt else 'n/a (other checkpoint)'}")
-        print(f"  images byte-equal across GPUs {once['image_workers']}: {once['images_equal']}")
+        for cfg in ("one_gpu", "two_gpus_each_reads", "two_gpus_read_once"):
+            r = results[cfg]
+            print(f"  {cfg}: images byte-equal across workers {r['image_workers']}: {r['images_equal']}; "
+                  f"each worker's repeats equal: {r['images_repeat_equal']}")
         results["checks"] = {"checksums_equal": equal, "match_one_gpu": same_ckpt and once["checksums"][0] == one["checksums"][0],
                              "images_equal": once["images_equal"], "image_workers": once["image_workers"]}
     if a.out:

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/InferenceMode.h>
 #include <nlohmann/json.hpp>
 
@@ -188,6 +189,9 @@ std::vector<rgb_image> flux2_klein_pipeline::generate(const generation_params& p
   const int64_t steps = p.steps ? p.steps : default_steps();
   if (steps < 1 || steps > 1000) throw std::invalid_argument("steps must be between 1 and 1000");
   c10::InferenceMode inference;
+  // This thread's current device is the pipeline's: anything that allocates or launches on "the current device"
+  // (rather than on its inputs' device) must not land on GPU 0 for a worker on another GPU.
+  c10::OptionalDeviceGuard on_device(where_.device.is_cuda() ? c10::optional<c10::Device>(where_.device) : c10::nullopt);
 
   at::Tensor embeds = encode_prompts(p.prompts);
   if (p.images_per_prompt > 1) embeds = embeds.repeat_interleave(p.images_per_prompt, 0);

@@ -2,6 +2,7 @@
 // log-probabilities (sampling::flow_rollout), sample by sample, for POST /rollout/generate.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/InferenceMode.h>
 
 #include "pipeline/flux2_klein.hpp"
@@ -37,6 +38,9 @@ std::vector<rollout_sample> flux2_klein_pipeline::rollout(const rollout_params& 
   const int64_t steps = p.steps ? p.steps : default_steps();
   if (steps < 1 || steps > 1000) throw std::invalid_argument("num_inference_steps must be between 1 and 1000");
   c10::InferenceMode inference;
+  // This thread's current device is the pipeline's: anything that allocates or launches on "the current device"
+  // (rather than on its inputs' device) must not land on GPU 0 for a worker on another GPU.
+  c10::OptionalDeviceGuard on_device(where_.device.is_cuda() ? c10::optional<c10::Device>(where_.device) : c10::nullopt);
 
   const int64_t batch = p.images_per_prompt;
   at::Tensor embeds = encode_prompts(p.prompts).repeat_interleave(batch, 0);

@@ -45,8 +45,8 @@ class checkpoint_source final : public module_source {
     sibling_ = std::move(sibling);
     sibling_worker_ = worker;
   }
-  // Read once per host, on GPUs: fill also writes a replica of every value on each of these workers' devices, from the
-  // same pinned staging slots (each GPU's own host link). A worker copying from this stage adopts its replicas
+  // Read once per host, on GPUs: fill also writes a replica of every value on each of these workers' devices, each chunk
+  // copied on device to device (NVLink) as soon as it arrived here. A worker copying from this stage adopts its replicas
   // (take_replica) as its shadows. Replicas that do not fit in a device's memory are left out (that worker copies or reads).
   void fan_out_to(std::vector<std::pair<int32_t, c10::Device>> workers) { fan_out_ = std::move(workers); }
   // The replica of `slot` this source made for `worker`, handed over once (undefined when there is none).

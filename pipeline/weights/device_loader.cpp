@@ -45,10 +45,10 @@ struct device_loader::impl {
   std::vector<cudaEvent_t> copied;      // recorded after the copy out of each slot
   std::vector<std::mutex> slot_locks;
   c10::optional<c10::cuda::CUDAStream> stream;
-  // Other devices that replicas are copied to from the same slots: a stream and per-slot events on each.
+  // Other devices that replicas go to: each chunk, once on this device, is copied on from there device to device
+  // (NVLink) on a stream of the other device, while the ring moves on (the copy does not read the slot).
   struct replica_device {
     c10::optional<c10::cuda::CUDAStream> stream;
-    std::vector<cudaEvent_t> copied;
   };
   std::map<int, replica_device> replica_devices;
 
@@ -57,10 +57,10 @@ struct device_loader::impl {
     if (r.stream) return r;
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(dev));
     r.stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, static_cast<c10::DeviceIndex>(dev));
-    for (size_t i = 0; i < slots.size(); ++i) {
-      cudaEvent_t e;
-      check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
-      r.copied.push_back(e);
+    int can = 0;
+    if (cudaDeviceCanAccessPeer(&can, dev, device) == cudaSuccess && can) {
+      const cudaError_t e = cudaDeviceEnablePeerAccess(device, 0);
+      if (e != cudaSuccess) cudaGetLastError();  // already enabled (by torch, or an earlier read): fine
     }
     return r;
   }
@@ -81,8 +81,6 @@ struct device_loader::impl {
   }
   ~impl() {
     for (auto e : copied) cudaEventDestroy(e);
-    for (auto& [dev, r] : replica_devices)
-      for (auto e : r.copied) cudaEventDestroy(e);
     for (auto p : slots) cudaFreeHost(p);
   }
 };
@@ -177,7 +175,6 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
       const size_t s = i % n_slots;
       std::lock_guard slot(m.slot_locks[s]);
       check(cudaEventSynchronize(m.copied[s]), "waiting for a staging slot");  // its previous copy is done
-      for (auto& [dev, r] : m.replica_devices) check(cudaEventSynchronize(r.copied[s]), "waiting for a staging slot");
       auto* buf = static_cast<std::byte*>(m.slots[s]);
       const uint64_t at = tg.file->file_offset(*tg.entry) + c.offset;
       // O_DIRECT needs page-aligned offsets and lengths: read the enclosing pages, copy from inside them.
@@ -198,12 +195,10 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
       if (use_direct) direct_bytes += c.len;
       check(cudaMemcpyAsync(tg.device_bytes + c.offset, buf + skip, c.len, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
       check(cudaEventRecord(m.copied[s], stream), "cudaEventRecord");
-      for (const auto& [bytes, dev] : tg.copies) {  // the same slot to another GPU, over that GPU's own link
-        auto& r = m.replica_devices.at(dev);
-        check(cudaSetDevice(dev), "cudaSetDevice");
-        check(cudaMemcpyAsync(bytes + c.offset, buf + skip, c.len, cudaMemcpyHostToDevice, r.stream->stream()), "cudaMemcpyAsync");
-        check(cudaEventRecord(r.copied[s], r.stream->stream()), "cudaEventRecord");
-        check(cudaSetDevice(m.device), "cudaSetDevice");
+      for (const auto& [bytes, dev] : tg.copies) {  // then on to another GPU, device to device, once it has arrived here
+        const cudaStream_t peer = m.replica_devices.at(dev).stream->stream();
+        check(cudaStreamWaitEvent(peer, m.copied[s], 0), "cudaStreamWaitEvent");
+        check(cudaMemcpyPeerAsync(bytes + c.offset, dev, tg.device_bytes + c.offset, m.device, c.len, peer), "cudaMemcpyPeerAsync");
       }
     }
   });

@@ -45,7 +45,8 @@ class device_loader {
   // shapes; dtype = the held dtype under options.float_dtype). Returns after the data is on the device.
   // Reads of one loader are serialised (the ring is shared); the PCIe link is the bottleneck anyway.
   // `replicas` (optional, one list per destination): more destinations of the same shape and dtype on other CUDA
-  // devices of this process, filled from the same staging slot (each GPU's own host link; the file is read once).
+  // devices of this process: each chunk, once copied to its destination, goes on to them device to device (NVLink),
+  // overlapped with the next chunks; the file is read and crosses the host link once.
   device_read_stats read_into(const module_weights& weights, const named_tensors& destinations, const host_load_options& options,
                               const std::vector<std::vector<at::Tensor>>* replicas = nullptr);
 
