@@ -73,6 +73,28 @@ std::map<std::string, std::shared_ptr<module_state>> module_states(const loaded_
   return out;
 }
 
+// One small generation on each worker, one worker after the other, before any request: the first generation on a
+// thread initialises libtorch's per-thread CUDA state (cuBLAS handles and workspaces, lazily loaded kernels), and two
+// workers doing that at the same moment were seen to compute a different first image on one of them (2 x H200). It
+// also takes that first-use latency off the first client's request.
+void warm_up(caf::actor_system& sys, const std::vector<worker_actors>& workers) {
+  caf::scoped_actor self{sys};
+  msg::generation_request r;
+  r.prompts = {"warm-up"};
+  r.width = r.height = 64;
+  r.steps = 1;
+  for (size_t i = 0; i < workers.size(); ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    self->request(workers[i].worker, std::chrono::minutes(10), msg::generate_atom::value, r)
+        .receive(
+            [&](msg::generation_result&) {
+              spdlog::info("worker {}: warmed up (one 64x64 step) in {:.2f} s", i,
+                           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            },
+            [&](caf::error& e) { spdlog::warn("worker {}: warm-up generation failed: {}", i, msg::describe(e)); });
+  }
+}
+
 }  // namespace
 
 worker_set spawn_workers(caf::actor_system& sys, const engine_config& config) {
@@ -116,6 +138,7 @@ worker_set spawn_workers(caf::actor_system& sys, const engine_config& config) {
       if (w.pipe->offload(m)) a.offloads.push_back(spawn_offload_manager(sys, index, w.pipe, m));
     out.workers.push_back(std::move(a));
   }
+  warm_up(sys, out.workers);
   return out;
 }
 
