@@ -215,6 +215,13 @@ std::string resume(self_ptr self, bool committed) {
 // ---------------------------------------------------------------------------------------------
 // Updates: one transaction at a time, the rest queued
 
+std::vector<size_t> local_workers(const sched_state &st) {
+  std::vector<size_t> out;
+  for (size_t w = 0; w < st.slots.size(); ++w)
+    if (st.slots[w].host.empty()) out.push_back(w);
+  return out;
+}
+
 // Read once per host: every serving worker of this process copies what the first one staged.
 std::vector<int32_t> read_once(const sched_state &st) {
   std::vector<int32_t> out(st.slots.size(), -1);
@@ -255,15 +262,23 @@ void start_next_update(self_ptr self) {
   }
   if (job.catch_up >= 0)
     return start_catch_up(self, std::move(job));
+  std::vector<size_t> members = serving_workers(st);
   if (job.req.source != msg::source_kind::checkpoint)
-    for (size_t w : serving_workers(st))
+    for (size_t w : members)
       if (!st.slots[w].host.empty()) {
         // Tensors shared by a colocated trainer are on this host; a trainer's group counts this process's
         // workers; merged adapters would leave a joining worker nothing it could read.
+        const std::string why = "update kind '" + msg::to_string(job.req.source) + "' cannot include worker " +
+                                std::to_string(w) + " on " + st.slots[w].host +
+                                " (joined workers take updates from disk only)";
+        if (job.req.source == msg::source_kind::distributed) {
+          // The trainer broadcasts anyway: this process's workers take the broadcast and drop it.
+          job.req.refused = why;
+          members = local_workers(st);
+          break;
+        }
         msg::update_result r;
-        r.message = "update kind '" + msg::to_string(job.req.source) + "' cannot include worker " +
-                    std::to_string(w) + " on " + st.slots[w].host +
-                    " (joined workers take updates from disk only). No weights were changed.";
+        r.message = why + ". No weights were changed.";
         r.weight_version = st.weight_version;
         job.promise.deliver(std::move(r));
         st.updating = false;
@@ -276,7 +291,7 @@ void start_next_update(self_ptr self) {
       self->system(),
       {self, st.setup.supervisors, st.setup.caches, st.setup.modules,
        st.setup.denoiser, st.setup.transfers, ++st.transactions,
-       st.setup.allowed_roots, serving_workers(st), {}, read_once(st)});
+       st.setup.allowed_roots, members, {}, read_once(st)});
   auto promise = job.promise;
   st.current_update = job.req;
   const uint64_t number = st.transactions;
@@ -317,13 +332,6 @@ void start_next_update(self_ptr self) {
 // ---------------------------------------------------------------------------------------------
 // Trainers' groups: every worker joins as its own rank (rank_offset + worker
 // index)
-
-std::vector<size_t> local_workers(const sched_state &st) {
-  std::vector<size_t> out;
-  for (size_t w = 0; w < st.slots.size(); ++w)
-    if (st.slots[w].host.empty()) out.push_back(w);
-  return out;
-}
 
 // One answer for all workers: SGLang's sentence when they agree, else each
 // worker's.

@@ -282,3 +282,15 @@ def test_a_server_without_a_worker_secret_takes_no_workers(tmp_path_factory, ckp
         assert [x["worker"] for x in server.info()["workers"]] == [0]
     finally:
         server.kill()
+
+
+def test_updates_a_joined_worker_cannot_take_are_refused_and_change_nothing(cluster, ckpt, tmp_path):
+    server, relay, join = cluster
+    join("diskonly")
+    index = wait_for("the worker to serve", lambda: serving(server, "diskonly"))
+    before = [server.checksums(list(MODULES), worker=w) for w in (0, index)]
+    r = server.post("/v1/set_lora", {"lora_nickname": "style", "lora_path": str(tmp_path / "adapter")})
+    assert r.status_code == 400, r.text
+    assert f"cannot include worker {index} on diskonly (joined workers take updates from disk only)" in r.text, r.text
+    assert [server.checksums(list(MODULES), worker=w) for w in (0, index)] == before
+    assert serving(server, "diskonly") == index
