@@ -108,7 +108,7 @@ worker_set spawn_workers(caf::actor_system& sys, const engine_config& config) {
   out.modules = first.module_names();
   out.denoiser = first.denoiser();
   out.adapters = std::make_shared<lora::adapter_store>();
-  for (const auto& m : out.modules) out.loaded[m] = msg::weight_source{msg::source_kind::checkpoint, first.layout().find(m)->dir.string()};
+  for (const auto& m : out.modules) out.loaded[m] = msg::weight_source{msg::source_kind::checkpoint, first.layout().find(m)->dir.string(), 0, {}, {}, false, -1, {}};
   const auto paths = config.paths.prefixes.empty() ? nullptr : std::make_shared<const path_map>(config.paths);
   std::vector<std::shared_ptr<transfer::received_table>> received;
   std::vector<std::map<std::string, std::shared_ptr<module_state>>> states;

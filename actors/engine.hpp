@@ -34,9 +34,9 @@ struct engine_config {
   std::vector<std::filesystem::path> allowed_model_roots{};
   bool check_finite = true;  // updates refuse NaN/Inf values unless the request says otherwise (--check-finite)
   // refit serve --worker-secret-file: processes that present it may join as workers (empty: joining is refused).
-  std::string worker_secret;
+  std::string worker_secret{};
   bool read_once = true;  // a disk update reads the files once per process; the other workers copy (--read-once)
-  path_map paths;  // a joined worker (refit worker --map-path): the server's folders as this host has them
+  path_map paths{};  // a joined worker (refit worker --map-path): the server's folders as this host has them
 };
 
 // One worker's actors and cancel flag, as the scheduler (or a joining process's agent) drives them.

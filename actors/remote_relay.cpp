@@ -15,6 +15,15 @@ std::map<std::string, msg::module_actor> relay_link::wrap(std::map<std::string, 
   return remote;
 }
 
+void relay_link::close() {
+  std::map<caf::actor_addr, msg::module_actor> relays;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    relays.swap(modules_);
+  }
+  for (auto& [remote, relay] : relays) caf::anon_send_exit(relay, caf::exit_reason::user_shutdown);
+}
+
 namespace relay_detail {
 
 caf::error lost(relay_link& link, const caf::error& reason) {

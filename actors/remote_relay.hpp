@@ -30,6 +30,9 @@ class relay_link : public std::enable_shared_from_this<relay_link> {
   msg::module_actor wrap(msg::module_actor remote);
   std::map<std::string, msg::module_actor> wrap(std::map<std::string, msg::module_actor> remote);
   template <class T> T wrap(T value) { return value; }
+  // The server stops: the module actors' relays exit, so no proxy of the joined process's actors outlives it (the
+  // joined process's middleman keeps its actors alive while a peer holds proxies of them).
+  void close();
 
  private:
   caf::actor_system& sys_;

@@ -187,7 +187,8 @@ caf::result<uint64_t> shut_down(self_ptr self) {
   const uint64_t queued = st.queue.size();
   answer_queued(st, refit_errc::cancelled, shutting_down_message);
   for (auto &u : st.updates)
-    u.promise.deliver(not_started(st));
+    if (u.catch_up < 0)  // a catch-up has no client waiting
+      u.promise.deliver(not_started(st));
   st.updates.clear();
   auto running = self->make_response_promise<uint64_t>();
   self->request(caf::actor_cast<msg::scheduler_actor>(self), caf::infinite,
@@ -246,6 +247,8 @@ void start_next_update(self_ptr self) {
   st.updating = true;
   auto job = std::move(st.updates.front());
   st.updates.pop_front();
+  if (job.catch_up >= 0)
+    return start_catch_up(self, std::move(job));
   if (st.shutting_down) {
     job.promise.deliver(not_started(st));
     st.updating = false;
@@ -260,8 +263,6 @@ void start_next_update(self_ptr self) {
     st.updating = false;
     return start_next_update(self);
   }
-  if (job.catch_up >= 0)
-    return start_catch_up(self, std::move(job));
   std::vector<size_t> members = serving_workers(st);
   if (job.req.source != msg::source_kind::checkpoint)
     for (size_t w : members)

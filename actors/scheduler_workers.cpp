@@ -82,6 +82,14 @@ caf::result<msg::join_reply> join_worker(self_ptr self, msg::worker_offer &offer
   st.in_flight.push_back(0);
   st.slots.push_back(std::move(slot));
   self->monitor(offer.worker);
+  // When the scheduler stops, so do the relays (and with them this server's proxies of the joined actors).
+  std::vector<caf::actor> relays{caf::actor_cast<caf::actor>(st.slots[w].agent), caf::actor_cast<caf::actor>(st.setup.workers[w]),
+                                 caf::actor_cast<caf::actor>(st.setup.supervisors[w]), caf::actor_cast<caf::actor>(st.setup.caches[w]),
+                                 caf::actor_cast<caf::actor>(st.setup.transfers[w])};
+  self->attach_functor([link, relays](const caf::error&) {
+    link->close();
+    for (const auto& r : relays) caf::anon_send_exit(r, caf::exit_reason::user_shutdown);
+  });
   spdlog::info("join: {} joined; giving it the served weights (weight_version {})", label(st.slots[w], w), st.weight_version);
   pending_update job;
   job.catch_up = static_cast<int32_t>(w);
@@ -121,13 +129,18 @@ void start_catch_up(self_ptr self, pending_update job) {
     update_finished(self, job, none);
     return;
   }
+  if (st.shutting_down || st.sleeping) {
+    none.message = st.shutting_down ? "the server is shutting down" : "the server is sleeping (release_memory_occupation)";
+    update_finished(self, job, none);
+    return;
+  }
   if (auto why = not_repeatable(st); !why.empty()) {
     none.message = why;
     update_finished(self, job, none);
     return;
   }
   transaction_context ctx{self, st.setup.supervisors, st.setup.caches, st.setup.modules, st.setup.denoiser, st.setup.transfers,
-                          ++st.transactions, st.setup.allowed_roots, {w}, {}};
+                          ++st.transactions, st.setup.allowed_roots, {w}, {}, {}};
   for (auto [module, source] : st.setup.served) {
     source.check_finite = false;  // these are the weights every other worker serves
     ctx.preplanned[module] = source;

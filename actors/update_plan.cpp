@@ -48,7 +48,7 @@ update_plan plan_checkpoint(const msg::update_request &req,
       if (!scope.is_directory(dir))
         missing += (missing.empty() ? "'" : ", '") + t + "'";
       else
-        out.sources[t] = {msg::source_kind::checkpoint, dir.string(), 0, {}, roots, false};
+        out.sources[t] = {msg::source_kind::checkpoint, dir.string(), 0, {}, roots, false, -1, {}};
     }
     if (!missing.empty()) {
       out.sources.clear();
@@ -111,7 +111,7 @@ update_plan plan_distributed(const msg::update_request &req,
       return out;
     }
     out.sources[m] = {msg::source_kind::distributed,
-                      "distributed group '" + req.group_name + "'", update, {}, {}, false};
+                      "distributed group '" + req.group_name + "'", update, {}, {}, false, -1, {}};
     if (req.lora_merge) {
       // The tensors are an adapter's A/B weights: the modules merge them (SGLang's "lora_merge").
       out.sources[m].kind = msg::source_kind::lora;
@@ -194,7 +194,7 @@ update_plan plan_tensor(const msg::update_request &req,
     }
   for (const auto &m : targets) {
     out.sources[m] = {msg::source_kind::distributed, source_label(req), update,
-                      {}, {}, false};
+                      {}, {}, false, -1, {}};
     if (req.lora_merge) {
       out.sources[m].kind = msg::source_kind::lora;
       out.sources[m].adapters = {{received_adapter(req, m), "", 1.0,
@@ -219,7 +219,7 @@ update_plan plan_lora(const msg::update_request &req,
     return out;
   }
   for (const auto &t : targets)
-    out.sources[t] = {msg::source_kind::lora, source_label(req), update, adapters, roots, false};
+    out.sources[t] = {msg::source_kind::lora, source_label(req), update, adapters, roots, false, -1, {}};
   return out;
 }
 

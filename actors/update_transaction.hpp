@@ -20,13 +20,13 @@ struct transaction_context {
   std::vector<msg::transfer_actor> transfers;         // per worker: receives distributed updates
   uint64_t update = 0;                                // this transaction's number (names what workers receive)
   std::vector<std::string> allowed_roots;             // files an update reads lie beneath these (empty: anywhere)
-  std::vector<size_t> members;                        // the workers taking part (indices into the vectors above)
+  std::vector<size_t> members{};                      // the workers taking part (indices into the vectors above)
   // A catch-up: these sources (module -> source) instead of planning the request, and generation goes on
   // (the one member is not serving yet).
-  std::map<std::string, msg::weight_source> preplanned;
+  std::map<std::string, msg::weight_source> preplanned{};
   // Read once per host: per worker, the worker of the same process whose staged copy of a checkpoint it copies
   // instead of reading the files (-1, or no entry: it reads them).
-  std::vector<int32_t> copy_from;
+  std::vector<int32_t> copy_from{};
 };
 
 msg::transaction_actor spawn_update_transaction(caf::actor_system& sys, transaction_context context);

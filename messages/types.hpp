@@ -83,7 +83,7 @@ struct weight_source {
   // values (a device-to-device copy instead of reading the files again); -1: read the files.
   int32_t copy_from = -1;
   // The workers of this process that will copy this stage (it also writes replicas on their GPUs while it reads).
-  std::vector<int32_t> copy_to;
+  std::vector<int32_t> copy_to{};
 };
 
 template <class Inspector>

@@ -294,3 +294,23 @@ def test_updates_a_joined_worker_cannot_take_are_refused_and_change_nothing(clus
     assert f"cannot include worker {index} on diskonly (joined workers take updates from disk only)" in r.text, r.text
     assert [server.checksums(list(MODULES), worker=w) for w in (0, index)] == before
     assert serving(server, "diskonly") == index
+
+
+def test_a_server_that_stops_lets_its_workers_join_the_next_one(tmp_path_factory, ckpt, secret_file, tmp_path):
+    actor_port = free_port()
+    first = start_server(tmp_path_factory, ckpt.base, "--actor-port", actor_port, "--worker-secret-file", secret_file)
+    w = Worker(actor_port, ckpt.base, tmp_path, secret_file, "survivor")
+    second = None
+    try:
+        wait_for("the worker to serve", lambda: serving(first, "survivor"))
+        assert first.stop() == 0  # SIGTERM with a joined worker connected: exit code 0
+        wait_for("the worker to notice", lambda: "the connection to the server was lost" in w.log())
+        assert w.proc.poll() is None
+        second = start_server(tmp_path_factory, ckpt.seed2, "--actor-port", actor_port, "--worker-secret-file", secret_file)
+        index = wait_for("the worker to join the new server", lambda: serving(second, "survivor"))
+        assert second.checksums(list(MODULES), worker=index) == ckpt.disk[str(ckpt.seed2)]
+    finally:
+        w.kill()
+        first.kill()
+        if second:
+            second.kill()

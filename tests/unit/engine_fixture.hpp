@@ -85,7 +85,7 @@ inline msg::update_mode mode_of(std::string_view name) {
 }
 
 // A module's folder of a checkpoint, as a weight source for a module actor.
-inline msg::weight_source checkpoint(const std::filesystem::path& module_dir) { return {msg::source_kind::checkpoint, module_dir.string(), 0, {}, {}, false}; }
+inline msg::weight_source checkpoint(const std::filesystem::path& module_dir) { return {msg::source_kind::checkpoint, module_dir.string(), 0, {}, {}, false, -1, {}}; }
 
 // An update request to `path` (targets: empty for every module).
 inline msg::update_request update_to(const std::filesystem::path& path, std::vector<std::string> targets = {},

@@ -40,6 +40,9 @@ class remote_engine {
     }
   }
   ~remote_engine() {
+    // The server first (its relays release the proxies of the node's actors), then the node's actors.
+    caf::anon_send_exit(scheduler_, caf::exit_reason::user_shutdown);
+    caf::anon_send_exit(gateway_, caf::exit_reason::user_shutdown);
     caf::anon_send_exit(agent_, caf::exit_reason::user_shutdown);
     for (auto& a : node_workers_.workers) {
       for (const caf::actor& x : {caf::actor_cast<caf::actor>(a.worker), caf::actor_cast<caf::actor>(a.supervisor),
@@ -47,8 +50,6 @@ class remote_engine {
         caf::anon_send_exit(x, caf::exit_reason::user_shutdown);
       for (auto& o : a.offloads) caf::anon_send_exit(o, caf::exit_reason::user_shutdown);
     }
-    caf::anon_send_exit(scheduler_, caf::exit_reason::user_shutdown);
-    caf::anon_send_exit(gateway_, caf::exit_reason::user_shutdown);
   }
   engine_client& client() { return *client_; }
 
