@@ -31,8 +31,9 @@ void maybe_finish_pause(self_ptr self) {
   auto &st = self->state;
   if (!st.paused || total_in_flight(st) > 0 || st.pause_waiters.empty())
     return;
-  for (size_t w = 0; w < st.slots.size(); ++w)
-    cancel_on(self, w, false);
+  if (st.cancelling > 0)  // a pause with abort_all_requests cancelled generations: the flags go down again
+    for (size_t w = 0; w < st.slots.size(); ++w)
+      cancel_on(self, w, false);
   for (auto &w : st.pause_waiters)
     w.deliver(st.cancelling);
   st.pause_waiters.clear();
@@ -296,10 +297,10 @@ void start_next_update(self_ptr self) {
   auto promise = job.promise;
   st.current_update = job.req;
   const uint64_t number = st.transactions;
-  auto finished = [self, promise, number, job](msg::update_result r) mutable {
+  auto finished = [self, promise, number](msg::update_result r) mutable {
     auto &st = self->state;
     st.setup.adapters->end_update(number, r.success);
-    update_finished(self, job, r);
+    record_served(st, r);
     if (r.success) {
       ++st.stats.updates_ok;
       st.lora.committed(st.current_update, st.setup.denoiser);

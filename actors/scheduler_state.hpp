@@ -91,10 +91,12 @@ void worker_down(self_ptr self, const caf::down_msg &dm);
 // Stops a generation in flight on worker w at its next step (a joined worker: through its agent); off again
 // once the pause holds.
 void cancel_on(self_ptr self, size_t w, bool on);
-// Starts the catch-up of a joined worker (an update queued with catch_up set); false when it cannot be.
+// Starts the catch-up of a joined worker (an update queued with catch_up set).
 void start_catch_up(self_ptr self, pending_update job);
-// A transaction ended: a catch-up's worker serves or is let go; a committed update's sources are recorded.
-void update_finished(self_ptr self, const pending_update &job, const msg::update_result &r);
+// A catch-up ended: its worker serves, or is let go (its process joins again); then the next update starts.
+void catch_up_finished(self_ptr self, size_t w, const msg::update_result &r);
+// An update ended: what each module now holds, if it was decided (a joining worker is given the same).
+void record_served(sched_state &st, const msg::update_result &r);
 // The module actors of workers `which` (module name -> actor, per worker).
 void module_actors(self_ptr self, std::vector<size_t> which,
                    std::function<void(fan_in<module_map> &)> done);

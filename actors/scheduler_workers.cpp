@@ -121,23 +121,21 @@ void cancel_on(self_ptr self, size_t w, bool on) {
       .then([](bool) {}, [w](caf::error &e) { spdlog::warn("worker {}: could not cancel its generation: {}", w, msg::describe(e)); });
 }
 
+// Why worker w cannot be caught up now (empty: it can).
+std::string no_catch_up(const sched_state &st, size_t w) {
+  if (st.slots[w].status != worker_status::catching_up) return "it was lost before its turn";
+  if (st.shutting_down) return "the server is shutting down";
+  if (st.sleeping) return "the server is sleeping (release_memory_occupation)";
+  return not_repeatable(st);
+}
+
 void start_catch_up(self_ptr self, pending_update job) {
   auto &st = self->state;
   const auto w = static_cast<size_t>(job.catch_up);
-  msg::update_result none;
-  if (st.slots[w].status != worker_status::catching_up) {  // lost before its turn
-    update_finished(self, job, none);
-    return;
-  }
-  if (st.shutting_down || st.sleeping) {
-    none.message = st.shutting_down ? "the server is shutting down" : "the server is sleeping (release_memory_occupation)";
-    update_finished(self, job, none);
-    return;
-  }
-  if (auto why = not_repeatable(st); !why.empty()) {
+  if (auto why = no_catch_up(st, w); !why.empty()) {
+    msg::update_result none;
     none.message = why;
-    update_finished(self, job, none);
-    return;
+    return catch_up_finished(self, w, none);
   }
   transaction_context ctx{self, st.setup.supervisors, st.setup.caches, st.setup.modules, st.setup.denoiser, st.setup.transfers,
                           ++st.transactions, st.setup.allowed_roots, {w}, {}, {}};
@@ -151,22 +149,21 @@ void start_catch_up(self_ptr self, pending_update job) {
   job.req.weight_version = st.weight_version;
   auto txn = spawn_update_transaction(self->system(), std::move(ctx));
   self->request(txn, caf::infinite, msg::update_atom::value, job.req)
-      .then([self, job](msg::update_result &r) { update_finished(self, job, r); },
-            [self, job](caf::error &e) {
+      .then([self, w](msg::update_result &r) { catch_up_finished(self, w, r); },
+            [self, w](caf::error &e) {
               msg::update_result r;
               r.message = msg::describe(e);
-              update_finished(self, job, r);
+              catch_up_finished(self, w, r);
             });
 }
 
-void update_finished(self_ptr self, const pending_update &job, const msg::update_result &r) {
+void record_served(sched_state &st, const msg::update_result &r) {
+  // `applied` is set once an update is decided, even when a participant failed after that: those are the weights served.
+  for (const auto &[module, source] : r.applied) st.setup.served[module] = source;
+}
+
+void catch_up_finished(self_ptr self, size_t w, const msg::update_result &r) {
   auto &st = self->state;
-  if (job.catch_up < 0) {
-    if (r.success)
-      for (const auto &[module, source] : r.applied) st.setup.served[module] = source;
-    return;
-  }
-  const auto w = static_cast<size_t>(job.catch_up);
   auto &slot = st.slots[w];
   if (slot.status == worker_status::catching_up && r.success) {
     slot.status = worker_status::serving;

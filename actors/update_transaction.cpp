@@ -234,51 +234,60 @@ int32_t copies_from(const state& st, const participant& p) {
   return st.ctx.copy_from[static_cast<size_t>(p.worker)];
 }
 
+// The stage phase in flight: the replies so far, how many are still due, and who stages after whom.
+struct staging {
+  fan_in<msg::module_report> in;
+  size_t left = 0;
+  std::map<size_t, std::vector<size_t>> after;  // a reader -> the participants copying from it
+};
+
+void stage_one(self_ptr self, const std::shared_ptr<staging>& g, size_t i, int32_t from);
+
+// Participant i answered: those copying from it stage now (from its copy when it staged one), and once every
+// participant answered the phase goes on.
+void stage_answered(self_ptr self, const std::shared_ptr<staging>& g, size_t i, int32_t copy_from) {
+  if (auto it = g->after.find(i); it != g->after.end())
+    for (size_t d : it->second) stage_one(self, g, d, copy_from);
+  if (--g->left == 0) staged(self, g->in);
+}
+
+void stage_one(self_ptr self, const std::shared_ptr<staging>& g, size_t i, int32_t from) {
+  auto& p = self->state.parts[i];
+  msg::weight_source source = p.source;
+  source.copy_from = from;
+  if (auto it = g->after.find(i); it != g->after.end())
+    for (size_t d : it->second) source.copy_to.push_back(self->state.parts[d].worker);
+  self->request(p.handle, phase_timeout, msg::stage_atom::value, source, self->state.req.mode)
+      .then(
+          [self, g, i](msg::module_report& r) {
+            const bool copyable = r.path == msg::write_path::staged;
+            g->in.replies.emplace(i, std::move(r));
+            stage_answered(self, g, i, copyable ? self->state.parts[i].worker : -1);
+          },
+          [self, g, i](caf::error& e) {
+            g->in.errors.emplace(i, std::move(e));
+            stage_answered(self, g, i, -1);
+          });
+}
+
 // Every participant stages. Read once per host: a participant whose worker copies from another worker of its process
 // stages after that worker's participant of the same module did, copying its staged values (over NVLink between GPUs)
 // instead of reading the files again; it reads them when that one did not stage a copy (failed, or in place).
 void stage(self_ptr self) {
   auto& st = self->state;
+  auto g = std::make_shared<staging>();
+  g->left = st.parts.size();
   std::vector<size_t> first;
-  std::map<size_t, std::vector<size_t>> after;  // a reader -> the participants copying from it
   for (size_t i = 0; i < st.parts.size(); ++i) {
     const int32_t from = copies_from(st, st.parts[i]);
     size_t reader = st.parts.size();
     for (size_t r = 0; r < st.parts.size() && from >= 0; ++r)
       if (st.parts[r].worker == from && st.parts[r].module == st.parts[i].module) reader = r;
-    if (reader < st.parts.size()) after[reader].push_back(i);
+    if (reader < st.parts.size()) g->after[reader].push_back(i);
     else first.push_back(i);
   }
-  struct gather {
-    fan_in<msg::module_report> in;
-    size_t left;
-  };
-  auto g = std::make_shared<gather>(gather{{}, st.parts.size()});
-  auto ask = std::make_shared<std::function<void(size_t, int32_t)>>();
-  *ask = [self, g, after, ask](size_t i, int32_t from) {
-    auto& p = self->state.parts[i];
-    msg::weight_source source = p.source;
-    source.copy_from = from;
-    if (auto it = after.find(i); it != after.end())
-      for (size_t d : it->second) source.copy_to.push_back(self->state.parts[d].worker);
-    self->request(p.handle, phase_timeout, msg::stage_atom::value, source, self->state.req.mode)
-        .then(
-            [self, g, after, ask, i](msg::module_report& r) {
-              const bool copyable = r.path == msg::write_path::staged;
-              g->in.replies.emplace(i, std::move(r));
-              if (auto it = after.find(i); it != after.end())
-                for (size_t d : it->second) (*ask)(d, copyable ? self->state.parts[i].worker : -1);
-              if (--g->left == 0) staged(self, g->in);
-            },
-            [self, g, after, ask, i](caf::error& e) {
-              g->in.errors.emplace(i, std::move(e));
-              if (auto it = after.find(i); it != after.end())
-                for (size_t d : it->second) (*ask)(d, -1);
-              if (--g->left == 0) staged(self, g->in);
-            });
-  };
   if (st.parts.empty()) return staged(self, g->in);
-  for (size_t i : first) (*ask)(i, -1);
+  for (size_t i : first) stage_one(self, g, i, -1);
 }
 
 void staged(self_ptr self, fan_in<msg::module_report>& in) {

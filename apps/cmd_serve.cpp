@@ -111,12 +111,7 @@ net::actor_port_tls check_actor_port_options(const serve_args& a) {
 int serve(const serve_args& a) {
   // Before any thread exists, so every thread (CAF's, the HTTP server's, libtorch's) inherits the mask and
   // the signals reach only the sigwait below. SIGPIPE: a client that hangs up must not kill us.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
+  sigset_t stop_signals = wait_for_stop_signals_only();
   // The signal waiter only forwards once serving; shutting down happens below, in order. A stop signal
   // during start-up (loading can take minutes) ends the process at once: nothing is served yet.
   struct signal_target {

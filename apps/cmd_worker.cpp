@@ -75,12 +75,7 @@ actors::path_map parse_maps(const std::vector<std::string>& maps) {
 }
 
 int run_worker(const worker_args& a) {
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-  std::signal(SIGPIPE, SIG_IGN);
+  sigset_t stop_signals = wait_for_stop_signals_only();
 
   const auto [host, port] = parse_join(a.join);
   const std::string secret = read_worker_secret(a.secret_file);

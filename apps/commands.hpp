@@ -2,6 +2,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <csignal>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -23,6 +24,24 @@ void add_worker_commands(CLI::App& app, command_registry& commands);    // worke
 std::string read_worker_secret(const std::string& path);
 
 std::string build_info();
+
+// SIGINT and SIGTERM: blocked in every thread from the start (main.cpp); `serve` and `worker` wait for them with sigwait.
+inline sigset_t stop_signal_set() {
+  sigset_t s;
+  sigemptyset(&s);
+  sigaddset(&s, SIGINT);
+  sigaddset(&s, SIGTERM);
+  return s;
+}
+
+// For a command that stops on those signals: blocks them in this thread (so in every thread it starts, which inherit
+// the mask; only its sigwait gets them) and ignores SIGPIPE (a peer that hangs up must not kill it). Returns the set.
+inline sigset_t wait_for_stop_signals_only() {
+  const sigset_t s = stop_signal_set();
+  pthread_sigmask(SIG_BLOCK, &s, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+  return s;
+}
 
 // --dit-layerwise-offload and --dit-offload-prefetch-size, shared by serve and generate.
 inline void add_offload_options(CLI::App& cmd, bool& offload, double& prefetch) {

@@ -15,19 +15,13 @@ namespace {
 // before anything else runs. .preinit_array runs before any shared library's initializers (libtorch's take a
 // while); only the dynamic loader's own mapping comes earlier. main() unblocks them for the other commands.
 void block_stop_signals(int, char**, char**) {
-  sigset_t s;
-  sigemptyset(&s);
-  sigaddset(&s, SIGINT);
-  sigaddset(&s, SIGTERM);
+  const sigset_t s = refit::apps::stop_signal_set();
   sigprocmask(SIG_BLOCK, &s, nullptr);
 }
 __attribute__((section(".preinit_array"), used)) void (*const block_stop_signals_early)(int, char**, char**) = block_stop_signals;
 
 void unblock_stop_signals() {
-  sigset_t s;
-  sigemptyset(&s);
-  sigaddset(&s, SIGINT);
-  sigaddset(&s, SIGTERM);
+  const sigset_t s = refit::apps::stop_signal_set();
   sigprocmask(SIG_UNBLOCK, &s, nullptr);
 }
 

@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import json
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serving import post, refit_server  # noqa: E402
+from serving import ensure_model, post, refit_server  # noqa: E402
 from update_gpu import warm  # noqa: E402
 
 
@@ -79,12 +78,9 @@ def main():
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = {}
-    for name, seed in (("A", 1), ("B", 2)):
-        ckpt[name] = work / f"{a.preset}-{name}"
-        if not (ckpt[name] / "model_index.json").exists():
-            subprocess.run([a.refit_bin, "make-model", "--preset", a.preset, "--seed", str(seed), "--out", str(ckpt[name])], check=True)
-        warm(ckpt[name])
+    ckpt = {name: ensure_model(a.refit_bin, work / f"{a.preset}-{name}", a.preset, seed) for name, seed in (("A", 1), ("B", 2))}
+    for folder in ckpt.values():
+        warm(folder)
     first = a.gpus.split(",")[0]
     results = {
         "one_gpu": run_config(a, work, ckpt, "one", first, []),

@@ -7,14 +7,13 @@ several times (sequentially, and on the two-worker server also two at a time) an
 """
 import argparse
 import hashlib
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serving import post, refit_server  # noqa: E402
+from serving import ensure_model, post, refit_server  # noqa: E402
 
 
 def main():
@@ -27,10 +26,8 @@ def main():
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    model, other = work / f"{a.preset}-A", work / f"{a.preset}-B"
-    for path, seed in ((model, 1), (other, 2)):
-        if not (path / "model_index.json").exists():
-            subprocess.run([a.refit_bin, "make-model", "--preset", a.preset, "--seed", str(seed), "--out", str(path)], check=True)
+    model = ensure_model(a.refit_bin, work / f"{a.preset}-A", a.preset, 1)
+    other = ensure_model(a.refit_bin, work / f"{a.preset}-B", a.preset, 2)
     body = {"prompt": "a lighthouse on a cliff", "seed": 11, "size": a.size, "num_inference_steps": 4}
 
     def one(url):
@@ -39,35 +36,35 @@ def main():
         return r.get("worker", 0), hashlib.sha256(r["data"][0]["b64_json"].encode()).hexdigest()[:12]
 
     seen = {}
+
+    def sequential(url, label, n=3):
+        seq = [one(url) for _ in range(n)]
+        print(f"{label}, sequential: {seq}")
+        seen[label + ", sequential"] = {h for _, h in seq}
+
+    def two_at_once(url, label, rounds):
+        for k in range(rounds):
+            with ThreadPoolExecutor(2) as pool:
+                pair = list(pool.map(lambda _: one(url), range(2)))
+            print(f"{label}, two at once, round {k}: {pair}")
+            for w, h in pair:
+                seen.setdefault(f"{label}, worker {w}", set()).add(h)
+
     g0, g1 = a.gpus.split(",")
     for name, devices in (("gpu0", g0), ("gpu1", g1), ("both", a.gpus)):
         d = work / name
         d.mkdir(exist_ok=True)
         (d / "port").unlink(missing_ok=True)
         with refit_server(a.refit_bin, ["--model-path", str(model), "--devices", devices], d) as url:
-            seq = [one(url) for _ in range(3)]
-            print(f"{name:5s} sequential: {seq}")
-            seen[name + " sequential"] = {h for _, h in seq}
+            sequential(url, name)
             if name == "both":
-                for k in range(3):
-                    with ThreadPoolExecutor(2) as pool:
-                        pair = list(pool.map(lambda _: one(url), range(2)))
-                    print(f"{name:5s} two at once, round {k}: {pair}")
-                    for w, h in pair:
-                        seen.setdefault(f"both concurrent worker {w}", set()).add(h)
+                two_at_once(url, name, 3)
                 # Then after two staged disk updates (B, then A again): the same weights as before.
                 for target in (other, model):
                     status, r = post(url, "/update_weights_from_disk", {"model_path": str(target), "mode": "staged"})
                     assert status == 200, r
-                for k in range(4):
-                    with ThreadPoolExecutor(2) as pool:
-                        pair = list(pool.map(lambda _: one(url), range(2)))
-                    print(f"{name:5s} after updates, two at once, round {k}: {pair}")
-                    for w, h in pair:
-                        seen.setdefault(f"after updates, worker {w}", set()).add(h)
-                seq = [one(url) for _ in range(3)]
-                print(f"{name:5s} after updates, sequential: {seq}")
-                seen["after updates, sequential"] = {h for _, h in seq}
+                two_at_once(url, "both after updates", 4)
+                sequential(url, "both after updates")
     print("distinct images per case:", {k: sorted(v) for k, v in seen.items()})
     everything = set().union(*seen.values())
     print(f"all equal: {len(everything) == 1} ({len(everything)} distinct)")

@@ -9,10 +9,12 @@ import urllib.request
 from pathlib import Path
 
 
-def ensure_model(refit_bin, model):
-    """Writes the FLUX.2-klein-4B-shaped checkpoint (random weights, 16 GB) at MODEL unless one is there."""
+def ensure_model(refit_bin, model, preset="flux2-klein-4b", seed=1):
+    """Writes a checkpoint of PRESET with SEED's random weights (flux2-klein-4b: the FLUX.2-klein-4B shapes, 16 GB) at
+    MODEL unless one is there; returns MODEL."""
     if not (Path(model) / "model_index.json").exists():
-        subprocess.run([refit_bin, "make-model", "--preset", "flux2-klein-4b", "--seed", "1", "--out", str(model)], check=True)
+        subprocess.run([refit_bin, "make-model", "--preset", preset, "--seed", str(seed), "--out", str(model)], check=True)
+    return Path(model)
 
 
 def post(url, path, body, timeout=900):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serving import post  # noqa: E402
+from serving import ensure_model, post  # noqa: E402
 
 
 def drop_page_cache():
@@ -60,11 +60,7 @@ def main():
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = {}
-    for name, seed in (("A", 1), ("B", 2)):
-        ckpt[name] = work / f"klein-4b-{name}"
-        if not (ckpt[name] / "model_index.json").exists():
-            subprocess.run([a.refit_bin, "make-model", "--preset", "flux2-klein-4b", "--seed", str(seed), "--out", str(ckpt[name])], check=True)
+    ckpt = {name: ensure_model(a.refit_bin, work / f"klein-4b-{name}", seed=seed) for name, seed in (("A", 1), ("B", 2))}
     results = {}
 
     # Ceilings and the Python path on B's transformer (7.75 GB).

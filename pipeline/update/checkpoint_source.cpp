@@ -47,26 +47,32 @@ bool copy_values(const std::vector<at::Tensor>& from, const std::vector<at::Tens
 
 }  // namespace
 
-void checkpoint_source::fill(const module_context& m, const fill_target& target) {
-  if (sibling_ && target.slots.empty()) {  // every value was adopted from the sibling's replicas
+// Read once per host, from the sibling's stage: its replicas were adopted (nothing left to fill), or its staged values
+// are copied here. False when it holds nothing to copy (the files are read then).
+bool checkpoint_source::fill_from_sibling(const module_context& m, const fill_target& target) {
+  if (target.slots.empty()) {
     spdlog::info("module {} (worker {}): holds the replicas worker {}'s read of {} made on {} (read once)", m.module, m.worker,
                  sibling_worker_, dir_.string(), m.where.device.str());
-    return;
+    return true;
   }
-  if (sibling_) {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (auto values = sibling_->staged_values(target.slots, dir_.string()); values && copy_values(*values, target.destinations)) {
-      uint64_t bytes = 0;
-      for (const auto& t : target.destinations) bytes += t.nbytes();
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      spdlog::info("module {} (worker {}): copied {:.1f} MB of {} from worker {}'s staged weights to {} in {:.3f} s ({:.2f} GB/s; read once)",
-                   m.module, m.worker, bytes / 1e6, dir_.string(), sibling_worker_, m.where.device.str(), s, s > 0 ? bytes / s / 1e9 : 0.0);
-      opened_.reset();
-      return;
-    }
+  const auto t0 = std::chrono::steady_clock::now();
+  auto values = sibling_->staged_values(target.slots, dir_.string());
+  if (!values || !copy_values(*values, target.destinations)) {
     spdlog::info("module {} (worker {}): worker {} holds no staged copy of {}; reading the files", m.module, m.worker, sibling_worker_,
                  dir_.string());
+    return false;
   }
+  uint64_t bytes = 0;
+  for (const auto& t : target.destinations) bytes += t.nbytes();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  spdlog::info("module {} (worker {}): copied {:.1f} MB of {} from worker {}'s staged weights to {} in {:.3f} s ({:.2f} GB/s; read once)",
+               m.module, m.worker, bytes / 1e6, dir_.string(), sibling_worker_, m.where.device.str(), s, s > 0 ? bytes / s / 1e9 : 0.0);
+  opened_.reset();
+  return true;
+}
+
+void checkpoint_source::fill(const module_context& m, const fill_target& target) {
+  if (sibling_ && fill_from_sibling(m, target)) return;
   std::unique_ptr<weights::module_weights> w = std::move(opened_);
   {
     std::lock_guard lock(replicas_mutex_);
@@ -83,10 +89,10 @@ void checkpoint_source::fill(const module_context& m, const fill_target& target)
     named.emplace_back(m.registry.slots().at(target.slots[k]).name, target.destinations[k]);
     bytes += target.destinations[k].nbytes();
   }
-  // Read once per host: replicas on the workers this stage fans out to, filled from the same staging slots.
+  // Read once per host: replicas on the workers this stage fans out to (GPU reads only), filled as the read goes.
   std::vector<std::vector<at::Tensor>> replicas(named.size());
   std::vector<int32_t> replicated;
-  if (!fan_out_.empty() && m.loader && !named.empty()) {
+  if (m.loader && !named.empty())
     for (const auto& [worker, device] : fan_out_) {
       try {
         std::vector<at::Tensor> made;
@@ -98,7 +104,6 @@ void checkpoint_source::fill(const module_context& m, const fill_target& target)
                      m.worker, worker, device.str());
       }
     }
-  }
   models::read_checkpoint(*w, named, m.where, m.loader, replicated.empty() ? nullptr : &replicas);
   if (!replicated.empty()) {
     std::lock_guard lock(replicas_mutex_);

@@ -55,6 +55,8 @@ class checkpoint_source final : public module_source {
   at::Tensor adopt(const module_context& module, size_t slot, const at::Tensor& current) override;
 
  private:
+  bool fill_from_sibling(const module_context& module, const fill_target& target);
+
   std::filesystem::path dir_;
   weights::file_scope scope_;
   std::unique_ptr<weights::module_weights> opened_;  // by plan, for the next fill
