@@ -140,8 +140,12 @@ struct session : std::enable_shared_from_this<session> {
     read_deadline.async_wait([self = shared_from_this(), armed](beast::error_code ec) {
       if (ec || armed != self->deadline_armed) return;  // cancelled, or the read it was armed for is over
       self->read_timed_out = true;
+      // cancel() only reaches a read that is pending right now; a composed read (header, body) between two of its
+      // reads would go on reading a trickling client. Shutting the receive side ends that next read too (EOF),
+      // and the 408 can still be written.
       beast::error_code ignored;
       self->stream.socket().cancel(ignored);
+      self->stream.socket().shutdown(tcp::socket::shutdown_receive, ignored);
     });
   }
 
@@ -161,7 +165,8 @@ struct session : std::enable_shared_from_this<session> {
     arm_deadline(srv->config.read_timeout);
     stream.async_read_some(buffer.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
       self->buffer.commit(n);
-      if (ec || n == 0) return self->on_read(ec ? ec : bhttp::error::end_of_stream);
+      // The idle deadline passed as this byte came (its receive side is shut): the read ends with the 408.
+      if (ec || n == 0 || self->read_timed_out) return self->on_read(ec ? ec : bhttp::error::end_of_stream);
       self->read_request();
     });
   }
