@@ -94,6 +94,7 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
     double teacache_threshold = -1;
     bool offload = false;
     double prefetch = 1;
+    models::compute_tuning tuning;
   };
   auto ga = std::make_shared<gen_args>();
   auto* gen = app.add_subcommand("generate", "Generate one image with a checkpoint and write it as PNG");
@@ -113,9 +114,12 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
                   "TeaCache threshold (default: the DiT folder's teacache.json, else 0.25); implies --teacache")
       ->check(CLI::Range(0.0, 1e6));
   add_offload_options(*gen, ga->offload, ga->prefetch);
+  add_compute_tuning_options(*gen, ga->tuning);
   gen->add_option("-o,--output", ga->out, "PNG file to write")->required();
   commands.emplace_back(gen, [ga] {
     const auto where = parse_flags(ga->device, ga->dtype);
+    models::apply_compute_tuning(ga->tuning);
+    if (where.device.is_cuda()) spdlog::info("generate: {}", models::describe_compute_tuning());
     auto t0 = std::chrono::steady_clock::now();
     const auto pipe_ptr = pipeline::open_pipeline(weights::resolve_model_path(ga->model), where, {ga->offload, ga->prefetch});
     pipeline::diffusion_pipeline& pipe = *pipe_ptr;

@@ -43,6 +43,7 @@ struct serve_args {
   uint64_t image_store_mb = 256;
   bool dit_layerwise_offload = false;
   double dit_offload_prefetch_size = 1;
+  models::compute_tuning tuning;
   double weight_sync_timeout = 600;
   double shutdown_timeout = 30;
   double http_read_timeout = 30;
@@ -176,6 +177,8 @@ int serve(const serve_args& a) {
   caf::actor_system sys{cfg};
   spdlog::info("refit serve: loading {} on {} worker(s) ({}, dtype {})", a.model_path, devices.size(), device_names,
                a.dtype.empty() ? "default" : a.dtype);
+  models::apply_compute_tuning(a.tuning);
+  if (device_names.find("cuda") != std::string::npos) spdlog::info("refit serve: {}", models::describe_compute_tuning());
   if (a.dit_layerwise_offload)
     spdlog::info("refit serve: layerwise offload of the DiT's blocks, prefetch {}", a.dit_offload_prefetch_size);
   const auto sync_timeout = std::chrono::milliseconds(static_cast<int64_t>(a.weight_sync_timeout * 1000));
@@ -302,6 +305,7 @@ void add_serve_commands(CLI::App& app, command_registry& commands) {
       ->excludes("--workers")
       ->excludes("--device");
   cmd->add_option("--dtype", a->dtype, "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)");
+  add_compute_tuning_options(*cmd, a->tuning);
   cmd->add_option("--api-key", a->api_key, "Require 'Authorization: Bearer KEY' on the weight endpoints (default: off)")
       ->envname("REFIT_API_KEY");
   cmd->add_option("--allowed-model-root", a->allowed_roots,

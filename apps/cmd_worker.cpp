@@ -32,6 +32,7 @@ struct worker_args {
   std::string tls_cert, tls_key, tls_ca;
   uint64_t max_message_mb = 16, max_buffered_mb = 256;
   double retry_interval = 2;
+  models::compute_tuning tuning;
 };
 
 }  // namespace
@@ -103,6 +104,8 @@ int run_worker(const worker_args& a) {
   caf::actor_system sys{cfg};
   const std::string model_path = weights::resolve_model_path(a.model_path);
   spdlog::info("refit worker '{}': loading {} on {} device(s) ({})", name, model_path, devices.size(), a.devices);
+  models::apply_compute_tuning(a.tuning);
+  if (a.devices != "cpu") spdlog::info("refit worker: {}", models::describe_compute_tuning());
   actors::engine_config engine{model_path, devices, a.dtype};
   engine.paths = paths;
   for (const auto& [from, to] : paths.prefixes) spdlog::info("refit worker: the server's {} is {} here", from, to);
@@ -157,6 +160,7 @@ void add_worker_commands(CLI::App& app, command_registry& commands) {
       ->required();
   cmd->add_option("--devices", a->devices, "One worker per device: cpu, cuda:0,cuda:1, or all (every GPU)")->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)");
+  add_compute_tuning_options(*cmd, a->tuning);
   cmd->add_option("--name", a->name, "How the server names this process in logs and /get_model_info (default: HOSTNAME:PID)");
   cmd->add_option("--map-path", a->map_paths,
                   "SERVER_FOLDER=LOCAL_FOLDER: a checkpoint folder an update names on the server is read from LOCAL_FOLDER "

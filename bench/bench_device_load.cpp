@@ -1,5 +1,6 @@
 // GPU load benchmark: refit's device loader against the ceilings, on the same files, in one run.
-//   bench_device_load COMPONENT_DIR [--device N] [--threads 16] [--repeat 3]
+//   bench_device_load COMPONENT_DIR [--device N] [--threads 16] [--repeat 3] [--cold 0|1]   (--cold 0: skip the
+//   cold reads, which drop the page cache and need root)
 // Prints JSON: page cache -> pinned read rate (the staging ring's reads alone), pinned host-to-device copy
 // rate, and refit's device_loader::read_into into preallocated device tensors (warm page cache), in GB/s.
 #include <ATen/ATen.h>
@@ -27,16 +28,22 @@ static double since(clock_type::time_point t) { return std::chrono::duration<dou
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << "usage: bench_device_load COMPONENT_DIR [--device N] [--threads N] [--repeat N]\n";
+    std::cerr << "usage: bench_device_load COMPONENT_DIR [--device N] [--threads N] [--repeat N] [--cold 0|1]\n";
     return 2;
   }
   int device = 0;
   unsigned threads = 16, repeat = 3;
+  bool cold = true;
   for (int i = 2; i + 1 < argc; i += 2) {
     std::string k = argv[i];
     if (k == "--device") device = std::stoi(argv[i + 1]);
     else if (k == "--threads") threads = static_cast<unsigned>(std::stoul(argv[i + 1]));
     else if (k == "--repeat") repeat = static_cast<unsigned>(std::stoul(argv[i + 1]));
+    else if (k == "--cold") cold = std::string(argv[i + 1]) != "0";
+    else {
+      std::cerr << "bench_device_load: unknown option " << k << "\n";
+      return 2;
+    }
   }
   try {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
@@ -102,7 +109,7 @@ int main(int argc, char** argv) {
     cudaFreeHost(pinned);
     // refit: device_loader into preallocated device tensors of the stored dtype.
     // With the ring the server uses (from the LLC), and with the 32 x 32 MiB ring refit had before.
-    rw::device_loader loader(device, ring.slot_bytes, ring.slots, threads);
+    rw::device_loader loader(device, ring.slot_bytes, ring.slots, threads, ring.copy_streams);
     rw::named_tensors dst;
     for (const auto& [name, loc] : weights.tensors)
       dst.emplace_back(name, at::empty(loc.entry->shape, at::TensorOptions().dtype(rw::to_scalar_type(loc.entry->type)).device(at::kCUDA, device)));
@@ -128,7 +135,7 @@ int main(int argc, char** argv) {
       const bool ok = std::fputs("3\n", f) >= 0;
       return std::fclose(f) == 0 && ok;
     };
-    if (drop()) {
+    if (cold && drop()) {
       void* aligned = nullptr;
       cudaHostAlloc(&aligned, chunk * threads, cudaHostAllocDefault);
       std::vector<int> dfds;
@@ -169,7 +176,7 @@ int main(int argc, char** argv) {
                           {"refit_device_loader_32x32mib_ring_gbps", {{"best", best(refit_big_ring_runs)}, {"median", median(refit_big_ring_runs)}}},
                           {"dram_memcpy_gbps", {{"best", (2ull << 30) / *std::min_element(dram_runs.begin(), dram_runs.end()) / 1e9}}},
                           {"llc_mib", ring.llc_bytes >> 20},
-                          {"ring", {{"slot_mib", ring.slot_bytes >> 20}, {"slots", ring.slots}, {"source", ring.source}}}};
+                          {"ring", {{"slot_mib", ring.slot_bytes >> 20}, {"slots", ring.slots}, {"copy_streams", ring.copy_streams}, {"source", ring.source}}}};
     out["refit_over_h2d_ceiling"] = out["refit_device_loader_gbps"]["median"].get<double>() / out["pinned_h2d_gbps"]["median"].get<double>();
     if (!direct_runs.empty()) {
       out["cold_o_direct_read_gbps"] = best(direct_runs);

@@ -1,17 +1,30 @@
 // Generation benchmark: time per image of refit's FLUX.2-klein pipeline, model loaded once.
 //   bench_generate MODEL_DIR [--device cuda] [--dtype bf16] [--size 1024] [--steps 4] [--repeat 3] [--seed 0]
 //                  [--offload-prefetch N]   (layerwise offload of the DiT blocks, N blocks ahead)
+//                  [--tunings ATTENTION/VAE,...]  (compute_tuning.hpp, e.g. flash/contiguous,cudnn/channels_last;
+//                                                  each timed in turn on the same loaded model; default auto/auto)
+//                  [--png-prefix P]   (the first timed image of each tuning to P<attention>-<vae>.png)
+//                  [--profile]        (one more image per tuning under the Kineto profiler: GPU time per kernel)
 // Prints one JSON object: load seconds, per-image seconds of every repetition (after one warm-up),
-// best and median, and on CUDA the device memory held after loading and the peak while generating.
+// best and median, and on CUDA the device memory held after loading and the peak while generating; with several
+// tunings, each one's times and its largest pixel difference from the first one's image.
 // Compare with bench/generate.py, which runs Diffusers on the same checkpoint.
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <torch/csrc/autograd/profiler_kineto.h>
+
 #include <algorithm>
 #include <chrono>
+#include <fstream>
+#include <functional>
 #include <iostream>
+#include <map>
+#include <sstream>
 
 #include "pipeline/flux2_klein.hpp"
+#include "pipeline/image/png.hpp"
+#include "pipeline/models/compute_tuning.hpp"
 #include "pipeline/models/layer_offload.hpp"
 #include "pipeline/weights/device_loader.hpp"
 
@@ -49,19 +62,71 @@ void reset_peak(const at::Device& d) {
 double since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
+
+// GPU time per kernel (and copy) while `run` generates one image, largest first, with the wall time around it.
+nlohmann::json profile_one(const std::function<void()>& run) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  const std::set<ActivityType> activities{ActivityType::CPU, ActivityType::CUDA};
+  prof::prepareProfiler(config, activities);
+  prof::enableProfiler(config, activities);
+  const auto t = std::chrono::steady_clock::now();
+  run();
+  const double wall = since(t);
+  const auto result = prof::disableProfiler();
+  std::map<std::string, std::pair<uint64_t, uint64_t>> by_name;  // count, ns
+  uint64_t gpu_ns = 0;
+  for (const auto& e : result->events()) {
+    if (e.deviceType() != c10::DeviceType::CUDA) continue;
+    auto& [n, ns] = by_name[e.name()];
+    ++n;
+    ns += e.durationNs();
+    gpu_ns += e.durationNs();
+  }
+  std::vector<std::pair<std::string, std::pair<uint64_t, uint64_t>>> sorted(by_name.begin(), by_name.end());
+  std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) { return a.second.second > b.second.second; });
+  nlohmann::json kernels = nlohmann::json::array();
+  for (const auto& [name, v] : sorted) kernels.push_back({{"name", name.substr(0, 160)}, {"count", v.first}, {"ms", v.second / 1e6}});
+  return {{"wall_s", wall}, {"gpu_busy_ms", gpu_ns / 1e6}, {"kernels", kernels}};
+}
+
+std::vector<refit::models::compute_tuning> parse_tunings(const std::string& list) {
+  std::vector<refit::models::compute_tuning> out;
+  std::stringstream ss(list);
+  for (std::string item; std::getline(ss, item, ',');) {
+    const auto slash = item.find('/');
+    if (slash == std::string::npos) throw std::invalid_argument("--tunings: '" + item + "' is not ATTENTION/VAE");
+    out.push_back({item.substr(0, slash), item.substr(slash + 1)});
+  }
+  if (out.empty()) throw std::invalid_argument("--tunings: empty");
+  return out;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::cerr << "usage: bench_generate MODEL_DIR [--device D] [--dtype bf16|fp16|fp32] [--size N] [--steps N] [--repeat N] [--seed N]\n";
+    std::cerr << "usage: bench_generate MODEL_DIR [--device D] [--dtype bf16|fp16|fp32] [--size N] [--steps N] [--repeat N] [--seed N]"
+                 " [--offload-prefetch N] [--tunings A/V,...] [--png-prefix P] [--profile]\n";
     return 2;
   }
-  std::string device = "cpu", dtype;
+  std::string device = "cpu", dtype, tunings = "auto/auto", png_prefix;
   int64_t size = 0, steps = 0, repeat = 3;
   uint64_t seed = 0;
   double offload_prefetch = 0;
-  for (int i = 2; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
+  bool profile = false;
+  for (int i = 2; i < argc; i += 2) {
+    const std::string k = argv[i];
+    if (k == "--profile") {
+      profile = true;
+      --i;
+      continue;
+    }
+    if (i + 1 >= argc) {
+      std::cerr << "bench_generate: " << k << " needs a value\n";
+      return 2;
+    }
+    const std::string v = argv[i + 1];
     if (k == "--device") device = v;
     else if (k == "--dtype") dtype = v;
     else if (k == "--size") size = std::stoll(v);
@@ -69,12 +134,16 @@ int main(int argc, char** argv) {
     else if (k == "--repeat") repeat = std::stoll(v);
     else if (k == "--seed") seed = std::stoull(v);
     else if (k == "--offload-prefetch") offload_prefetch = std::stod(v);
+    else if (k == "--tunings") tunings = v;
+    else if (k == "--png-prefix") png_prefix = v;
     else {
       std::cerr << "bench_generate: unknown option " << k << "\n";
       return 2;
     }
   }
   try {
+    const auto tuning_list = parse_tunings(tunings);
+    refit::models::apply_compute_tuning(tuning_list.front());  // validates before the load
     const refit::models::placement where = refit::models::parse_placement(device, dtype);
     auto t0 = std::chrono::steady_clock::now();
     refit::pipeline::flux2_klein_pipeline pipe(argv[1], where, {offload_prefetch > 0, offload_prefetch > 0 ? offload_prefetch : 1});
@@ -91,29 +160,73 @@ int main(int argc, char** argv) {
     p.width = p.height = size;
     p.steps = steps;
     p.seed = seed;
-    pipe.generate(p);  // warm-up: kernels, allocator, tokenizer caches
-    sync(where.device);
-    std::vector<double> runs;
     auto* offload = pipe.transformer_offload();
-    const uint64_t copied_before = offload ? offload->info().prefetched_bytes : 0;
-    for (int64_t r = 0; r < repeat; ++r) {
-      auto t = std::chrono::steady_clock::now();
-      pipe.generate(p);
+    nlohmann::json per_tuning = nlohmann::json::object();
+    nlohmann::json first_result;
+    std::vector<uint8_t> first_pixels;
+    for (const auto& tuning : tuning_list) {
+      refit::models::apply_compute_tuning(tuning);
+      const std::string name = tuning.attention + "/" + tuning.vae_layout;
+      pipe.generate(p);  // warm-up: kernels, allocator, tokenizer caches
       sync(where.device);
-      runs.push_back(since(t));
+      std::vector<double> runs;
+      std::vector<uint8_t> pixels;
+      const uint64_t copied_before = offload ? offload->info().prefetched_bytes : 0;
+      for (int64_t r = 0; r < repeat; ++r) {
+        auto t = std::chrono::steady_clock::now();
+        auto images = pipe.generate(p);
+        sync(where.device);
+        runs.push_back(since(t));
+        if (r == 0) {
+          pixels = images.front().pixels;
+          if (!png_prefix.empty()) {
+            const auto& img = images.front();
+            const std::string file = png_prefix + tuning.attention + "-" + tuning.vae_layout + ".png";
+            const auto png = refit::image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height));
+            std::ofstream(file, std::ios::binary).write(reinterpret_cast<const char*>(png.data()), static_cast<std::streamsize>(png.size()));
+          }
+        }
+      }
+      std::vector<double> sorted = runs;
+      std::sort(sorted.begin(), sorted.end());
+      nlohmann::json result{{"runs_s", runs}, {"best_s", sorted.front()}, {"median_s", sorted[sorted.size() / 2]},
+                            {"compute", refit::models::describe_compute_tuning()},
+                            {"offload_copied_bytes_per_image",
+                             offload ? (offload->info().prefetched_bytes - copied_before) / static_cast<uint64_t>(repeat) : 0}};
+      if (first_pixels.empty()) {
+        first_pixels = pixels;
+      } else {
+        int max_diff = 0;
+        double sum = 0;
+        for (size_t i = 0; i < pixels.size() && i < first_pixels.size(); ++i) {
+          const int d = std::abs(int{pixels[i]} - int{first_pixels[i]});
+          max_diff = std::max(max_diff, d);
+          sum += d;
+        }
+        result["pixels_vs_first"] = {{"max_abs", max_diff}, {"mean_abs", pixels.empty() ? 0.0 : sum / static_cast<double>(pixels.size())}};
+      }
+      if (profile) {
+        try {
+          result["profile"] = profile_one([&] {
+            pipe.generate(p);
+            sync(where.device);
+          });
+        } catch (const std::exception& e) {
+          result["profile_error"] = e.what();
+        }
+      }
+      if (first_result.is_null()) first_result = result;
+      per_tuning[name] = result;
     }
-    std::vector<double> sorted = runs;
-    std::sort(sorted.begin(), sorted.end());
-    std::cout << nlohmann::json{{"load_s", load_s}, {"runs_s", runs}, {"best_s", sorted.front()},
-                                {"median_s", sorted[sorted.size() / 2]}, {"size", size ? size : pipe.default_size()},
-                                {"steps", steps ? steps : pipe.default_steps()}, {"device", device},
-                                {"offload_prefetch", offload_prefetch},
-                                {"device_bytes_after_load", loaded_bytes},
-                                {"device_bytes_peak_generating", device_allocated(where.device).second},
-                                {"offload_copied_bytes_per_image",
-                                 offload ? (offload->info().prefetched_bytes - copied_before) / static_cast<uint64_t>(repeat) : 0}}
-                     .dump()
-              << "\n";
+    nlohmann::json out{{"load_s", load_s}, {"size", size ? size : pipe.default_size()},
+                       {"steps", steps ? steps : pipe.default_steps()}, {"device", device},
+                       {"offload_prefetch", offload_prefetch},
+                       {"device_bytes_after_load", loaded_bytes},
+                       {"device_bytes_peak_generating", device_allocated(where.device).second},
+                       {"tunings", per_tuning}};
+    // The first tuning's numbers at the top level, as before (bench/generate.py, offload_gpu.py read them).
+    for (const char* k : {"runs_s", "best_s", "median_s", "offload_copied_bytes_per_image"}) out[k] = first_result[k];
+    std::cout << out.dump() << "\n";
   } catch (const std::exception& e) {
     std::cerr << "bench_generate: " << e.what() << "\n";
     return 1;

@@ -210,7 +210,9 @@ std::vector<rgb_image> flux2_klein_pipeline::generate(const generation_params& p
 }
 
 std::vector<rgb_image> to_rgb_images(const at::Tensor& images) {
-  at::Tensor bytes = images.to(at::kCPU).to(at::kFloat).permute({0, 2, 3, 1}).mul(255).round().to(at::kByte).contiguous();
+  // Quantised where the images are (on a GPU: 3 bytes a pixel cross the link instead of the VAE's output, and the
+  // rounding runs there); the same float operations, so the same bytes, on either device.
+  at::Tensor bytes = images.to(at::kFloat).mul(255).round().to(at::kByte).permute({0, 2, 3, 1}).contiguous().to(at::kCPU);
   std::vector<rgb_image> out;
   for (int64_t b = 0; b < bytes.size(0); ++b) {
     rgb_image img{bytes.size(2), bytes.size(1), {}};

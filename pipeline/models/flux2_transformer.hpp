@@ -85,11 +85,11 @@ class flux2_transformer {
 
   at::Tensor time_embedding(const at::Tensor& t, const linear& l1, const linear& l2) const;
   at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::pair<at::Tensor, at::Tensor>& rope_tables) const;
+                       const at::Tensor& rotary) const;
   void run_double(const double_block& b, at::Tensor& x, at::Tensor& c, const std::vector<at::Tensor>& mod_img,
-                  const std::vector<at::Tensor>& mod_txt, const std::pair<at::Tensor, at::Tensor>& rope_tables) const;
+                  const std::vector<at::Tensor>& mod_txt, const at::Tensor& rotary) const;
   void run_single(const single_block& b, at::Tensor& h, const std::vector<at::Tensor>& mod,
-                  const std::pair<at::Tensor, at::Tensor>& rope_tables) const;
+                  const at::Tensor& rotary) const;
 
   flux2_config config_;
   tensor_registry registry_;

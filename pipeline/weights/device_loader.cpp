@@ -44,7 +44,7 @@ struct device_loader::impl {
   std::vector<void*> slots;
   std::vector<cudaEvent_t> copied;      // recorded after the copy out of each slot
   std::vector<std::mutex> slot_locks;
-  c10::optional<c10::cuda::CUDAStream> stream;
+  std::vector<c10::cuda::CUDAStream> streams;  // host-to-device; slot i's copies go on streams[i % size]
   // Other devices that replicas go to: each chunk, once on this device, is copied on from there device to device
   // (NVLink) on a stream of the other device, while the ring moves on (the copy does not read the slot).
   struct replica_device {
@@ -65,9 +65,11 @@ struct device_loader::impl {
     return r;
   }
 
-  impl(int dev, uint64_t bytes, unsigned n, unsigned t) : device(dev), slot_bytes(bytes), threads(t), slot_locks(n) {
+  impl(int dev, uint64_t bytes, unsigned n, unsigned t, unsigned copy_streams)
+      : device(dev), slot_bytes(bytes), threads(t), slot_locks(n) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, static_cast<c10::DeviceIndex>(device));
+    for (unsigned i = 0; i < std::max(1u, copy_streams); ++i)
+      streams.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, static_cast<c10::DeviceIndex>(device)));
     for (unsigned i = 0; i < n; ++i) {
       void* p = nullptr;
       // Room for an O_DIRECT read widened to page boundaries on both sides. Portable: replicas on other devices
@@ -85,8 +87,8 @@ struct device_loader::impl {
   }
 };
 
-device_loader::device_loader(int device_index, uint64_t slot_bytes, unsigned slots, unsigned threads)
-    : impl_(std::make_unique<impl>(device_index, slot_bytes, slots, threads)) {}
+device_loader::device_loader(int device_index, uint64_t slot_bytes, unsigned slots, unsigned threads, unsigned copy_streams)
+    : impl_(std::make_unique<impl>(device_index, slot_bytes, slots, threads, copy_streams)) {}
 
 device_loader::~device_loader() = default;
 
@@ -94,11 +96,11 @@ bool device_loader::available() { return true; }
 
 device_read_stats device_loader::read_into(const module_weights& w, const named_tensors& out, const host_load_options& options,
                                             const std::vector<std::vector<at::Tensor>>* replicas) {
-  std::lock_guard busy(busy_);
+  std::unique_lock busy(busy_);
   impl& m = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(m.device));
-  c10::cuda::CUDAStreamGuard on_stream(*m.stream);
+  c10::cuda::CUDAStreamGuard on_stream(m.streams.front());  // conversions follow the copies on the first stream
 
   // Each destination receives the file's raw bytes, either directly or, when the dtype changes, into a
   // device buffer of the stored dtype that is converted after the copies.
@@ -162,11 +164,10 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     targets.push_back(std::move(tg));
   }
 
-  const cudaStream_t stream = m.stream->stream();
   const size_t n_slots = m.slots.size();
   std::atomic<size_t> next{0};
   std::atomic<uint64_t> direct_bytes{0};
-  parallel_for_each(std::min<size_t>(m.threads, std::max<size_t>(1, chunks.size())), m.threads, [&](size_t) {
+  auto read_all = [&](size_t) {
     for (;;) {
       const size_t i = next.fetch_add(1);
       if (i >= chunks.size()) return;
@@ -193,6 +194,7 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
         done += static_cast<uint64_t>(r);
       }
       if (use_direct) direct_bytes += c.len;
+      const cudaStream_t stream = m.streams[s % m.streams.size()].stream();
       check(cudaMemcpyAsync(tg.device_bytes + c.offset, buf + skip, c.len, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
       check(cudaEventRecord(m.copied[s], stream), "cudaEventRecord");
       for (const auto& [bytes, dev] : tg.copies) {  // then on to another GPU, device to device, once it has arrived here
@@ -201,13 +203,44 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
         check(cudaMemcpyPeerAsync(bytes + c.offset, dev, tg.device_bytes + c.offset, m.device, c.len, peer), "cudaMemcpyPeerAsync");
       }
     }
-  });
+  };
+  try {
+    parallel_for_each(std::min<size_t>(m.threads, std::max<size_t>(1, chunks.size())), m.threads, read_all);
+  } catch (...) {
+    // Copies already queued write into the destinations, which the caller frees on failure: let them land first.
+    for (auto& st : m.streams) cudaStreamSynchronize(st.stream());
+    for (auto& [dev, r] : m.replica_devices) cudaStreamSynchronize(r.stream->stream());
+    throw;
+  }
+  // Every chunk is read and its copy queued: what remains is on the streams. The conversions follow the copies on
+  // the first stream; then the ring is the next read's (its copies queue behind these, each slot's event orders
+  // the reuse), and this read waits for its own work alone.
+  const cudaStream_t first = m.streams.front().stream();
+  std::vector<cudaEvent_t> done;
+  auto event_on = [&](cudaStream_t st, int dev) {  // an event is recorded on a stream of its own device
+    c10::cuda::CUDAGuard on_device(static_cast<c10::DeviceIndex>(dev));
+    cudaEvent_t e;
+    check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    done.push_back(e);
+    check(cudaEventRecord(e, st), "cudaEventRecord");
+    return e;
+  };
+  struct destroy_all {
+    std::vector<cudaEvent_t>& events;
+    ~destroy_all() {
+      for (auto e : events) cudaEventDestroy(e);
+    }
+  } destroyer{done};
+  for (size_t i = 1; i < m.streams.size(); ++i)
+    check(cudaStreamWaitEvent(first, event_on(m.streams[i].stream(), m.device), 0), "cudaStreamWaitEvent");
   for (auto& tg : targets)
-    if (tg.raw.defined()) const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the loader's stream
-  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    if (tg.raw.defined()) const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the first stream
+  event_on(first, m.device);
+  for (auto& [dev, r] : m.replica_devices) event_on(r.stream->stream(), dev);
+  busy.unlock();
+  for (auto e : done) check(cudaEventSynchronize(e), "waiting for the copies");
   for (auto& tg : targets)
     for (auto& r : tg.converted_copies) r.copy_(*tg.dst);  // device to device, after the conversion
-  for (auto& [dev, r] : m.replica_devices) check(cudaStreamSynchronize(r.stream->stream()), "cudaStreamSynchronize");
   std::set<int> converted_on;
   for (auto& tg : targets)
     for (auto& r : tg.converted_copies) converted_on.insert(r.device().index());

@@ -33,9 +33,11 @@ class device_loader {
  public:
   // Allocates `slots` pinned buffers of `slot_bytes` each for CUDA device `device_index`. Slots outnumber
   // reader threads two to one, so every thread can read the next chunk while its last one is copied.
-  device_loader(int device_index, uint64_t slot_bytes, unsigned slots, unsigned threads);
+  // The slots' copies alternate over `copy_streams` streams.
+  device_loader(int device_index, uint64_t slot_bytes, unsigned slots, unsigned threads, unsigned copy_streams = 1);
   // The ring sized from the last-level cache (staging_geometry.hpp).
-  device_loader(int device_index, const staging_geometry& g) : device_loader(device_index, g.slot_bytes, g.slots, g.threads) {}
+  device_loader(int device_index, const staging_geometry& g)
+      : device_loader(device_index, g.slot_bytes, g.slots, g.threads, g.copy_streams) {}
   explicit device_loader(int device_index) : device_loader(device_index, choose_staging_geometry()) {}
   ~device_loader();
   device_loader(const device_loader&) = delete;
@@ -43,7 +45,8 @@ class device_loader {
 
   // Reads every tensor of `weights` into the matching device tensors of `destinations` (same names and
   // shapes; dtype = the held dtype under options.float_dtype). Returns after the data is on the device.
-  // Reads of one loader are serialised (the ring is shared); the PCIe link is the bottleneck anyway.
+  // Reads of one loader share the ring one after another (the PCIe link is the bottleneck anyway), but without
+  // a gap: the next read's threads start as soon as this one's last chunk is read, while its copies drain.
   // `replicas` (optional, one list per destination): more destinations of the same shape and dtype on other CUDA
   // devices of this process: each chunk, once copied to its destination, goes on to them device to device (NVLink),
   // overlapped with the next chunks; the file is read and crosses the host link once.

@@ -82,6 +82,10 @@ staging_geometry choose_staging_geometry() {
   if (slot_mb) g.slot_bytes = uint64_t{slot_mb} * MiB;
   if (slots) g.slots = slots;
   if (slot_mb || slots) g.source = "REFIT_STAGING_SLOT_MB / REFIT_STAGING_SLOTS";
+  if (const unsigned streams = env_count("REFIT_STAGING_STREAMS")) {
+    if (streams > 8) throw std::invalid_argument("REFIT_STAGING_STREAMS=" + std::to_string(streams) + ": at most 8 copy streams");
+    g.copy_streams = streams;
+  }
   return g;
 }
 

@@ -15,6 +15,7 @@ struct staging_geometry {
   uint64_t slot_bytes = 0;
   unsigned slots = 0;
   unsigned threads = 0;
+  unsigned copy_streams = 1;  // host-to-device streams the slots' copies alternate over
   uint64_t llc_bytes = 0;  // 0: unknown
   std::string source;      // how it was chosen, for the log
 };
@@ -23,8 +24,9 @@ struct staging_geometry {
 uint64_t last_level_cache_bytes();
 
 // From the LLC and the core count: 2 x threads slots whose total is about half the LLC, each a power of two
-// between 2 MiB and 32 MiB (the O_DIRECT alignment is far below). REFIT_STAGING_SLOT_MB and REFIT_STAGING_SLOTS
-// override it (for benchmarks); an override that is not a positive number is an error.
+// between 2 MiB and 32 MiB (the O_DIRECT alignment is far below), copied on one stream. REFIT_STAGING_SLOT_MB,
+// REFIT_STAGING_SLOTS and REFIT_STAGING_STREAMS override it (for benchmarks); an override that is not a positive
+// number is an error.
 staging_geometry choose_staging_geometry();
 
 // The rule alone, for tests: `llc_bytes` 0 means unknown.

@@ -44,6 +44,14 @@ BOOST_AUTO_TEST_CASE(the_environment_overrides_and_rejects_nonsense) {
   });
   ::unsetenv("REFIT_STAGING_SLOT_MB");
   ::unsetenv("REFIT_STAGING_SLOTS");
+  BOOST_TEST(choose_staging_geometry().copy_streams == 1u);
+  ::setenv("REFIT_STAGING_STREAMS", "2", 1);
+  BOOST_TEST(choose_staging_geometry().copy_streams == 2u);
+  ::setenv("REFIT_STAGING_STREAMS", "9", 1);
+  BOOST_CHECK_EXCEPTION(choose_staging_geometry(), std::invalid_argument, [](const std::invalid_argument& e) {
+    return std::string(e.what()) == "REFIT_STAGING_STREAMS=9: at most 8 copy streams";
+  });
+  ::unsetenv("REFIT_STAGING_STREAMS");
   g = choose_staging_geometry();
   BOOST_TEST(g.slots == 2 * g.threads);
   BOOST_TEST(g.slot_bytes >= 2 * MiB);
