@@ -69,17 +69,13 @@ inline void add_offload_options(CLI::App& cmd, bool& offload, double& prefetch) 
       ->needs(flag);
 }
 
-// --attention-backend and --vae-layout, shared by serve, worker and generate: how a GPU computes, not what.
+// --attention-backend, shared by serve, worker and generate: how a GPU computes attention, not what.
 inline void add_compute_tuning_options(CLI::App& cmd, models::compute_tuning& t) {
   cmd.add_option("--attention-backend", t.attention,
                  "The fused attention kernel tried first on a GPU: cudnn, flash, efficient or math (one that cannot take a "
-                 "call passes it on); auto = cudnn")
+                 "call passes it on); auto = PyTorch's order (cuDNN first on Hopper/Blackwell, flash elsewhere)")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "cudnn", "flash", "efficient", "math"}));
-  cmd.add_option("--vae-layout", t.vae_layout,
-                 "Memory order of the VAE's convolutions on a GPU: channels_last, contiguous; auto = channels_last")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "channels_last", "contiguous"}));
 }
 
 }  // namespace refit::apps

@@ -1,13 +1,14 @@
 // Generation benchmark: time per image of refit's FLUX.2-klein pipeline, model loaded once.
 //   bench_generate MODEL_DIR [--device cuda] [--dtype bf16] [--size 1024] [--steps 4] [--repeat 3] [--seed 0]
 //                  [--offload-prefetch N]   (layerwise offload of the DiT blocks, N blocks ahead)
-//                  [--tunings ATTENTION/VAE,...]  (compute_tuning.hpp, e.g. flash/contiguous,cudnn/channels_last;
-//                                                  each timed in turn on the same loaded model; default auto/auto)
-//                  [--png-prefix P]   (the first timed image of each tuning to P<attention>-<vae>.png)
-//                  [--profile]        (one more image per tuning under the Kineto profiler: GPU time per kernel)
+//                  [--attention auto,cudnn,flash,...]  (compute_tuning.hpp: each attention kernel order timed in turn
+//                                                       on the same loaded model; default auto)
+//                  [--png-prefix P]   (the first timed image of each to P<attention>.png)
+//                  [--profile]        (one more image each under the Kineto profiler: GPU time per kernel)
+//                  [--trace FILE]     (with --profile: the first one's whole trace, CPU and GPU, as Chrome JSON)
 // Prints one JSON object: load seconds, per-image seconds of every repetition (after one warm-up),
 // best and median, and on CUDA the device memory held after loading and the peak while generating; with several
-// tunings, each one's times and its largest pixel difference from the first one's image.
+// choices, each one's times and its largest pixel difference from the first one's image.
 // Compare with bench/generate.py, which runs Diffusers on the same checkpoint.
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -64,7 +65,7 @@ double since(std::chrono::steady_clock::time_point t) {
 }
 
 // GPU time per kernel (and copy) while `run` generates one image, largest first, with the wall time around it.
-nlohmann::json profile_one(const std::function<void()>& run) {
+nlohmann::json profile_one(const std::function<void()>& run, const std::string& trace) {
   namespace prof = torch::autograd::profiler;
   using torch::profiler::impl::ActivityType;
   const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
@@ -75,6 +76,7 @@ nlohmann::json profile_one(const std::function<void()>& run) {
   run();
   const double wall = since(t);
   const auto result = prof::disableProfiler();
+  if (!trace.empty()) result->save(trace);
   std::map<std::string, std::pair<uint64_t, uint64_t>> by_name;  // count, ns
   uint64_t gpu_ns = 0;
   for (const auto& e : result->events()) {
@@ -94,12 +96,8 @@ nlohmann::json profile_one(const std::function<void()>& run) {
 std::vector<refit::models::compute_tuning> parse_tunings(const std::string& list) {
   std::vector<refit::models::compute_tuning> out;
   std::stringstream ss(list);
-  for (std::string item; std::getline(ss, item, ',');) {
-    const auto slash = item.find('/');
-    if (slash == std::string::npos) throw std::invalid_argument("--tunings: '" + item + "' is not ATTENTION/VAE");
-    out.push_back({item.substr(0, slash), item.substr(slash + 1)});
-  }
-  if (out.empty()) throw std::invalid_argument("--tunings: empty");
+  for (std::string item; std::getline(ss, item, ',');) out.push_back({item});
+  if (out.empty()) throw std::invalid_argument("--attention: empty");
   return out;
 }
 }  // namespace
@@ -107,10 +105,10 @@ std::vector<refit::models::compute_tuning> parse_tunings(const std::string& list
 int main(int argc, char** argv) {
   if (argc < 2) {
     std::cerr << "usage: bench_generate MODEL_DIR [--device D] [--dtype bf16|fp16|fp32] [--size N] [--steps N] [--repeat N] [--seed N]"
-                 " [--offload-prefetch N] [--tunings A/V,...] [--png-prefix P] [--profile]\n";
+                 " [--offload-prefetch N] [--attention K,...] [--png-prefix P] [--profile] [--trace FILE]\n";
     return 2;
   }
-  std::string device = "cpu", dtype, tunings = "auto/auto", png_prefix;
+  std::string device = "cpu", dtype, tunings = "auto", png_prefix, trace;
   int64_t size = 0, steps = 0, repeat = 3;
   uint64_t seed = 0;
   double offload_prefetch = 0;
@@ -134,7 +132,8 @@ int main(int argc, char** argv) {
     else if (k == "--repeat") repeat = std::stoll(v);
     else if (k == "--seed") seed = std::stoull(v);
     else if (k == "--offload-prefetch") offload_prefetch = std::stod(v);
-    else if (k == "--tunings") tunings = v;
+    else if (k == "--attention") tunings = v;
+    else if (k == "--trace") trace = v;
     else if (k == "--png-prefix") png_prefix = v;
     else {
       std::cerr << "bench_generate: unknown option " << k << "\n";
@@ -166,7 +165,7 @@ int main(int argc, char** argv) {
     std::vector<uint8_t> first_pixels;
     for (const auto& tuning : tuning_list) {
       refit::models::apply_compute_tuning(tuning);
-      const std::string name = tuning.attention + "/" + tuning.vae_layout;
+      const std::string& name = tuning.attention;
       pipe.generate(p);  // warm-up: kernels, allocator, tokenizer caches
       sync(where.device);
       std::vector<double> runs;
@@ -181,7 +180,7 @@ int main(int argc, char** argv) {
           pixels = images.front().pixels;
           if (!png_prefix.empty()) {
             const auto& img = images.front();
-            const std::string file = png_prefix + tuning.attention + "-" + tuning.vae_layout + ".png";
+            const std::string file = png_prefix + tuning.attention + ".png";
             const auto png = refit::image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height));
             std::ofstream(file, std::ios::binary).write(reinterpret_cast<const char*>(png.data()), static_cast<std::streamsize>(png.size()));
           }
@@ -207,10 +206,12 @@ int main(int argc, char** argv) {
       }
       if (profile) {
         try {
-          result["profile"] = profile_one([&] {
-            pipe.generate(p);
-            sync(where.device);
-          });
+          result["profile"] = profile_one(
+              [&] {
+                pipe.generate(p);
+                sync(where.device);
+              },
+              first_result.is_null() ? trace : std::string());
         } catch (const std::exception& e) {
           result["profile_error"] = e.what();
         }
@@ -223,8 +224,8 @@ int main(int argc, char** argv) {
                        {"offload_prefetch", offload_prefetch},
                        {"device_bytes_after_load", loaded_bytes},
                        {"device_bytes_peak_generating", device_allocated(where.device).second},
-                       {"tunings", per_tuning}};
-    // The first tuning's numbers at the top level, as before (bench/generate.py, offload_gpu.py read them).
+                       {"attention", per_tuning}};
+    // The first choice's numbers at the top level, as before (bench/generate.py, offload_gpu.py read them).
     for (const char* k : {"runs_s", "best_s", "median_s", "offload_copied_bytes_per_image"}) out[k] = first_result[k];
     std::cout << out.dump() << "\n";
   } catch (const std::exception& e) {

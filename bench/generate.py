@@ -2,15 +2,16 @@
 """Time per image: refit's FLUX.2-klein pipeline against Diffusers, eager and torch.compile, same checkpoint, same run.
 
     python3 bench/generate.py MODEL_DIR [--device cuda] [--size 1024] [--steps 4] [--repeat 3]
-        [--bench-bin build/bench/bench_generate] [--tunings auto/auto,flash/contiguous] [--compile] [--profile]
+        [--bench-bin build/bench/bench_generate] [--attention auto,flash] [--compile] [--profile]
         [--work DIR] [--out results.json]
 
 Each pipeline loads the model once, generates one warm-up image (for torch.compile: the compilation), then times
-`repeat` images (synchronised). refit runs once per compute tuning (attention kernel / VAE layout, see
-pipeline/models/compute_tuning.hpp) on the same loaded model. Prints seconds per image, best and median, each
+`repeat` images (synchronised). refit runs once per attention kernel choice (pipeline/models/compute_tuning.hpp)
+on the same loaded model. Prints seconds per image, best and median, each
 one's ratio to Diffusers eager and to Diffusers compiled (below 1: refit is faster), and how far each image is from
 Diffusers eager's (largest and mean difference of 8-bit pixels; same prompt, seed and initial noise). --profile adds
-the GPU time per kernel of one image, refit's (each tuning) and Diffusers eager's, grouped by kind.
+the GPU time per kernel of one image, refit's (each choice) and Diffusers eager's, grouped by kind, and the first
+choice's whole profiler trace (CPU and GPU timeline) as WORK/refit-trace.json.
 """
 import argparse
 import json
@@ -119,7 +120,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--bench-bin", default="build/bench/bench_generate")
-    ap.add_argument("--tunings", default="auto/auto", help="refit compute tunings ATTENTION/VAE, comma-separated")
+    ap.add_argument("--attention", default="auto", help="refit's attention kernel choices, comma-separated (auto, cudnn, flash, ...)")
     ap.add_argument("--compile", action="store_true", help="also Diffusers with torch.compile (of the transformer, default mode)")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of one image, refit's and Diffusers eager's")
     ap.add_argument("--work", default="/tmp/refit-generate-bench")
@@ -130,8 +131,8 @@ def main():
     common = [a.model, a.device, str(a.size), str(a.steps), str(a.repeat)]
 
     ours_cmd = [a.bench_bin, a.model, "--device", a.device, "--size", str(a.size), "--steps", str(a.steps),
-                "--repeat", str(a.repeat), "--tunings", a.tunings, "--png-prefix", str(work / "refit-")]
-    ours = run_json(ours_cmd + (["--profile"] if a.profile else []), "bench_generate")
+                "--repeat", str(a.repeat), "--attention", a.attention, "--png-prefix", str(work / "refit-")]
+    ours = run_json(ours_cmd + (["--profile", "--trace", str(work / "refit-trace.json")] if a.profile else []), "bench_generate")
     eager = run_json([sys.executable, "-c", DIFFUSERS, *common, "eager", str(work / "diffusers-eager.png"),
                       "1" if a.profile else "0"], "diffusers eager")
     report(a, ours, eager, None, work)  # before compiling, which takes long: these numbers are safe first
@@ -146,7 +147,7 @@ def main():
 def report(a, ours, eager, compiled, work):
     rows = {}
     if ours:
-        for name, r in ours["tunings"].items():
+        for name, r in ours["attention"].items():
             rows[f"refit {name}"] = dict(r, load_s=ours["load_s"])
     if eager:
         rows["diffusers eager"] = eager
@@ -160,7 +161,7 @@ def report(a, ours, eager, compiled, work):
         med = statistics.median(r["runs_s"])
         vs_eager = med / statistics.median(eager["runs_s"]) if eager else float("nan")
         vs_compile = med / statistics.median(compiled["runs_s"]) if compiled else float("nan")
-        png = work / ("refit-" + name.split(" ", 1)[1].replace("/", "-") + ".png" if name.startswith("refit") else
+        png = work / ("refit-" + name.split(" ", 1)[1] + ".png" if name.startswith("refit") else
                       name.replace(" ", "-") + ".png")
         diff = pixel_diff(png, work / "diffusers-eager.png") if eager and png.exists() else None
         diff_s = f"{diff['max_abs']:>3}, {diff['mean_abs']:.3f}" if diff else "-"
@@ -169,7 +170,7 @@ def report(a, ours, eager, compiled, work):
     if compiled:
         print(f"\ndiffusers torch.compile: first call (compilation) {compiled['warmup_s']:.1f} s")
     elif a.profile:
-        profiles = {f"refit {n}": r["profile"] for n, r in (ours or {}).get("tunings", {}).items() if "profile" in r}
+        profiles = {f"refit {n}": r["profile"] for n, r in (ours or {}).get("attention", {}).items() if "profile" in r}
         if eager and "profile" in eager:
             profiles["diffusers eager"] = eager["profile"]
         for name, p in profiles.items():

@@ -1,54 +1,63 @@
 #include "pipeline/models/compute_tuning.hpp"
 
-#include <ATen/Context.h>
+#include <ATen/ATen.h>
 
 #include <array>
-#include <atomic>
+#include <mutex>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace refit::models {
 
 namespace {
 
-std::atomic<bool> channels_last{true};
+const std::array<std::pair<const char*, at::SDPBackend>, 5> kernels{{{"cudnn", at::SDPBackend::cudnn_attention},
+                                                                    {"flash", at::SDPBackend::flash_attention},
+                                                                    {"efficient", at::SDPBackend::efficient_attention},
+                                                                    {"math", at::SDPBackend::math},
+                                                                    {"overrideable", at::SDPBackend::overrideable}}};
 
 const char* name_of(at::SDPBackend b) {
-  switch (b) {
-    case at::SDPBackend::cudnn_attention: return "cudnn";
-    case at::SDPBackend::flash_attention: return "flash";
-    case at::SDPBackend::efficient_attention: return "efficient";
-    case at::SDPBackend::math: return "math";
-    case at::SDPBackend::overrideable: return "overrideable";
-    default: return "other";
-  }
+  for (const auto& [name, k] : kernels)
+    if (k == b) return name;
+  return "other";
+}
+
+// PyTorch's order once it has settled it: on a GPU after one attention call there (see the header).
+std::vector<int64_t> pytorch_order() {
+  static std::once_flag once;
+  static std::vector<int64_t> order;
+  std::call_once(once, [] {
+    if (at::hasCUDA()) {
+      const at::Tensor q = at::zeros({1, 1, 8, 64}, at::TensorOptions().dtype(at::kHalf).device(at::kCUDA));
+      (void)at::scaled_dot_product_attention(q, q, q);
+    }
+    for (auto b : at::globalContext().sDPPriorityOrder()) order.push_back(static_cast<int64_t>(b));
+  });
+  return order;
 }
 
 }  // namespace
 
 void apply_compute_tuning(const compute_tuning& t) {
-  // PyTorch's own order is flash, efficient, math, cudnn (then overrideable); the chosen kernel goes first.
-  const std::array<std::pair<const char*, at::SDPBackend>, 4> kernels{{{"cudnn", at::SDPBackend::cudnn_attention},
-                                                                      {"flash", at::SDPBackend::flash_attention},
-                                                                      {"efficient", at::SDPBackend::efficient_attention},
-                                                                      {"math", at::SDPBackend::math}}};
-  const std::string first = t.attention == "auto" ? "cudnn" : t.attention;
-  std::vector<int64_t> order;
-  for (const auto& [name, b] : kernels)
-    if (first == name) order.push_back(static_cast<int64_t>(b));
-  if (order.empty())
-    throw std::invalid_argument("attention backend '" + t.attention + "': expected auto, cudnn, flash, efficient or math");
-  if (t.vae_layout != "auto" && t.vae_layout != "channels_last" && t.vae_layout != "contiguous")
-    throw std::invalid_argument("VAE layout '" + t.vae_layout + "': expected auto, channels_last or contiguous");
-  // The rest in PyTorch's default order, whatever was chosen before.
-  for (auto b : {at::SDPBackend::flash_attention, at::SDPBackend::efficient_attention, at::SDPBackend::math,
-                 at::SDPBackend::cudnn_attention, at::SDPBackend::overrideable})
-    if (static_cast<int64_t>(b) != order.front()) order.push_back(static_cast<int64_t>(b));
+  const bool known = t.attention == "auto" || t.attention == "cudnn" || t.attention == "flash" || t.attention == "efficient" ||
+                     t.attention == "math";
+  if (!known) throw std::invalid_argument("attention backend '" + t.attention + "': expected auto, cudnn, flash, efficient or math");
+  std::vector<int64_t> order = pytorch_order();
+  if (t.attention != "auto") {
+    // The chosen kernel first, the others in PyTorch's order.
+    int64_t first = 0;
+    for (const auto& [name, k] : kernels)
+      if (t.attention == name) first = static_cast<int64_t>(k);
+    std::vector<int64_t> rest;
+    for (int64_t b : order)
+      if (b != first) rest.push_back(b);
+    order = {first};
+    order.insert(order.end(), rest.begin(), rest.end());
+  }
   at::globalContext().setSDPPriorityOrder(order);
-  channels_last = t.vae_layout != "contiguous";
 }
-
-bool vae_channels_last() { return channels_last.load(); }
 
 std::string describe_compute_tuning() {
   std::string out = "attention";
@@ -59,7 +68,7 @@ std::string describe_compute_tuning() {
     out += name_of(b);
     sep = ", ";
   }
-  return out + "; VAE " + (vae_channels_last() ? "channels_last" : "contiguous");
+  return out;
 }
 
 }  // namespace refit::models

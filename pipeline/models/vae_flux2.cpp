@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
-#include "pipeline/models/compute_tuning.hpp"
 #include "pipeline/models/config_json.hpp"
 
 #include <stdexcept>
@@ -13,14 +12,6 @@ namespace refit::models {
 using json = nlohmann::json;
 
 namespace {
-
-// A convolution's input on a CUDA device, in channels-last order when so tuned (compute_tuning.hpp): cuDNN's
-// bf16/fp16 convolutions run in NHWC and would otherwise transpose every input and output. A no-op when the
-// tensor is already in that order (the convolutions keep it), elsewhere, or when tuned off.
-at::Tensor conv_layout(const at::Tensor& x) {
-  if (!x.is_cuda() || x.dim() != 4 || !vae_channels_last()) return x;
-  return x.contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
@@ -185,9 +176,9 @@ vae_flux2::vae_flux2(const vae_flux2_config& c) : config_(c) {
 }
 
 at::Tensor vae_flux2::resnet_block::operator()(const at::Tensor& x) const {
-  at::Tensor h = conv1(conv_layout(at::silu(norm1(x))));
-  h = conv2(conv_layout(at::silu(norm2(h))));  // dropout 0, no time embedding
-  const at::Tensor shortcut = conv_shortcut ? (*conv_shortcut)(conv_layout(x)) : x;
+  at::Tensor h = conv1(at::silu(norm1(x)));
+  h = conv2(at::silu(norm2(h)));  // dropout 0, no time embedding
+  const at::Tensor shortcut = conv_shortcut ? (*conv_shortcut)(x) : x;
   return shortcut + h;  // output_scale_factor is 1 in the VAE
 }
 
@@ -211,13 +202,13 @@ at::Tensor vae_flux2::mid_block::operator()(const at::Tensor& x) const {
 at::Tensor vae_flux2::encode_mean(const at::Tensor& image) const {
   expect_nchw(image, config_.in_channels, "encode_mean image");
   const at::Tensor& w = encoder_.conv_in.weight;
-  at::Tensor h = encoder_.conv_in(conv_layout(image.to(w.device(), w.scalar_type())));
+  at::Tensor h = encoder_.conv_in(image.to(w.device(), w.scalar_type()));
   for (const level& b : encoder_.down_blocks) {
     for (const resnet_block& r : b.resnets) h = r(h);
-    if (b.resample) h = (*b.resample)(conv_layout(at::constant_pad_nd(h, {0, 1, 0, 1}, 0)));
+    if (b.resample) h = (*b.resample)(at::constant_pad_nd(h, {0, 1, 0, 1}, 0));
   }
   h = encoder_.mid(h);
-  h = encoder_.conv_out(conv_layout(at::silu(encoder_.conv_norm_out(h))));
+  h = encoder_.conv_out(at::silu(encoder_.conv_norm_out(h)));
   if (quant_conv_) h = (*quant_conv_)(h);
   return h.narrow(1, 0, config_.latent_channels);  // the posterior's mean (= mode); logvar is the other half
 }
@@ -227,15 +218,15 @@ at::Tensor vae_flux2::decode(const at::Tensor& latents) const {
   const at::Tensor& w = decoder_.conv_in.weight;
   at::Tensor z = latents.to(w.device(), w.scalar_type());
   if (post_quant_conv_) z = (*post_quant_conv_)(z);
-  at::Tensor h = decoder_.mid(decoder_.conv_in(conv_layout(z)));
+  at::Tensor h = decoder_.mid(decoder_.conv_in(z));
   for (const level& b : decoder_.up_blocks) {
     for (const resnet_block& r : b.resnets) h = r(h);
     if (b.resample) {
       const double scale = 2.0;  // F.interpolate(scale_factor=2.0, mode="nearest")
-      h = (*b.resample)(conv_layout(at::upsample_nearest2d(h, {2 * h.size(2), 2 * h.size(3)}, scale, scale)));
+      h = (*b.resample)(at::upsample_nearest2d(h, {2 * h.size(2), 2 * h.size(3)}, scale, scale));
     }
   }
-  return decoder_.conv_out(conv_layout(at::silu(decoder_.conv_norm_out(h))));
+  return decoder_.conv_out(at::silu(decoder_.conv_norm_out(h)));
 }
 
 at::Tensor vae_flux2::patchify_latents(const at::Tensor& latents) {
