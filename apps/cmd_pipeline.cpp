@@ -118,7 +118,7 @@ void add_pipeline_commands(CLI::App& app, command_registry& commands) {
   gen->add_option("-o,--output", ga->out, "PNG file to write")->required();
   commands.emplace_back(gen, [ga] {
     const auto where = parse_flags(ga->device, ga->dtype);
-    models::apply_compute_tuning(ga->tuning);
+    models::apply_compute_tuning(ga->tuning, where.device.str());
     if (where.device.is_cuda()) spdlog::info("generate: {}", models::describe_compute_tuning());
     auto t0 = std::chrono::steady_clock::now();
     const auto pipe_ptr = pipeline::open_pipeline(weights::resolve_model_path(ga->model), where, {ga->offload, ga->prefetch});

@@ -142,8 +142,8 @@ int main(int argc, char** argv) {
   }
   try {
     const auto tuning_list = parse_tunings(tunings);
-    refit::models::apply_compute_tuning(tuning_list.front());  // validates before the load
     const refit::models::placement where = refit::models::parse_placement(device, dtype);
+    refit::models::apply_compute_tuning(tuning_list.front(), where.device.str());  // validates before the load
     auto t0 = std::chrono::steady_clock::now();
     refit::pipeline::flux2_klein_pipeline pipe(argv[1], where, {offload_prefetch > 0, offload_prefetch > 0 ? offload_prefetch : 1});
     std::unique_ptr<refit::weights::device_loader> loader;
@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
     nlohmann::json first_result;
     std::vector<uint8_t> first_pixels;
     for (const auto& tuning : tuning_list) {
-      refit::models::apply_compute_tuning(tuning);
+      refit::models::apply_compute_tuning(tuning, where.device.str());
       const std::string& name = tuning.attention;
       pipe.generate(p);  // warm-up: kernels, allocator, tokenizer caches
       sync(where.device);

@@ -24,27 +24,38 @@ const char* name_of(at::SDPBackend b) {
   return "other";
 }
 
-// PyTorch's order once it has settled it: on a GPU after one attention call there (see the header).
-std::vector<int64_t> pytorch_order() {
-  static std::once_flag once;
+// PyTorch's own order: its default until an attention call on a GPU settles it, and settled by one such call on
+// `device` when that is a GPU (see the header). Read before refit sets any order, or right after PyTorch settled
+// its own, so never one refit set.
+std::vector<int64_t> pytorch_order(const std::string& device) {
+  static std::mutex m;
   static std::vector<int64_t> order;
-  std::call_once(once, [] {
-    if (at::hasCUDA()) {
-      const at::Tensor q = at::zeros({1, 1, 8, 64}, at::TensorOptions().dtype(at::kHalf).device(at::kCUDA));
-      (void)at::scaled_dot_product_attention(q, q, q);
-    }
-    for (auto b : at::globalContext().sDPPriorityOrder()) order.push_back(static_cast<int64_t>(b));
-  });
+  static bool settled = false;
+  std::lock_guard lock(m);
+  if (settled) return order;
+  auto current = [] {
+    std::vector<int64_t> o;
+    for (auto b : at::globalContext().sDPPriorityOrder()) o.push_back(static_cast<int64_t>(b));
+    return o;
+  };
+  if (const at::Device d(device); d.is_cuda()) {
+    const at::Tensor q = at::zeros({1, 1, 8, 64}, at::TensorOptions().dtype(at::kHalf).device(d));
+    (void)at::scaled_dot_product_attention(q, q, q);
+    order = current();
+    settled = true;
+  } else if (order.empty()) {
+    order = current();
+  }
   return order;
 }
 
 }  // namespace
 
-void apply_compute_tuning(const compute_tuning& t) {
+void apply_compute_tuning(const compute_tuning& t, const std::string& device) {
   const bool known = t.attention == "auto" || t.attention == "cudnn" || t.attention == "flash" || t.attention == "efficient" ||
                      t.attention == "math";
   if (!known) throw std::invalid_argument("attention backend '" + t.attention + "': expected auto, cudnn, flash, efficient or math");
-  std::vector<int64_t> order = pytorch_order();
+  std::vector<int64_t> order = pytorch_order(device);
   if (t.attention != "auto") {
     // The chosen kernel first, the others in PyTorch's order.
     int64_t first = 0;

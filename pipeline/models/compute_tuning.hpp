@@ -16,9 +16,10 @@ struct compute_tuning {
 
 // Validates and applies `t` (std::invalid_argument naming the value and the choices). Changes only speed: every
 // kernel computes the same attention within the floating-point tolerance of its dtype. PyTorch settles its own
-// order at the first attention call on a GPU, overwriting any order set before; this makes that first call (a tiny
-// one) when a GPU is present, so that an explicit choice holds.
-void apply_compute_tuning(const compute_tuning& t);
+// order at the first attention call on a GPU, overwriting any order set before; with `device` a CUDA device (the
+// first one the models run on: "cuda", "cuda:1") this makes that first call there (a tiny one), so that an explicit
+// choice holds and the log tells the order in use. "cpu" makes none.
+void apply_compute_tuning(const compute_tuning& t, const std::string& device = "cpu");
 
 // "attention cudnn, flash, efficient, math" for the startup log.
 std::string describe_compute_tuning();
