@@ -177,7 +177,7 @@ int serve(const serve_args& a) {
   caf::actor_system sys{cfg};
   spdlog::info("refit serve: loading {} on {} worker(s) ({}, dtype {})", a.model_path, devices.size(), device_names,
                a.dtype.empty() ? "default" : a.dtype);
-  models::apply_compute_tuning(a.tuning, devices.front());
+  models::apply_compute_tuning(a.tuning, first_gpu(devices));
   if (device_names.find("cuda") != std::string::npos) spdlog::info("refit serve: {}", models::describe_compute_tuning());
   if (a.dit_layerwise_offload)
     spdlog::info("refit serve: layerwise offload of the DiT's blocks, prefetch {}", a.dit_offload_prefetch_size);

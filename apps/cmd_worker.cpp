@@ -104,7 +104,7 @@ int run_worker(const worker_args& a) {
   caf::actor_system sys{cfg};
   const std::string model_path = weights::resolve_model_path(a.model_path);
   spdlog::info("refit worker '{}': loading {} on {} device(s) ({})", name, model_path, devices.size(), a.devices);
-  models::apply_compute_tuning(a.tuning, devices.front());
+  models::apply_compute_tuning(a.tuning, first_gpu(devices));
   if (a.devices != "cpu") spdlog::info("refit worker: {}", models::describe_compute_tuning());
   actors::engine_config engine{model_path, devices, a.dtype};
   engine.paths = paths;

@@ -69,6 +69,13 @@ inline void add_offload_options(CLI::App& cmd, bool& offload, double& prefetch) 
       ->needs(flag);
 }
 
+// The first GPU of a worker device list ("cpu" when none): where the attention kernel order is settled.
+inline std::string first_gpu(const std::vector<std::string>& devices) {
+  for (const auto& d : devices)
+    if (d.rfind("cuda", 0) == 0) return d;
+  return "cpu";
+}
+
 // --attention-backend, shared by serve, worker and generate: how a GPU computes attention, not what.
 inline void add_compute_tuning_options(CLI::App& cmd, models::compute_tuning& t) {
   cmd.add_option("--attention-backend", t.attention,

@@ -39,6 +39,7 @@ std::vector<int64_t> pytorch_order(const std::string& device) {
     return o;
   };
   if (const at::Device d(device); d.is_cuda()) {
+    if (!order.empty()) at::globalContext().setSDPPriorityOrder(order);  // PyTorch's default back, for it to settle
     const at::Tensor q = at::zeros({1, 1, 8, 64}, at::TensorOptions().dtype(at::kHalf).device(d));
     (void)at::scaled_dot_product_attention(q, q, q);
     order = current();
@@ -67,6 +68,8 @@ void apply_compute_tuning(const compute_tuning& t, const std::string& device) {
     order = {first};
     order.insert(order.end(), rest.begin(), rest.end());
   }
+  // setSDPPriorityOrder copies as many entries as it is given into an array of num_sdp_backends.
+  if (order.size() != at::num_sdp_backends) throw std::logic_error("attention kernel order of the wrong length");
   at::globalContext().setSDPPriorityOrder(order);
 }
 

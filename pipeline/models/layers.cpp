@@ -40,18 +40,21 @@ void group_norm::bind(const registry_scope& s) {
 }
 
 // PyTorch's CUDA group norm reduces each (sample, group) in one thread block: 32 blocks for the 134 M values of a
-// 1024 x 1024 VAE activation, 45 ms of a 0.42 s FLUX.2-klein image on an H200 (bench/RESULTS.md). Here the two
-// reductions (sum and sum of squares, accumulated in float straight from the stored dtype) spread over the whole
-// device, and the normalisation is one multiply-add per value in float, written in x's dtype: the same arithmetic
-// as at::group_norm's (float statistics, float scale and shift), with the variance as E[x^2] - E[x]^2.
+// 1024 x 1024 VAE activation, 45 ms of a 0.42 s FLUX.2-klein image on an H200 (bench/RESULTS.md). Here every pass
+// spreads over the whole device: the group means (accumulated in float straight from the stored dtype), the
+// deviations from them (in the stored dtype: rounded relative to the deviation), their sum of squares (in float),
+// then one multiply-add per value in float, written in x's dtype. Two passes, so no cancellation when a group's
+// mean is large against its spread; the mean's rounding to x's dtype is corrected exactly (E[d]^2 below).
 at::Tensor group_norm::operator()(const at::Tensor& x) const {
   const int64_t B = x.size(0), C = x.size(1), per_group = C / groups;
   const at::Tensor grouped = x.reshape({B, groups, -1});
   const double n = static_cast<double>(grouped.size(2));
-  const at::Tensor mean = at::sum(grouped, {-1}, /*keepdim=*/true, at::kFloat) / n;                   // [B, G, 1]
-  const at::Tensor mean_square = at::linalg_vector_norm(grouped, 2, {-1}, /*keepdim=*/true, at::kFloat).square() / n;
-  const at::Tensor rstd = at::rsqrt((mean_square - mean.square()).clamp_min(0) + eps);
-  const at::Tensor scale = rstd * weight.to(at::kFloat).view({1, groups, per_group});                 // [B, G, C/G]
+  const at::Tensor mean = at::sum(grouped, {-1}, /*keepdim=*/true, at::kFloat) / n;  // [B, G, 1]
+  const at::Tensor center = mean.to(x.scalar_type());
+  const at::Tensor spread = at::linalg_vector_norm(grouped - center, 2, {-1}, /*keepdim=*/true, at::kFloat);
+  const at::Tensor offset = mean - center.to(at::kFloat);  // E[x - center]
+  const at::Tensor var = (spread.square() / n - offset.square()).clamp_min(0);
+  const at::Tensor scale = at::rsqrt(var + eps) * weight.to(at::kFloat).view({1, groups, per_group});  // [B, G, C/G]
   const at::Tensor shift = bias.to(at::kFloat).view({1, groups, per_group}) - mean * scale;
   std::vector<int64_t> per_channel{B, C};
   per_channel.resize(static_cast<size_t>(x.dim()), 1);

@@ -204,18 +204,10 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
       }
     }
   };
-  try {
-    parallel_for_each(std::min<size_t>(m.threads, std::max<size_t>(1, chunks.size())), m.threads, read_all);
-  } catch (...) {
-    // Copies already queued write into the destinations, which the caller frees on failure: let them land first.
-    for (auto& st : m.streams) cudaStreamSynchronize(st.stream());
-    for (auto& [dev, r] : m.replica_devices) cudaStreamSynchronize(r.stream->stream());
-    throw;
-  }
-  // Every chunk is read and its copy queued: what remains is on the streams. The conversions follow the copies on
-  // the first stream; then the ring is the next read's (its copies queue behind these, each slot's event orders
-  // the reuse), and this read waits for its own work alone.
-  const cudaStream_t first = m.streams.front().stream();
+  // Every stream this read queues work on, listed while the lock is held (the next read may add replica devices).
+  std::vector<cudaStream_t> used;
+  for (auto& st : m.streams) used.push_back(st.stream());
+  for (auto& [dev, r] : m.replica_devices) used.push_back(r.stream->stream());
   std::vector<cudaEvent_t> done;
   auto event_on = [&](cudaStream_t st, int dev) {  // an event is recorded on a stream of its own device
     c10::cuda::CUDAGuard on_device(static_cast<c10::DeviceIndex>(dev));
@@ -231,16 +223,29 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
       for (auto e : events) cudaEventDestroy(e);
     }
   } destroyer{done};
-  for (size_t i = 1; i < m.streams.size(); ++i)
-    check(cudaStreamWaitEvent(first, event_on(m.streams[i].stream(), m.device), 0), "cudaStreamWaitEvent");
-  for (auto& tg : targets)
-    if (tg.raw.defined()) const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the first stream
-  event_on(first, m.device);
-  for (auto& [dev, r] : m.replica_devices) event_on(r.stream->stream(), dev);
-  busy.unlock();
-  for (auto e : done) check(cudaEventSynchronize(e), "waiting for the copies");
-  for (auto& tg : targets)
-    for (auto& r : tg.converted_copies) r.copy_(*tg.dst);  // device to device, after the conversion
+  try {
+    parallel_for_each(std::min<size_t>(m.threads, std::max<size_t>(1, chunks.size())), m.threads, read_all);
+    // Every chunk is read and its copy queued: what remains is on the streams. The conversions follow the copies on
+    // the first stream (and the converted replicas the conversions); then the ring is the next read's (its copies
+    // queue behind these, each slot's event orders the reuse), and this read waits for its own work alone.
+    const cudaStream_t first = m.streams.front().stream();
+    for (size_t i = 1; i < m.streams.size(); ++i)
+      check(cudaStreamWaitEvent(first, event_on(m.streams[i].stream(), m.device), 0), "cudaStreamWaitEvent");
+    for (auto& tg : targets) {
+      if (!tg.raw.defined()) continue;
+      const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the first stream
+      for (auto& r : tg.converted_copies) r.copy_(*tg.dst);                   // device to device, after it
+    }
+    event_on(first, m.device);
+    for (auto& [dev, r] : m.replica_devices) event_on(r.stream->stream(), dev);
+    busy.unlock();
+    for (auto e : done) check(cudaEventSynchronize(e), "waiting for the copies");
+  } catch (...) {
+    // Copies already queued write into the destinations, which the caller frees on failure, and into the conversion
+    // buffers freed on the way out: let them land first.
+    for (auto st : used) cudaStreamSynchronize(st);
+    throw;
+  }
   std::set<int> converted_on;
   for (auto& tg : targets)
     for (auto& r : tg.converted_copies) converted_on.insert(r.device().index());
@@ -316,7 +321,7 @@ at::Tensor pinned_host_tensor(int64_t numel, c10::ScalarType dtype) {
 at::Tensor pinned_host_tensor(int64_t, c10::ScalarType) { throw std::runtime_error("refit was built without CUDA"); }
 
 struct device_loader::impl {};
-device_loader::device_loader(int, uint64_t, unsigned, unsigned) { throw std::runtime_error("refit was built without CUDA"); }
+device_loader::device_loader(int, uint64_t, unsigned, unsigned, unsigned) { throw std::runtime_error("refit was built without CUDA"); }
 device_loader::~device_loader() = default;
 bool device_loader::available() { return false; }
 device_read_stats device_loader::read_into(const module_weights&, const named_tensors&, const host_load_options&,
