@@ -100,6 +100,14 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
   impl& m = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(m.device));
+  // The destinations may be memory the caller's stream (the device's default one, which generation uses too) has
+  // just freed and reallocated, with kernels still reading it: the copy streams start after that stream's work.
+  cudaEvent_t caller_done;
+  check(cudaEventCreateWithFlags(&caller_done, cudaEventDisableTiming), "cudaEventCreate");
+  const auto destroy_caller_done = std::unique_ptr<CUevent_st, decltype(&cudaEventDestroy)>(caller_done, &cudaEventDestroy);
+  check(cudaEventRecord(caller_done, c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(m.device)).stream()),
+        "cudaEventRecord");
+  for (auto& st : m.streams) check(cudaStreamWaitEvent(st.stream(), caller_done, 0), "cudaStreamWaitEvent");
   c10::cuda::CUDAStreamGuard on_stream(m.streams.front());  // conversions follow the copies on the first stream
 
   // Each destination receives the file's raw bytes, either directly or, when the dtype changes, into a
@@ -164,6 +172,16 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     targets.push_back(std::move(tg));
   }
 
+  // Replicas on other devices likewise start after their device's current stream.
+  std::vector<std::unique_ptr<CUevent_st, decltype(&cudaEventDestroy)>> replica_waits;
+  for (auto& [dev, r] : m.replica_devices) {
+    c10::cuda::CUDAGuard on_device(static_cast<c10::DeviceIndex>(dev));
+    cudaEvent_t e;
+    check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    replica_waits.emplace_back(e, &cudaEventDestroy);
+    check(cudaEventRecord(e, c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(dev)).stream()), "cudaEventRecord");
+    check(cudaStreamWaitEvent(r.stream->stream(), e, 0), "cudaStreamWaitEvent");
+  }
   const size_t n_slots = m.slots.size();
   std::atomic<size_t> next{0};
   std::atomic<uint64_t> direct_bytes{0};

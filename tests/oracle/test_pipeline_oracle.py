@@ -140,3 +140,27 @@ def test_generate_errors_are_clear(tmp_path, tiny):
     p = subprocess.run([REFIT, "generate", "--model-path", str(tmp_path / "none"), "--prompt", "x", "-o",
                         str(tmp_path / "x.png")], capture_output=True, text=True)
     assert p.returncode != 0 and "is not a directory" in p.stderr
+
+
+def test_bf16_image_equals_diffusers_bf16_within_its_rounding(tmp_path, tiny):
+    """The dtype served on GPUs, here on the CPU: refit's bf16 arithmetic (fused multiply-adds, RoPE as a complex
+    product, its own group norm) against Diffusers' bf16 pipeline from the same seed. bf16 itself moves this random
+    tiny model's image by ~18/255 on average from fp32 (asserted below, so the bound is not vacuous); the two bf16
+    implementations agree to a few levels."""
+    for seed in (7, 8):
+        out = tmp_path / f"bf16-{seed}.png"
+        p = subprocess.run([REFIT, "generate", "--model-path", str(tiny), "--prompt", PROMPT, "--seed", str(seed),
+                            "--size", "64x48", "--dtype", "bf16", "-o", str(out)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        ours = np.asarray(Image.open(out)).astype(int)
+        pipe = Flux2KleinPipeline.from_pretrained(str(tiny), torch_dtype=torch.bfloat16)
+        pipe.set_progress_bar_config(disable=True)
+        ref = pipe(prompt=PROMPT, height=48, width=64, num_inference_steps=4, generator=torch.Generator().manual_seed(seed),
+                   output_type="np", text_encoder_out_layers=TAPS).images[0]
+        diff = np.abs(ours - (ref * 255).round().astype(int))
+        assert diff.max() <= 3 and diff.mean() <= 0.5, (seed, diff.max(), diff.mean())
+        fp32 = Flux2KleinPipeline.from_pretrained(str(tiny), torch_dtype=torch.float32)
+        fp32.set_progress_bar_config(disable=True)
+        ref32 = fp32(prompt=PROMPT, height=48, width=64, num_inference_steps=4, generator=torch.Generator().manual_seed(seed),
+                     output_type="np", text_encoder_out_layers=TAPS).images[0]
+        assert np.abs(ours - (ref32 * 255).round().astype(int)).mean() > 5 * diff.mean()
