@@ -3,12 +3,12 @@
 //                  [--offload-prefetch N]   (layerwise offload of the DiT blocks, N blocks ahead)
 //                  [--attention auto,cudnn,flash,...]  (compute_tuning.hpp: each attention kernel order timed in turn
 //                                                       on the same loaded model; default auto)
-//                  [--png-prefix P]   (the first timed image of each to P<attention>.png)
+//                  [--png-prefix P]   (the first timed image of each to P<attention>.png; bench/generate.py compares them)
 //                  [--profile]        (one more image each under the Kineto profiler: GPU time per kernel)
 //                  [--trace FILE]     (with --profile: the first one's whole trace, CPU and GPU, as Chrome JSON)
 // Prints one JSON object: load seconds, per-image seconds of every repetition (after one warm-up),
 // best and median, and on CUDA the device memory held after loading and the peak while generating; with several
-// choices, each one's times and its largest pixel difference from the first one's image.
+// choices, each one's.
 // Compare with bench/generate.py, which runs Diffusers on the same checkpoint.
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -162,28 +161,22 @@ int main(int argc, char** argv) {
     auto* offload = pipe.transformer_offload();
     nlohmann::json per_tuning = nlohmann::json::object();
     nlohmann::json first_result;
-    std::vector<uint8_t> first_pixels;
     for (const auto& tuning : tuning_list) {
       refit::models::apply_compute_tuning(tuning, where.device.str());
       const std::string& name = tuning.attention;
       pipe.generate(p);  // warm-up: kernels, allocator, tokenizer caches
       sync(where.device);
       std::vector<double> runs;
-      std::vector<uint8_t> pixels;
       const uint64_t copied_before = offload ? offload->info().prefetched_bytes : 0;
       for (int64_t r = 0; r < repeat; ++r) {
         auto t = std::chrono::steady_clock::now();
         auto images = pipe.generate(p);
         sync(where.device);
         runs.push_back(since(t));
-        if (r == 0) {
-          pixels = images.front().pixels;
-          if (!png_prefix.empty()) {
-            const auto& img = images.front();
-            const std::string file = png_prefix + tuning.attention + ".png";
-            const auto png = refit::image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height));
-            std::ofstream(file, std::ios::binary).write(reinterpret_cast<const char*>(png.data()), static_cast<std::streamsize>(png.size()));
-          }
+        if (r == 0 && !png_prefix.empty()) {
+          const auto& img = images.front();
+          refit::image::write_file(png_prefix + tuning.attention + ".png",
+                                   refit::image::encode_png_rgb(img.pixels, static_cast<uint32_t>(img.width), static_cast<uint32_t>(img.height)));
         }
       }
       std::vector<double> sorted = runs;
@@ -192,18 +185,6 @@ int main(int argc, char** argv) {
                             {"compute", refit::models::describe_compute_tuning()},
                             {"offload_copied_bytes_per_image",
                              offload ? (offload->info().prefetched_bytes - copied_before) / static_cast<uint64_t>(repeat) : 0}};
-      if (first_pixels.empty()) {
-        first_pixels = pixels;
-      } else {
-        int max_diff = 0;
-        double sum = 0;
-        for (size_t i = 0; i < pixels.size() && i < first_pixels.size(); ++i) {
-          const int d = std::abs(int{pixels[i]} - int{first_pixels[i]});
-          max_diff = std::max(max_diff, d);
-          sum += d;
-        }
-        result["pixels_vs_first"] = {{"max_abs", max_diff}, {"mean_abs", pixels.empty() ? 0.0 : sum / static_cast<double>(pixels.size())}};
-      }
       if (profile) {
         try {
           result["profile"] = profile_one(

@@ -101,6 +101,11 @@ def run_json(cmd, what):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def png_of(work, row):
+    """The image a table row's pipeline wrote: "refit cudnn" -> refit-cudnn.png, "diffusers eager" -> diffusers-eager.png."""
+    return work / (row.replace(" ", "-") + ".png")
+
+
 def pixel_diff(a_png, b_png):
     import numpy as np
     from PIL import Image
@@ -133,11 +138,11 @@ def main():
     ours_cmd = [a.bench_bin, a.model, "--device", a.device, "--size", str(a.size), "--steps", str(a.steps),
                 "--repeat", str(a.repeat), "--attention", a.attention, "--png-prefix", str(work / "refit-")]
     ours = run_json(ours_cmd + (["--profile", "--trace", str(work / "refit-trace.json")] if a.profile else []), "bench_generate")
-    eager = run_json([sys.executable, "-c", DIFFUSERS, *common, "eager", str(work / "diffusers-eager.png"),
+    eager = run_json([sys.executable, "-c", DIFFUSERS, *common, "eager", str(png_of(work, "diffusers eager")),
                       "1" if a.profile else "0"], "diffusers eager")
     report(a, ours, eager, None, work)  # before compiling, which takes long: these numbers are safe first
     if a.compile:
-        compiled = run_json([sys.executable, "-c", DIFFUSERS, *common, "compile", str(work / "diffusers-compile.png"), "0"],
+        compiled = run_json([sys.executable, "-c", DIFFUSERS, *common, "compile", str(png_of(work, "diffusers compile")), "0"],
                             "diffusers torch.compile")
         if compiled:
             print()
@@ -161,12 +166,18 @@ def report(a, ours, eager, compiled, work):
         med = statistics.median(r["runs_s"])
         vs_eager = med / statistics.median(eager["runs_s"]) if eager else float("nan")
         vs_compile = med / statistics.median(compiled["runs_s"]) if compiled else float("nan")
-        png = work / ("refit-" + name.split(" ", 1)[1] + ".png" if name.startswith("refit") else
-                      name.replace(" ", "-") + ".png")
-        diff = pixel_diff(png, work / "diffusers-eager.png") if eager and png.exists() else None
+        png = png_of(work, name)
+        diff = pixel_diff(png, png_of(work, "diffusers eager")) if eager and png.exists() else None
         diff_s = f"{diff['max_abs']:>3}, {diff['mean_abs']:.3f}" if diff else "-"
         print(f"| {name:<30} | {r['load_s']:7.2f} | {min(r['runs_s']):10.3f} | {med:12.3f} | {vs_eager:7.3f} | {vs_compile:9.3f} | {diff_s:>27} |")
         summary[name] = {"median_s": med, "over_eager": vs_eager, "over_compile": vs_compile, "pixels_vs_eager": diff}
+    refit_rows = [n for n in rows if n.startswith("refit")]
+    for name in refit_rows[1:]:  # the attention kernels against each other: the spread of bf16 rounding alone
+        first = refit_rows[0]
+        diff = pixel_diff(png_of(work, name), png_of(work, first))
+        if diff:
+            print(f"{name} against {first}: pixels differ by at most {diff['max_abs']}, {diff['mean_abs']:.3f} on average")
+            summary[name]["pixels_vs_first_refit"] = diff
     if compiled:
         print(f"\ndiffusers torch.compile: first call (compilation) {compiled['warmup_s']:.1f} s")
     elif a.profile:

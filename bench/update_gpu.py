@@ -45,6 +45,32 @@ def warm(folder):
                 pass
 
 
+def pause_under_load(url, update, current, repeat):
+    """The generation pause of `repeat` updates while a client generates continuously, and the client's gaps."""
+    stop = threading.Event()
+    gaps = []
+
+    def client():
+        last = time.perf_counter()
+        while not stop.is_set():
+            post(url, "/v1/images/generations", {"prompt": "a fox", "size": "512x512", "num_inference_steps": 4, "seed": 1})
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+    t = threading.Thread(target=client)
+    t.start()
+    time.sleep(2.0)  # let the client reach steady state before measuring
+    pauses = []
+    try:
+        for _ in range(repeat):
+            current = "B" if current == "A" else "A"
+            pauses.append(update(current, mode="staged")["timings"]["pause"])
+    finally:
+        stop.set()
+        t.join()
+    return pauses, gaps
+
+
 def total_bytes(reply):
     return sum(m["bytes"] for m in reply["modules"] if m.get("worker", 0) == 0)
 
@@ -116,26 +142,7 @@ def main():
             runs["all_cold"].append(update(current, mode="staged"))
 
         # Pause under load: a client generates continuously while updates run.
-        stop = threading.Event()
-        if a.quick:
-            stop.set()
-        gaps = []
-        def client():
-            last = time.perf_counter()
-            while not stop.is_set():
-                post(url, "/v1/images/generations", {"prompt": "a fox", "size": "512x512", "num_inference_steps": 4, "seed": 1})
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-        t = threading.Thread(target=client)
-        t.start()
-        time.sleep(0 if a.quick else 2.0)  # let the client reach steady state before measuring
-        pauses = []
-        for _ in range(0 if a.quick else a.repeat):
-            current = "B" if current == "A" else "A"
-            pauses.append(update(current, mode="staged")["timings"]["pause"])
-        stop.set()
-        t.join()
+        pauses, gaps = (([], []) if a.quick else pause_under_load(url, update, current, a.repeat))
         results["runs"] = runs
         results["pause_under_load_s"] = pauses
         results["generation_gap_s"] = {"median": statistics.median(gaps), "max": max(gaps)} if gaps else {}

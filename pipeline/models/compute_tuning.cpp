@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <mutex>
 #include <stdexcept>
@@ -53,24 +54,16 @@ std::vector<int64_t> pytorch_order(const std::string& device) {
 }  // namespace
 
 void apply_compute_tuning(const compute_tuning& t, const std::string& device) {
-  const bool known = t.attention == "auto" || t.attention == "cudnn" || t.attention == "flash" || t.attention == "efficient" ||
-                     t.attention == "math";
-  if (!known) throw std::invalid_argument("attention backend '" + t.attention + "': expected auto, cudnn, flash, efficient or math");
+  // The choosable kernels are the table's first four.
+  const auto chosen = std::find_if(kernels.begin(), kernels.end() - 1, [&](const auto& k) { return t.attention == k.first; });
+  if (t.attention != "auto" && chosen == kernels.end() - 1)
+    throw std::invalid_argument("attention backend '" + t.attention + "': expected auto, cudnn, flash, efficient or math");
   std::vector<int64_t> order = pytorch_order(device);
-  if (t.attention != "auto") {
-    // The chosen kernel first, the others in PyTorch's order.
-    int64_t first = 0;
-    for (const auto& [name, k] : kernels)
-      if (t.attention == name) first = static_cast<int64_t>(k);
-    std::vector<int64_t> rest;
-    for (int64_t b : order)
-      if (b != first) rest.push_back(b);
-    order = {first};
-    order.insert(order.end(), rest.begin(), rest.end());
+  if (t.attention != "auto") {  // the chosen kernel moves to the front, the others keep PyTorch's order
+    const auto first = std::find(order.begin(), order.end(), static_cast<int64_t>(chosen->second));
+    std::rotate(order.begin(), first, first + 1);
   }
-  // setSDPPriorityOrder copies as many entries as it is given into an array of num_sdp_backends.
-  if (order.size() != at::num_sdp_backends) throw std::logic_error("attention kernel order of the wrong length");
-  at::globalContext().setSDPPriorityOrder(order);
+  at::globalContext().setSDPPriorityOrder(order);  // a permutation of PyTorch's own: all num_sdp_backends entries
 }
 
 std::string describe_compute_tuning() {

@@ -35,6 +35,30 @@ constexpr double kColdResidency = 0.5;
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
 }
+
+// Events recorded on streams, each with its stream's device current (CUDA's rule), destroyed with the holder.
+struct recorded_events {
+  std::vector<cudaEvent_t> all;
+  recorded_events() = default;
+  recorded_events(const recorded_events&) = delete;
+  recorded_events& operator=(const recorded_events&) = delete;
+  ~recorded_events() {
+    for (auto e : all) cudaEventDestroy(e);
+  }
+  cudaEvent_t record(cudaStream_t stream, int device) {
+    c10::cuda::CUDAGuard on_device(static_cast<c10::DeviceIndex>(device));
+    cudaEvent_t e;
+    check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    all.push_back(e);
+    check(cudaEventRecord(e, stream), "cudaEventRecord");
+    return e;
+  }
+  // `stream` waits for what the device's current stream has queued so far.
+  void order_after_current(cudaStream_t stream, int device) {
+    check(cudaStreamWaitEvent(stream, record(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream(), device), 0),
+          "cudaStreamWaitEvent");
+  }
+};
 }  // namespace
 
 struct device_loader::impl {
@@ -102,12 +126,8 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(m.device));
   // The destinations may be memory the caller's stream (the device's default one, which generation uses too) has
   // just freed and reallocated, with kernels still reading it: the copy streams start after that stream's work.
-  cudaEvent_t caller_done;
-  check(cudaEventCreateWithFlags(&caller_done, cudaEventDisableTiming), "cudaEventCreate");
-  const auto destroy_caller_done = std::unique_ptr<CUevent_st, decltype(&cudaEventDestroy)>(caller_done, &cudaEventDestroy);
-  check(cudaEventRecord(caller_done, c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(m.device)).stream()),
-        "cudaEventRecord");
-  for (auto& st : m.streams) check(cudaStreamWaitEvent(st.stream(), caller_done, 0), "cudaStreamWaitEvent");
+  recorded_events before, done;
+  for (auto& st : m.streams) before.order_after_current(st.stream(), m.device);
   c10::cuda::CUDAStreamGuard on_stream(m.streams.front());  // conversions follow the copies on the first stream
 
   // Each destination receives the file's raw bytes, either directly or, when the dtype changes, into a
@@ -172,15 +192,13 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     targets.push_back(std::move(tg));
   }
 
-  // Replicas on other devices likewise start after their device's current stream.
-  std::vector<std::unique_ptr<CUevent_st, decltype(&cudaEventDestroy)>> replica_waits;
+  // Replicas on other devices likewise start after their device's current stream. Every stream this read queues
+  // work on is listed while the lock is held (the next read may add replica devices).
+  std::vector<cudaStream_t> used;
+  for (auto& st : m.streams) used.push_back(st.stream());
   for (auto& [dev, r] : m.replica_devices) {
-    c10::cuda::CUDAGuard on_device(static_cast<c10::DeviceIndex>(dev));
-    cudaEvent_t e;
-    check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
-    replica_waits.emplace_back(e, &cudaEventDestroy);
-    check(cudaEventRecord(e, c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(dev)).stream()), "cudaEventRecord");
-    check(cudaStreamWaitEvent(r.stream->stream(), e, 0), "cudaStreamWaitEvent");
+    before.order_after_current(r.stream->stream(), dev);
+    used.push_back(r.stream->stream());
   }
   const size_t n_slots = m.slots.size();
   std::atomic<size_t> next{0};
@@ -222,25 +240,6 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
       }
     }
   };
-  // Every stream this read queues work on, listed while the lock is held (the next read may add replica devices).
-  std::vector<cudaStream_t> used;
-  for (auto& st : m.streams) used.push_back(st.stream());
-  for (auto& [dev, r] : m.replica_devices) used.push_back(r.stream->stream());
-  std::vector<cudaEvent_t> done;
-  auto event_on = [&](cudaStream_t st, int dev) {  // an event is recorded on a stream of its own device
-    c10::cuda::CUDAGuard on_device(static_cast<c10::DeviceIndex>(dev));
-    cudaEvent_t e;
-    check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
-    done.push_back(e);
-    check(cudaEventRecord(e, st), "cudaEventRecord");
-    return e;
-  };
-  struct destroy_all {
-    std::vector<cudaEvent_t>& events;
-    ~destroy_all() {
-      for (auto e : events) cudaEventDestroy(e);
-    }
-  } destroyer{done};
   try {
     parallel_for_each(std::min<size_t>(m.threads, std::max<size_t>(1, chunks.size())), m.threads, read_all);
     // Every chunk is read and its copy queued: what remains is on the streams. The conversions follow the copies on
@@ -248,16 +247,16 @@ device_read_stats device_loader::read_into(const module_weights& w, const named_
     // queue behind these, each slot's event orders the reuse), and this read waits for its own work alone.
     const cudaStream_t first = m.streams.front().stream();
     for (size_t i = 1; i < m.streams.size(); ++i)
-      check(cudaStreamWaitEvent(first, event_on(m.streams[i].stream(), m.device), 0), "cudaStreamWaitEvent");
+      check(cudaStreamWaitEvent(first, done.record(m.streams[i].stream(), m.device), 0), "cudaStreamWaitEvent");
     for (auto& tg : targets) {
       if (!tg.raw.defined()) continue;
       const_cast<at::Tensor*>(tg.dst)->copy_(tg.raw, /*non_blocking=*/true);  // on the first stream
       for (auto& r : tg.converted_copies) r.copy_(*tg.dst);                   // device to device, after it
     }
-    event_on(first, m.device);
-    for (auto& [dev, r] : m.replica_devices) event_on(r.stream->stream(), dev);
+    done.record(first, m.device);
+    for (auto& [dev, r] : m.replica_devices) done.record(r.stream->stream(), dev);
     busy.unlock();
-    for (auto e : done) check(cudaEventSynchronize(e), "waiting for the copies");
+    for (auto e : done.all) check(cudaEventSynchronize(e), "waiting for the copies");
   } catch (...) {
     // Copies already queued write into the destinations, which the caller frees on failure, and into the conversion
     // buffers freed on the way out: let them land first.
